@@ -1,0 +1,167 @@
+"""Every prompt the method uses, and the token-aligned rows the loss is computed on.
+
+The student sees the question x; the teacher sees x and a context c (a reference solution or a
+step-aligned critique). Both score the *same* response tokens y, so a row is built from token ids:
+
+    student row: [pad ... pad | student_prompt(x)    | y]
+    teacher row: [pad ... pad | teacher_prompt(x, c) | y]
+
+Padding is on the left only (never between prompt and response), so every response ends at the
+last column and response token t of row b sits at column L - len(y_b) + t in both rows.
+"""
+import re
+
+import torch
+
+# ---------------------------------------------------------------------------------------------
+# Prompt text. Two sets: "instruct" for real chat models, "toy" for the toy world's tiny
+# character-level model (short, because every character is a token there).
+
+PROMPTS = {
+    "instruct": {
+        "student": (
+            "Solve the problem below. Write your reasoning as numbered steps, each opened by a tag "
+            "<step_1>, <step_2>, ..., then give the final answer after the tag <answer>.\n\n"
+            "Problem: {question}"
+        ),
+        "reference": (
+            "Solve the problem below. Write your reasoning as numbered steps, each opened by a tag "
+            "<step_1>, <step_2>, ..., then give the final answer after the tag <answer>.\n\n"
+            "Problem: {question}\n\n"
+            "A reference solution, written by someone else, follows. Use it to check your "
+            "reasoning, then solve the problem your own way.\n\n{context}\n\n"
+            "Now write your solution in the step format above."
+        ),
+        "critique": (
+            "Solve the problem below. Write your reasoning as numbered steps, each opened by a tag "
+            "<step_1>, <step_2>, ..., then give the final answer after the tag <answer>.\n\n"
+            "Problem: {question}\n\n"
+            "A reviewer went through your previous attempt step by step. Where it was right they "
+            "kept your steps; at the first mistake they wrote the corrected step and finished the "
+            "solution:\n\n{context}\n\n"
+            "Now write your solution in the step format above."
+        ),
+    },
+    "toy": {
+        "student": "{question}",
+        "reference": "{question}\nref: {context}",
+        "critique": "{question}\nfix: {context}",
+    },
+}
+
+TRUNCATION_MARKER = "\n[... middle of the context removed ...]\n"
+
+
+def has_thinking_switch(tokenizer):
+    """True when the chat template reads an `enable_thinking` flag (Qwen3 style)."""
+    return "enable_thinking" in (tokenizer.chat_template or "")
+
+
+def check_chat_template(tokenizer, where="the model"):
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"the tokenizer of {where} has no chat template; use an instruct/chat "
+                         f"model or add a `chat_template` to its tokenizer_config.json")
+
+
+def render_prompt(tokenizer, text, thinking):
+    """Token ids of one user turn plus the assistant header, through the model's chat template.
+
+    `thinking` is passed as `enable_thinking` only when the template supports it."""
+    extra = {"enable_thinking": thinking} if has_thinking_switch(tokenizer) else {}
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True, **extra)
+    # The template already wrote any BOS token into the text, so add no special tokens here.
+    return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+
+def truncate_middle(tokenizer, context, max_tokens):
+    """Cut the middle of a too-long context, keeping its start and end and a visible marker.
+
+    Only the context is ever shortened: the question and the final instruction stay whole."""
+    ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+    if max_tokens <= 0 or len(ids) <= max_tokens:
+        return context
+    head = max_tokens // 2
+    tail = max_tokens - head
+    return (tokenizer.decode(ids[:head]) + TRUNCATION_MARKER + tokenizer.decode(ids[-tail:]))
+
+
+def student_prompt_ids(tokenizer, question, prompts="instruct", thinking=False):
+    return render_prompt(tokenizer, PROMPTS[prompts]["student"].format(question=question), thinking)
+
+
+def teacher_prompt_ids(tokenizer, question, context, kind, prompts="instruct", thinking=False,
+                       max_context_tokens=0):
+    """The teacher's prompt: the question plus a context of `kind` ("reference" or "critique")."""
+    context = truncate_middle(tokenizer, context, max_context_tokens)
+    text = PROMPTS[prompts][kind].format(question=question, context=context)
+    return render_prompt(tokenizer, text, thinking)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows: [left pad | prompt | response], built from ids so the response is never re-tokenised.
+
+def build_rows(prompt_ids, response_ids, pad_id):
+    """Left-padded rows of prompt ‖ response.
+
+    Returns input_ids, attention_mask, position_ids (B, L) and response_mask (B, T), where
+    T = longest response and column j of the (B, T) grid is row position L - T + j: hidden state
+    at position L - T - 1 + j predicts response column j. Shorter responses are right-aligned, so
+    their first columns are masked out."""
+    B = len(prompt_ids)
+    T = max(len(r) for r in response_ids)
+    L = max(len(p) + len(r) for p, r in zip(prompt_ids, response_ids))
+    L = max(L, T + 1)  # at least one prompt position precedes the first response token
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, L), dtype=torch.long)
+    response_mask = torch.zeros((B, T), dtype=torch.bool)
+    for b, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        row = list(p) + list(r)
+        input_ids[b, L - len(row):] = torch.tensor(row, dtype=torch.long)
+        attention_mask[b, L - len(row):] = 1
+        response_mask[b, T - len(r):] = True
+        assert input_ids[b, L - len(r):].tolist() == list(r)
+    # Positions count real tokens only, so a left-padded row sees exactly what it would unpadded.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "position_ids": position_ids, "response_mask": response_mask}
+
+
+def build_pair(student_prompts, teacher_prompts, response_ids, pad_id):
+    """Student and teacher rows over the same responses; asserts the response ids are identical."""
+    student = build_rows(student_prompts, response_ids, pad_id)
+    teacher = build_rows(teacher_prompts, response_ids, pad_id)
+    T = student["response_mask"].shape[1]
+    s_tail = student["input_ids"][:, -T:][student["response_mask"]]
+    t_tail = teacher["input_ids"][:, -T:][teacher["response_mask"]]
+    assert torch.equal(s_tail, t_tail), "student and teacher rows disagree on the response ids"
+    assert torch.equal(student["response_mask"], teacher["response_mask"])
+    return student, teacher
+
+
+# ---------------------------------------------------------------------------------------------
+# Step tags: "<step_1> ... <step_2> ... <answer> ...".
+
+STEP_TAG = re.compile(r"<step_(\d+)>")
+ANSWER_TAG = "<answer>"
+
+
+def parse_steps(text):
+    """Split a step-tagged text into (steps, answer).
+
+    steps: the stripped text after each <step_k> tag, in order; answer: the stripped text after
+    the first <answer> tag, or None when there is none. Text before the first tag is ignored.
+    Raises ValueError when the tags are not numbered 1, 2, 3, ... in order."""
+    body, _, answer = text.partition(ANSWER_TAG)
+    parts = STEP_TAG.split(body)  # [before, "1", step1, "2", step2, ...]
+    numbers = [int(n) for n in parts[1::2]]
+    if numbers != list(range(1, len(numbers) + 1)):
+        raise ValueError(f"step tags are numbered {numbers}, expected 1..{len(numbers)}")
+    steps = [s.strip() for s in parts[2::2]]
+    return steps, (answer.strip() if _ else None)
+
+
+def render_steps(steps, answer):
+    """The inverse of parse_steps: "<step_1> a <step_2> b <answer> c"."""
+    text = " ".join(f"<step_{i}> {s}" for i, s in enumerate(steps, start=1))
+    return f"{text} {ANSWER_TAG} {answer}" if text else f"{ANSWER_TAG} {answer}"

@@ -1,0 +1,81 @@
+"""Test kit: a tiny causal LM and a character tokenizer with a chat template, built offline.
+
+Nothing is downloaded: the tokenizer is made with the `tokenizers` library, the model from a
+LlamaConfig with random weights; both are saved and loaded back through the Auto classes, the
+same path a user's model folder takes."""
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+SPECIALS = ["<|pad|>", "<|unk|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+ALPHABET = [chr(c) for c in range(32, 127)] + ["\n"]
+
+# ChatML with a Qwen3-style thinking switch: with enable_thinking false the generation prompt
+# ends in an empty think block.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}"
+)
+
+
+def make_char_tokenizer(chat_template=CHAT_TEMPLATE):
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + ALPHABET)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<|pad|>", unk_token="<|unk|>",
+                                  eos_token="<|im_end|>", padding_side="left")
+    tok.add_special_tokens({"additional_special_tokens": SPECIALS[2:]})
+    if chat_template:
+        tok.chat_template = chat_template
+    return tok
+
+
+def make_tiny_model(tokenizer, hidden=32, layers=2, seed=0):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+                         tie_word_embeddings=False)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def save_tiny(path, chat_template=CHAT_TEMPLATE):
+    tok = make_char_tokenizer(chat_template)
+    model = make_tiny_model(tok)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Folder with a tiny Llama causal LM and a character tokenizer with a chat template."""
+    return save_tiny(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_model_dir):
+    """(model, tokenizer) loaded back through the Auto classes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    return model.eval(), tok
+
+
+@pytest.fixture(scope="session")
+def no_template_model_dir(tmp_path_factory):
+    """Like tiny_model_dir, but the tokenizer has no chat template."""
+    return save_tiny(tmp_path_factory.mktemp("tiny_no_template"), chat_template=None)
