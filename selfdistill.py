@@ -40,6 +40,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,9 @@ import torch.nn.functional as F
 import yaml
 
 import contexts
+
+# peft calls a transformers method that transformers 5 deprecates; nothing for users to act on.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
 
 class UserError(Exception):
@@ -137,6 +141,7 @@ CHOICES = {
     "critic": ("rule", "hf", "http"),
 }
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
 
 
 def field_help():
@@ -162,11 +167,11 @@ def coerce(key, value, from_text):
             else:
                 value = kind(value)
         except ValueError:
-            raise UserError(f"config key '{key}' wants a {kind.__name__}, got '{value}'") from None
+            raise UserError(f"config key '{key}' wants {TYPE_NAMES[kind]}, got '{value}'") from None
     elif kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise UserError(f"config key '{key}' wants a {kind.__name__}, got {value!r} "
+        raise UserError(f"config key '{key}' wants {TYPE_NAMES[kind]}, got {value!r} "
                         f"({type(value).__name__})")
     if key in CHOICES and value not in CHOICES[key]:
         raise UserError(f"config key '{key}' must be one of {'|'.join(CHOICES[key])}, got '{value}'")
@@ -230,16 +235,16 @@ def load_config(argv):
 
 def check_consistency(cfg):
     """Settings that are each valid but contradict one another."""
+    for key in ("batch_size", "micro_batch", "max_new_tokens", "chunk_size", "generation_batch",
+                "lora_r", "eval_samples", "samples_per_question"):
+        if getattr(cfg, key) < 1:
+            raise UserError(f"config key '{key}' must be at least 1")
     G = cfg.samples_per_question
     if cfg.context == "grpo" and G < 2:
         raise UserError("grpo needs samples_per_question >= 2 (the advantage is relative to the group)")
-    if (cfg.batch_size * G) % cfg.micro_batch:
+    if (cfg.batch_size * G) % min(cfg.micro_batch, cfg.batch_size * G):
         raise UserError(f"batch_size·samples_per_question = {cfg.batch_size * G} is not divisible "
                         f"by micro_batch = {cfg.micro_batch}")
-    for key in ("batch_size", "micro_batch", "max_new_tokens", "chunk_size", "generation_batch",
-                "lora_r", "eval_samples"):
-        if getattr(cfg, key) < 1:
-            raise UserError(f"config key '{key}' must be at least 1")
     if not 0.0 <= cfg.jsd_alpha <= 1.0:
         raise UserError("jsd_alpha must lie in [0, 1]")
     if not 0.0 < cfg.ema_rate <= 1.0:
@@ -424,7 +429,10 @@ def load_tokenizer(path, trust_remote_code=False):
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load a tokenizer from '{path}': not a model folder, and not "
                         f"reachable on the hub ({type(e).__name__})") from None
-    contexts.check_chat_template(tokenizer, path)
+    try:
+        contexts.check_chat_template(tokenizer, path)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -435,6 +443,8 @@ def load_model(cfg, path, device):
     """The student: a causal LM with a fresh LoRA adapter (the only trainable weights)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
     tokenizer = load_tokenizer(path, cfg.trust_remote_code)
     try:
         base = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype],
@@ -831,9 +841,10 @@ def train(cfg):
     need_solution = cfg.context == "reference" and teacher_context(cfg, {"solution": "", "question": "1+1"}) == ""
     records = load_jsonl(train_path, need_solution=need_solution)
     run_dir = prepare_run_dir(cfg)
-    print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False).strip())
+    print(f"config ({os.path.join(run_dir, 'config.yaml')}): "
+          + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
+    judge = make_judge(cfg, device) if cfg.context == "critique" or cfg.analysis_every else None
     model, tokenizer = load_model(cfg, model_path, device)
-    judge = make_judge(cfg, device) if cfg.context == "critique" else None
     params = [p for p in model.parameters() if p.requires_grad]  # the LoRA factors only
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(records) / cfg.batch_size))
@@ -918,6 +929,13 @@ def train(cfg):
             "train/nonfinite": int(not finite),
             **{f"time/{k}": round(v, 3) for k, v in timer.seconds.items()},
         }
+        if cfg.analysis_every and (step + 1) % cfg.analysis_every == 0:
+            import eval as evaluation  # per-token advantage statistics on this step's rollouts
+            rollouts = [{**gold[i], "response_ids": responses[i],
+                         **({"critique": context_texts[i]} if cfg.context == "critique" else {})}
+                        for i in range(len(gold))]
+            with timer("analysis"):
+                record.update(evaluation.training_analysis(model, tokenizer, cfg, device, rollouts, judge))
         append_jsonl(metrics_path, record)
         tqdm.write(f"step {step + 1}/{total_steps} | loss {record['train/loss']:.4f} | kl {record['train/kl']:.4f}"
                    f" | reward {record['train/reward']:.3f} | len {record['train/response_len']:.1f}"
@@ -941,8 +959,8 @@ def train(cfg):
             sys.exit(130)
     if cfg.eval_at_end:
         import eval as evaluation
-        evaluation.evaluate_run(run_dir)
-    return run_dir
+        evaluation.evaluate_run(run_dir, model=model, tokenizer=tokenizer)
+    return run_dir, model
 
 
 def handle_signals():

@@ -1,0 +1,685 @@
+"""Evaluation: Avg@k, Pass@k, Maj@k and mean length per checkpoint (PAPER.md §6), the paper-style
+comparison table across runs, and the per-token advantage analysis of Fig. 4 (PAPER.md §2):
+
+    A_t = log π_T(ŷ_t | x, c, ŷ<t) − log π_θ(ŷ_t | x, ŷ<t)
+
+Choices the paper leaves open (ours):
+ 1. Maj@k pools answers that critic.answers_match calls equal; unparseable answers do not vote.
+    A tie for the most votes counts as wrong (the strict rule: it never flatters, and Maj@k stays
+    a count of questions, as in the paper). With n > k samples, Maj@k averages disjoint blocks of k.
+ 2. Every checkpoint samples with the same seed (common random numbers), so differences between
+    steps are less noisy than independent draws would make them.
+ 3. Confidence intervals: percentile bootstrap over questions, 1000 resamples, seed 0.
+ 4. --compare picks the best step of the seed-averaged curve (not each seed's own best, which
+    flatters more) and shows the final step beside it. Length has no "best": it is shown at the
+    Avg@k-best step. Step 0 (the base model) is never a candidate.
+ 5. The analysis teacher is always the base model (LoRA off), the paper's; logits are divided by
+    `logit_temperature`, as in the loss. Rollouts are sampled from the analysed model (step 0 =
+    the base, the default), one per test question, and kept when the critic marks them wrong at
+    a step we can locate (see first_wrong_step). The two controls are built from the critique
+    (see analysis_contexts). Step 0's student is the base itself (a zero adapter).
+
+Outputs: RUN/eval.jsonl, one line per (step, setting): step, n, k, questions, temperature, avg,
+pass, maj, length (tokens, EOS excluded), unparseable, truncated, ci {metric: [lo, hi]}; rates are
+fractions. --analyze writes advantage_step_S.{html,json}[,png] to RUN/analysis/ (or ./analysis/).
+
+Commands:
+    python eval.py runs/critique-s0 [--samples 12] [--questions 30] [--temperature 1.1] [--k 12]
+    python eval.py --compare runs/grpo-s* runs/critique-s* [--markdown]
+    python eval.py --analyze runs/critique-s0 [--step 40] [--rollouts 8] [--out DIR]
+    python eval.py --analyze toy                        # the toy base model, no run needed
+    python eval.py --analyze path/to/model test_file=test.jsonl critic=http critic_url=... critic_model=...
+"""
+import argparse
+import bisect
+import dataclasses
+import html
+import json
+import math
+import os
+import re
+import statistics
+import sys
+from collections import Counter
+
+import torch
+import yaml
+
+import contexts
+import critic
+import selfdistill
+from selfdistill import UserError
+
+METRICS = ("avg", "pass", "maj", "length", "unparseable", "truncated")
+
+# ---------------------------------------------------------------------------------------------
+# Metrics: pure functions of per-question samples.
+
+
+def pass_at_k(n, c, k):
+    """Unbiased Pass@k from n ≥ k samples with c correct: 1 − C(n−c, k) / C(n, k)."""
+    if n < k:
+        raise ValueError(f"Pass@{k} needs at least {k} samples, got {n}")
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def answer_key(answer):
+    """A key that is equal for two answers exactly when critic.answers_match calls them equal."""
+    if answer is None:
+        return None
+    text = critic.normalize_answer(answer)
+    number = critic.to_number(text)
+    if number is not None:
+        return ("number", number)
+    return ("text", text) if text else None
+
+
+def majority_correct(answers, gold):
+    """1.0 when the most voted answer is unique and correct; a tie counts as wrong (strict)."""
+    votes = Counter(key for key in map(answer_key, answers) if key is not None)
+    ranked = votes.most_common(2)
+    if not ranked or (len(ranked) == 2 and ranked[1][1] == ranked[0][1]):
+        return 0.0
+    return float(ranked[0][0] == answer_key(gold))
+
+
+def maj_at_k(answers, gold, k):
+    """Maj@k from n ≥ k answers: the mean over disjoint blocks of k (one block when n = k)."""
+    blocks = [answers[i:i + k] for i in range(0, len(answers) - k + 1, k)]
+    return sum(majority_correct(b, gold) for b in blocks) / len(blocks)
+
+
+def question_scores(answers, correct, lengths, truncated, gold, k):
+    """Every metric for one question's n samples."""
+    n = len(answers)
+    return {"avg": sum(correct) / n, "pass": pass_at_k(n, sum(correct), k),
+            "maj": maj_at_k(answers, gold, k), "length": sum(lengths) / n,
+            "unparseable": sum(a is None for a in answers) / n, "truncated": sum(truncated) / n}
+
+
+def bootstrap_ci(values, resamples=1000, seed=0, level=0.95):
+    """Percentile bootstrap interval of the mean, resampling questions with replacement."""
+    values = torch.tensor(values, dtype=torch.float64)  # (Q,)
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randint(len(values), (resamples, len(values)), generator=generator)  # (R, Q)
+    means = values[index].mean(-1)  # (R,)
+    tail = (1 - level) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64))
+    return [low.item(), high.item()]
+
+
+def summarize(per_question, seed=0):
+    """Means over questions and their bootstrap CIs: {metric: value, "ci": {metric: [lo, hi]}}."""
+    out = {m: sum(q[m] for q in per_question) / len(per_question) for m in METRICS}
+    out["ci"] = {m: bootstrap_ci([q[m] for q in per_question], seed=seed) for m in METRICS}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluating a run: the base model (step 0) and every checkpoint.
+
+
+def load_run_config(run_dir):
+    if not os.path.isdir(run_dir):
+        raise UserError(f"run folder {run_dir} does not exist")
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        has = "checkpoints but" if selfdistill.checkpoint_dirs(run_dir) else "no checkpoints and"
+        raise UserError(f"{run_dir} has {has} no config.yaml: not a selfdistill run folder")
+    with open(path) as f:
+        try:
+            return selfdistill.Config(**(yaml.safe_load(f) or {}))
+        except TypeError as e:
+            raise UserError(f"{path} does not match selfdistill.Config: {e}") from None
+
+
+def load_adapter(model, checkpoint):
+    """Put a checkpoint's LoRA weights into the model (None: a zero adapter, i.e. the base)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    if checkpoint is None:
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.data.zero_()  # B = 0 makes the update s·BA exactly zero
+        return
+    set_peft_model_state_dict(model, load_file(os.path.join(checkpoint, "adapter_model.safetensors")))
+
+
+def checkpoint_steps(run_dir):
+    """{step: checkpoint folder}, with step 0 = the base model (no folder)."""
+    steps = {0: None}
+    for path in selfdistill.checkpoint_dirs(run_dir):
+        steps[int(os.path.basename(path).split("_")[1])] = path
+    return steps
+
+
+def sample_answers(model, tokenizer, cfg, device, records, n, temperature, desc):
+    """n samples per question → per-question scores (with the model's adapter as it is now)."""
+    from tqdm import tqdm
+    prompts = [contexts.student_prompt_ids(tokenizer, r["question"], cfg.prompts, cfg.student_thinking)
+               for r in records for _ in range(n)]
+    responses, truncated = [], []
+    for i in tqdm(range(0, len(prompts), cfg.generation_batch), desc=desc, leave=False):
+        ids, cut = selfdistill.generate(model, tokenizer, prompts[i:i + cfg.generation_batch], cfg,
+                                        device, temperature=temperature)
+        responses, truncated = responses + ids, truncated + cut
+    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+    lengths = [len(r) - (not cut) for r, cut in zip(responses, truncated)]  # EOS not counted
+    per_question = []
+    for q, record in enumerate(records):
+        part = slice(q * n, (q + 1) * n)
+        answers = [critic.extract_answer(t) for t in texts[part]]
+        correct = [critic.answers_match(a, record["answer"]) for a in answers]
+        per_question.append((answers, correct, lengths[part], truncated[part], record["answer"]))
+    return per_question
+
+
+def read_jsonl(path):
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def evaluate_run(run_dir, samples=None, questions=None, temperature=None, k=None, model=None,
+                 tokenizer=None):
+    """Evaluate step 0 and every checkpoint not yet in RUN_DIR/eval.jsonl with these settings;
+    append one line per step and return all rows of these settings. Pass `model`/`tokenizer` (a
+    peft model of this run) to reuse a loaded model; its adapter is overwritten."""
+    cfg = load_run_config(run_dir)
+    n = samples or cfg.eval_samples
+    k = k or n
+    if not 1 <= k <= n:
+        raise UserError(f"k = {k} must lie in 1..samples ({n})")
+    temperature = temperature or cfg.temperature
+    model_path, _, test_path = selfdistill.resolve_paths(cfg)
+    records = selfdistill.load_jsonl(test_path)
+    records = records[:questions or cfg.eval_questions or len(records)]
+    setting = {"n": n, "k": k, "questions": len(records), "temperature": temperature}
+    path = os.path.join(run_dir, "eval.jsonl")
+    done = {row["step"] for row in read_jsonl(path) if all(row.get(f) == v for f, v in setting.items())}
+    todo = {s: c for s, c in checkpoint_steps(run_dir).items() if s not in done}
+    if todo:
+        device = next(model.parameters()).device if model is not None else selfdistill.pick_device(cfg)
+        if model is None:
+            model, tokenizer = selfdistill.load_model(cfg, model_path, device)
+    for step, checkpoint in sorted(todo.items()):
+        load_adapter(model, checkpoint)
+        torch.manual_seed(cfg.seed)  # the same random numbers at every step (see docstring, 2)
+        scored = sample_answers(model, tokenizer, cfg, device, records, n, temperature, f"step {step}")
+        row = {"step": step, **setting, **summarize([question_scores(*s, k) for s in scored])}
+        selfdistill.append_jsonl(path, row)
+    rows = sorted((r for r in read_jsonl(path) if all(r.get(f) == v for f, v in setting.items())),
+                  key=lambda r: r["step"])
+    print_summary(rows, run_dir)
+    return rows
+
+
+def print_summary(rows, run_dir):
+    if not rows:
+        return
+    k = rows[0]["k"]
+    print(f"{run_dir}: {rows[0]['questions']} questions × {rows[0]['n']} samples, T = "
+          f"{rows[0]['temperature']}, 95% bootstrap CI over questions")
+    print(f"{'step':>6} | {f'Avg@{k}':^20} | {f'Pass@{k}':^20} | {f'Maj@{k}':^20} | {'len':>6} | unparsed")
+    for r in rows:
+        cells = [f"{100 * r[m]:5.1f} [{100 * r['ci'][m][0]:5.1f}, {100 * r['ci'][m][1]:5.1f}]"
+                 for m in ("avg", "pass", "maj")]
+        print(f"{r['step']:>6} | " + " | ".join(cells) + f" | {r['length']:6.1f} | {100 * r['unparseable']:5.1f}%")
+
+
+# ---------------------------------------------------------------------------------------------
+# --compare: the paper-style table, seeds of one arm pooled.
+
+SAME_ARM_IGNORES = ("seed", "run", "out_dir", "device", "eval_at_end")  # do not change the experiment
+TABLE_METRICS = (("pass", "Pass"), ("maj", "Maj"), ("avg", "Avg"))
+
+
+def load_compared_run(run_dir):
+    """(config dict, {step: row}) using the latest evaluation setting of the run."""
+    load_run_config(run_dir)  # the same checks and errors as evaluation
+    with open(os.path.join(run_dir, "config.yaml")) as f:
+        config = yaml.safe_load(f)
+    rows = read_jsonl(os.path.join(run_dir, "eval.jsonl"))
+    if not rows:
+        raise UserError(f"{run_dir} has no eval.jsonl yet; run: python eval.py {run_dir}")
+    setting = {f: rows[-1][f] for f in ("n", "k", "questions", "temperature")}
+    return config, {r["step"]: r for r in rows if all(r[f] == v for f, v in setting.items())}
+
+
+def non_default(config):
+    """Settings that differ from the defaults of its context (derived defaults included)."""
+    defaults = dataclasses.asdict(selfdistill.Config(context=config["context"]))
+    defaults["samples_per_question"] = 8 if config["context"] == "grpo" else 1
+    return {key: value for key, value in config.items()
+            if key not in SAME_ARM_IGNORES and key != "context" and value != defaults.get(key)}
+
+
+def pool_arm(runs):
+    """Best step of the seed-mean curve and the final step, mean ± std over seeds (CI for one)."""
+    steps = set.intersection(*[{s for s in rows if s > 0} or {0} for _, rows in runs])
+    if not steps:
+        raise UserError(f"the seeds of {runs[0][0]['run']} share no evaluated step")
+    steps = sorted(steps)
+
+    def at(metric, step):
+        values = [rows[step][metric] for _, rows in runs]
+        spread = statistics.stdev(values) if len(values) > 1 else runs[0][1][step]["ci"][metric]
+        return {"value": statistics.fmean(values), "spread": spread, "step": step}
+
+    def best_step(metric):  # earliest step with the highest seed mean
+        return max(steps, key=lambda s: (statistics.fmean(rows[s][metric] for _, rows in runs), -s))
+
+    out = {m: {"best": at(m, best_step(m)), "final": at(m, steps[-1])} for m, _ in TABLE_METRICS}
+    out["length"] = {"best": at("length", out["avg"]["best"]["step"]), "final": at("length", steps[-1])}
+    return out
+
+
+def compare_runs(run_dirs):
+    """Arms (runs equal up to SAME_ARM_IGNORES), each pooled: a list of dicts, plus common notes."""
+    arms = {}
+    for run_dir in run_dirs:
+        config, rows = load_compared_run(run_dir)
+        key = json.dumps({k: v for k, v in config.items() if k not in SAME_ARM_IGNORES}, sort_keys=True)
+        arms.setdefault(key, []).append((config, rows))
+    extras = [non_default(runs[0][0]) for runs in arms.values()]
+    shared = {k: v for k, v in extras[0].items() if all(e.get(k, object()) == v for e in extras)}
+    result = []
+    for runs, extra in zip(arms.values(), extras):
+        label = " ".join([runs[0][0]["context"]] + [f"{k}={v}" for k, v in extra.items() if k not in shared])
+        k = next(iter(runs[0][1].values()))["k"]
+        result.append({"label": label, "seeds": sorted(c["seed"] for c, _ in runs), "k": k,
+                       **pool_arm(runs)})
+    return result, shared
+
+
+def format_cell(entry, seeds, scale):
+    value, spread = scale * entry["value"], entry["spread"]
+    if seeds > 1:
+        return f"{value:.2f} ± {scale * spread:.2f} (step {entry['step']})"
+    return f"{value:.2f} [{scale * spread[0]:.1f}, {scale * spread[1]:.1f}] (step {entry['step']})"
+
+
+def comparison_table(arms, shared, markdown=False):
+    k = arms[0]["k"]
+    header = ["arm", "seeds"] + [f"{name}@{k} {when}" for _, name in TABLE_METRICS
+                                 for when in ("best", "final")] + ["len at best Avg", "len final"]
+    body = [[a["label"], str(len(a["seeds"]))] + [format_cell(a[m][when], len(a["seeds"]), 100)
+                                                   for m, _ in TABLE_METRICS for when in ("best", "final")]
+            + [format_cell(a["length"][w], len(a["seeds"]), 1) for w in ("best", "final")] for a in arms]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+    else:
+        widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + body]
+    notes = ["", "Values in %, length in tokens; ± = std over seeds, [lo, hi] = "
+             "95% bootstrap CI (one seed). 'best' picks a checkpoint on the test set and flatters."]
+    if shared:
+        notes.append("All arms: " + ", ".join(f"{k}={v}" for k, v in shared.items()))
+    if len({a["k"] for a in arms}) > 1:
+        notes.append("WARNING: the runs were evaluated with different k")
+    return "\n".join(lines + notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-token advantage A_t: one student forward, one teacher forward per context (batched rows).
+
+KINDS = ("reference", "critique", "critique_quoting", "critique_no_prefix")
+TEACHER_PROMPT = {"reference": "reference", "critique": "critique", "critique_quoting": "critique",
+                  "critique_no_prefix": "critique"}  # which prompt template holds the context
+
+
+def response_logp(model, cfg, prompts, responses, pad_id, device):
+    """log π(ŷ_t | prompt, ŷ<t) for each response: a list of (T_i,) tensors. The caller decides
+    which model this is (adapter on or off). The LM head runs on `chunk_size` positions at a time,
+    so no (B, T, V) tensor is ever held (DESIGN.md, memory rule)."""
+    weight = model.get_base_model().get_output_embeddings().weight  # (V, d)
+    out = []
+    for i in range(0, len(prompts), cfg.micro_batch):
+        part = responses[i:i + cfg.micro_batch]
+        rows = contexts.build_rows(prompts[i:i + cfg.micro_batch], part, pad_id)
+        mask = rows["response_mask"].to(device)  # (B, T), responses right-aligned
+        hidden = selfdistill.response_hidden(model, rows, mask.shape[1], device)[mask]  # (N, d)
+        ids = rows["input_ids"][:, -mask.shape[1]:].to(device)[mask]  # (N,) the tokens ŷ_t
+        logp = torch.cat([(hidden[j:j + cfg.chunk_size] @ weight.T).float().div(cfg.logit_temperature)
+                          .log_softmax(-1).gather(-1, ids[j:j + cfg.chunk_size, None]).squeeze(-1)
+                          for j in range(0, len(ids), cfg.chunk_size)])  # (N,)
+        out += list(logp.cpu().split([len(r) for r in part]))  # row-major: one piece per response
+    return out
+
+
+@torch.no_grad()
+def batch_advantages(model, tokenizer, cfg, device, questions, responses, context_texts):
+    """{kind: [A (T_i,)]} for context_texts = {kind: [text per response]}. Teacher = the base
+    model (adapter off) with the context; student = the model as it is, without context."""
+    was_training = model.training
+    model.eval()
+    pad = tokenizer.pad_token_id
+    student_prompts = [contexts.student_prompt_ids(tokenizer, q, cfg.prompts, cfg.student_thinking)
+                       for q in questions]
+    student_logp = response_logp(model, cfg, student_prompts, responses, pad, device)
+    out = {}
+    for kind, texts in context_texts.items():
+        teacher_prompts = [contexts.teacher_prompt_ids(tokenizer, q, c, TEACHER_PROMPT[kind], cfg.prompts,
+                                                       cfg.teacher_thinking, cfg.max_context_tokens)
+                           for q, c in zip(questions, texts)]
+        with model.disable_adapter():  # the teacher: the initial base model, no gradient
+            teacher_logp = response_logp(model, cfg, teacher_prompts, responses, pad, device)
+        out[kind] = [t - s for t, s in zip(teacher_logp, student_logp)]
+    model.train(was_training)
+    return out
+
+
+def token_advantages(model, tokenizer, question, response_ids, context_text, kind, cfg, device):
+    """A_t (T,) of one response under one context `kind` (see KINDS)."""
+    return batch_advantages(model, tokenizer, cfg, device, [question], [response_ids],
+                            {kind: [context_text]})[kind][0]
+
+
+def advantage_summary(A, prefix_mask, wrong_mask, after_mask):
+    """Mean A_t on the correct prefix, on the first wrong step and after it, and the error-focus
+    ratio |mean A on the wrong step| / mean |A| on the prefix (None where undefined)."""
+    def mean(x):
+        return x.mean().item() if x.numel() else None
+    out = {"prefix": mean(A[prefix_mask]), "wrong": mean(A[wrong_mask]), "after": mean(A[after_mask])}
+    scale = mean(A[prefix_mask].abs())
+    out["focus"] = abs(out["wrong"]) / scale if out["wrong"] is not None and scale else None
+    return out
+
+
+def spread(values):
+    values = [v for v in values if v is not None]
+    return {"mean": statistics.fmean(values) if values else None,
+            "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollouts to analyse, their steps, and the contexts (two of them controls).
+
+
+def first_wrong_step(response_text, critique_text):
+    """Index of the first step where critique and rollout differ (with the rule critic, the
+    earliest error), or None: unparseable tags, or no differing step among the shared ones."""
+    if not isinstance(critique_text, str):  # the critic failed on this rollout
+        return None
+    try:
+        ours, theirs = contexts.parse_steps(response_text)[0], contexts.parse_steps(critique_text)[0]
+    except ValueError:
+        return None
+    return next((i for i in range(min(len(ours), len(theirs))) if ours[i] != theirs[i]), None)
+
+
+def wrong_rollouts(model, tokenizer, cfg, device, records, judge, limit):
+    """Up to `limit` rollouts with reward 0 and a locatable first wrong step. A record may carry
+    its own `response_ids` (and `critique`); the others get one fresh sample from the model."""
+    chosen = []
+    for start in range(0, len(records), max(4 * limit, 16)):
+        batch = records[start:start + max(4 * limit, 16)]
+        fresh = [i for i, r in enumerate(batch) if "response_ids" not in r]
+        prompts = [contexts.student_prompt_ids(tokenizer, batch[i]["question"], cfg.prompts,
+                                               cfg.student_thinking) for i in fresh]
+        sampled = dict(zip(fresh, selfdistill.generate(model, tokenizer, prompts, cfg, device)[0])) if fresh else {}
+        for i, record in enumerate(batch):
+            ids = record.get("response_ids") or sampled[i]
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            if critic.reward(text, record["answer"]):
+                continue
+            critique = record.get("critique") or judge([record["question"]], [text],
+                                                       [record.get("solution", "")], [record["answer"]])[0]
+            wrong = first_wrong_step(text, critique)
+            if wrong is not None and critic.validate_critique(text, critique)[0]:
+                chosen.append({**record, "response_ids": list(ids), "text": text,
+                               "critique": critique, "wrong_step": wrong})
+        if len(chosen) >= limit:
+            break
+    return chosen[:limit]
+
+
+def analysis_contexts(cfg, item, kinds):
+    """The context text of each kind for one rollout. The controls (PAPER.md §4):
+    critique_quoting: the critique, but its step k reads "<the rollout's wrong step k> is wrong;
+      correct: <the critique's step k>" — the wrong tokens sit in the context at the aligned place;
+    critique_no_prefix: the same corrected trace without the solver's tokens. Toy world: every
+      step rewritten in the reference-only surface form (same route and values, another phrasing);
+      otherwise: the critique's steps from k on, renumbered (the solver's prefix dropped)."""
+    steps, answer = contexts.parse_steps(item["critique"])
+    k, ours = item["wrong_step"], contexts.parse_steps(item["text"])[0]
+    quoting = steps[:k] + [f"{ours[k]} is wrong; correct: {steps[k]}"] + steps[k + 1:]
+    no_prefix = steps[k:]
+    if cfg.prompts == "toy":
+        import toy
+        parsed = [toy.parse_step(s) for s in steps]
+        if all(parsed):
+            no_prefix = [toy.format_step(*p[:4], toy.REFERENCE_STYLE) for p in parsed]
+    reference_cfg = dataclasses.replace(cfg, context="reference")
+    texts = {"reference": lambda: selfdistill.teacher_context(reference_cfg, item),
+             "critique": lambda: item["critique"],
+             "critique_quoting": lambda: contexts.render_steps(quoting, answer),
+             "critique_no_prefix": lambda: contexts.render_steps(no_prefix, answer)}
+    return {kind: texts[kind]() for kind in kinds}
+
+
+def token_pieces(tokenizer, ids):
+    """The text each token adds to the decoded response (prefix decodes, so pieces join up)."""
+    prefixes = [tokenizer.decode(ids[:t], skip_special_tokens=False) for t in range(len(ids) + 1)]
+    return [prefixes[t + 1][len(prefixes[t]):] for t in range(len(ids))]
+
+
+def step_regions(pieces, wrong_step):
+    """Token indices where each tag starts, and the masks prefix / wrong step / after (or None
+    when the wrong step's tag is not found). The wrong step is its text after the tag, up to the
+    next tag; its tag counts as prefix (the critique has the same tag)."""
+    starts = [0]
+    for piece in pieces:
+        starts.append(starts[-1] + len(piece))
+    tags = [(m.group(1), bisect.bisect_right(starts, m.start()) - 1, bisect.bisect_left(starts, m.end()))
+            for m in re.finditer(r"<step_(\d+)>|<answer>", "".join(pieces))]
+    boundaries = [first for _, first, _ in tags]
+    wrong = next((i for i, (number, _, _) in enumerate(tags) if number == str(wrong_step + 1)), None)
+    if wrong is None:
+        return boundaries, None
+    body_start = tags[wrong][2]
+    body_end = tags[wrong + 1][1] if wrong + 1 < len(tags) else len(pieces)
+    position = torch.arange(len(pieces))
+    masks = (position < body_start, (position >= body_start) & (position < body_end), position >= body_end)
+    return boundaries, masks
+
+
+def analyze_rollouts(model, tokenizer, cfg, device, items, kinds=KINDS):
+    """A_t under every context for each rollout: JSON-ready dicts (tokens, A per kind, step
+    boundaries, wrong span, summary per kind). Rollouts whose wrong step cannot be located are dropped."""
+    pieces = [token_pieces(tokenizer, it["response_ids"]) for it in items]
+    located = [(it, p, *step_regions(p, it["wrong_step"])) for it, p in zip(items, pieces)]
+    located = [entry for entry in located if entry[3] is not None]
+    if not located:
+        return []
+    texts = [analysis_contexts(cfg, it, kinds) for it, *_ in located]
+    A = batch_advantages(model, tokenizer, cfg, device, [it["question"] for it, *_ in located],
+                         [it["response_ids"] for it, *_ in located],
+                         {kind: [t[kind] for t in texts] for kind in kinds})
+    results = []
+    for i, (item, tokens, boundaries, masks) in enumerate(located):
+        wrong = masks[1].nonzero().flatten().tolist()
+        results.append({
+            "question": item["question"], "answer": item["answer"], "response": item["text"],
+            "tokens": tokens, "step_starts": boundaries,
+            "wrong_step": item["wrong_step"] + 1, "wrong_span": [wrong[0], wrong[-1] + 1] if wrong else None,
+            "contexts": {kind: {"text": texts[i][kind], "A": [round(a, 4) for a in A[kind][i].tolist()]}
+                         for kind in kinds},
+            "summary": {kind: advantage_summary(A[kind][i], *masks) for kind in kinds}})
+    return results
+
+
+def summarize_contexts(results, kinds):
+    """Per context and statistic: mean, std and n over rollouts."""
+    return {kind: {stat: spread([r["summary"][kind][stat] for r in results])
+                   for stat in ("prefix", "wrong", "after", "focus")} for kind in kinds}
+
+
+def training_analysis(model, tokenizer, cfg, device, records, critic, kinds=None):
+    """`analysis/<kind>/<stat>` means for selfdistill's log, on the wrong rollouts among `records`
+    (pass the step's own rollouts as `response_ids` + `critique` to need forward passes only)."""
+    kinds = kinds or [k for k in KINDS if k != "reference" or all("solution" in r for r in records)]
+    items = wrong_rollouts(model, tokenizer, cfg, device, records, critic, limit=len(records))
+    results = analyze_rollouts(model, tokenizer, cfg, device, items, kinds)
+    out = {"analysis/rollouts": len(results)}
+    for kind, stats in summarize_contexts(results, kinds).items():
+        out.update({f"analysis/{kind}/{stat}": s["mean"] for stat, s in stats.items()})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Analysis output: HTML (self-contained), JSON, and a Fig. 4-style PNG when matplotlib exists.
+
+CSS = """body{font-family:sans-serif;margin:2em;max-width:70em}
+.r{font-family:monospace;white-space:pre-wrap;line-height:1.9;border:1px solid #ccc;padding:.5em}
+.s{border-left:2px solid #222;padding-left:1px}.w{box-shadow:inset 0 -3px 0 #000}
+details{margin:.3em 0}pre{white-space:pre-wrap;background:#f6f6f6;padding:.4em}"""
+COLOUR_SCALE = 5.0  # |A_t| (nats) at full colour; larger values saturate
+
+
+def token_html(piece, a, is_boundary, is_wrong):
+    """One token as a coloured span, escaped: <, >, & and quotes as entities, newlines as ↵."""
+    rgb = "215,48,39" if a < 0 else "69,117,180"  # red: the context says change it; blue: keep it
+    alpha = min(abs(a) / COLOUR_SCALE, 1.0)
+    classes = " ".join(c for c, on in (("s", is_boundary), ("w", is_wrong)) if on)
+    classes = f' class="{classes}"' if classes else ""
+    title = html.escape(f"A = {a:+.3f}   {piece!r}", quote=True)
+    shown = html.escape(piece, quote=True).replace("\n", "↵<br>")
+    return f'<span{classes} style="background:rgba({rgb},{alpha:.2f})" title="{title}">{shown}</span>'
+
+
+def render_html(results, kinds, heading):
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(heading)}</title>"
+             f"<style>{CSS}</style></head><body><h1>{html.escape(heading)}</h1>",
+             f"<p>A<sub>t</sub> = log π<sub>T</sub>(y<sub>t</sub>|x,c,y<sub>&lt;t</sub>) − log π<sub>θ</sub>"
+             f"(y<sub>t</sub>|x,y<sub>&lt;t</sub>): <span style='background:rgba(215,48,39,.8)'>negative"
+             f"</span> change it, <span style='background:rgba(69,117,180,.8)'>positive</span> keep it "
+             f"(full colour at |A| ≥ {COLOUR_SCALE:g}). A bar opens each step tag; the first wrong step "
+             f"is underlined. Hover a token for its value.</p>"]
+    for n, r in enumerate(results, start=1):
+        parts.append(f"<h2>Rollout {n}: {html.escape(r['question'])} (gold {html.escape(str(r['answer']))}, "
+                     f"first wrong step {r['wrong_step']})</h2>")
+        wrong = range(*r["wrong_span"]) if r["wrong_span"] else range(0)
+        for kind in kinds:
+            ctx, s = r["contexts"][kind], r["summary"][kind]
+            stats = ", ".join(f"{k} {v:+.2f}" if v is not None else f"{k} n/a" for k, v in s.items())
+            spans = "".join(token_html(p, a, t in r["step_starts"], t in wrong)
+                            for t, (p, a) in enumerate(zip(r["tokens"], ctx["A"])))
+            parts.append(f"<h3>{kind}</h3><p>{stats}</p><details><summary>context</summary>"
+                         f"<pre>{html.escape(ctx['text'])}</pre></details><div class='r'>{spans}</div>")
+    return "\n".join(parts + ["</body></html>"])
+
+
+def plot_png(result, kinds, path):
+    """Fig. 4's layout: A_t along one rollout, one panel per context, the first error marked."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None  # optional: the HTML and JSON carry the same numbers
+    fig, axes = plt.subplots(len(kinds), 1, figsize=(10, 2.2 * len(kinds)), sharex=True, sharey=True,
+                             squeeze=False)  # one y scale: magnitudes compare across contexts
+    for ax, kind in zip(axes[:, 0], kinds):
+        ax.bar(range(len(result["tokens"])), result["contexts"][kind]["A"], width=1.0, color="0.3")
+        for boundary in result["step_starts"]:
+            ax.axvline(boundary, color="0.85", linewidth=0.8, zorder=0)
+        if result["wrong_span"]:
+            ax.axvspan(*result["wrong_span"], color="red", alpha=0.15)  # the first wrong step
+        ax.set_ylabel("A_t")
+        ax.set_title(kind, fontsize=9)
+    axes[-1, 0].set_xlabel("response token")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def analysis_config(target, overrides):
+    """(cfg, run_dir or None): a run folder's config, or a model folder / "toy" plus key=value."""
+    is_run = os.path.isfile(os.path.join(target, "config.yaml"))
+    if not is_run and target != "toy" and not os.path.isdir(target):
+        raise UserError(f"{target} is neither a run folder (no config.yaml) nor a model folder")
+    # A model folder other than the toy's is taken for a chat model: instruct prompts by default.
+    cfg = load_run_config(target) if is_run else selfdistill.Config(
+        model=target, prompts="toy" if target == "toy" else "instruct")
+    for item in overrides:
+        key, _, value = item.partition("=")
+        selfdistill.check_key(key)
+        setattr(cfg, key, selfdistill.coerce(key, value, from_text=True))
+    return cfg, (target if is_run else None)
+
+
+def analyze(target, overrides=(), step=0, rollouts=8, out=None):
+    cfg, run_dir = analysis_config(target, overrides)
+    device = selfdistill.pick_device(cfg)
+    model_path, _, test_path = selfdistill.resolve_paths(cfg)
+    records = selfdistill.load_jsonl(test_path, need_solution=cfg.model != "toy")
+    steps = checkpoint_steps(run_dir) if run_dir else {0: None}
+    if step not in steps:
+        raise UserError(f"no checkpoint for step {step}; available: {sorted(steps)}")
+    model, tokenizer = selfdistill.load_model(cfg, model_path, device)
+    load_adapter(model, steps[step])
+    torch.manual_seed(cfg.seed)
+    items = wrong_rollouts(model, tokenizer, cfg, device, records, selfdistill.make_judge(cfg, device), rollouts)
+    results = analyze_rollouts(model, tokenizer, cfg, device, items)
+    if not results:
+        raise UserError("found no wrong rollout with a locatable first wrong step to analyse")
+    summary = summarize_contexts(results, KINDS)
+    out = out or os.path.join(run_dir or ".", "analysis")
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.join(out, f"advantage_step_{step:06d}")
+    with open(stem + ".json", "w") as f:
+        json.dump({"target": target, "step": step, "summary": summary, "rollouts": results}, f)
+    with open(stem + ".html", "w") as f:
+        f.write(render_html(results, KINDS, f"Per-token advantage: {target}, step {step}"))
+    png = plot_png(results[0], KINDS, stem + ".png")
+    print(f"{len(results)} rollouts; mean ± std over rollouts")
+    for kind, stats in summary.items():
+        print(f"{kind:>20}: " + "  ".join(
+            f"{stat} {s['mean']:+.3f}±{s['std'] or 0:.3f}" if s["mean"] is not None else f"{stat} n/a"
+            for stat, s in stats.items()))
+    print(f"wrote {stem}.html, {stem}.json" + (f", {png}" if png else " (no matplotlib: no PNG)"))
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Evaluate selfdistill runs: metrics per checkpoint, the comparison table across "
+                    "runs, the per-token advantage analysis.", epilog=__doc__[__doc__.index("Commands:"):],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", help="run folder(s); with --analyze: a run, a model "
+                        "folder or 'toy', then optional key=value config overrides")
+    parser.add_argument("--compare", action="store_true", help="paper-style table of the runs")
+    parser.add_argument("--markdown", action="store_true", help="--compare as a markdown table")
+    parser.add_argument("--analyze", action="store_true", help="per-token advantage analysis")
+    parser.add_argument("--samples", type=int, help="samples per question (default: eval_samples)")
+    parser.add_argument("--questions", type=int, help="test questions (default: eval_questions)")
+    parser.add_argument("--temperature", type=float, help="sampling temperature (default: the run's)")
+    parser.add_argument("--k", type=int, help="k of the @k metrics (default: samples)")
+    parser.add_argument("--step", type=int, default=0, help="--analyze: checkpoint step (0 = base)")
+    parser.add_argument("--rollouts", type=int, default=8, help="--analyze: wrong rollouts to show")
+    parser.add_argument("--out", help="--analyze: output folder (default RUN/analysis or ./analysis)")
+    args = parser.parse_args(argv)
+    try:
+        if args.compare:
+            print(comparison_table(*compare_runs(args.paths), markdown=args.markdown))
+        elif args.analyze:
+            analyze(args.paths[0], args.paths[1:], args.step, args.rollouts, args.out)
+        else:
+            for run_dir in args.paths:
+                evaluate_run(run_dir, args.samples, args.questions, args.temperature, args.k)
+    except UserError as e:
+        if os.environ.get("SELFDISTILL_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

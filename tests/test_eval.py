@@ -1,0 +1,331 @@
+"""eval.py: the numbers every comparison in the README rests on, checked on CPU in seconds.
+
+Protects: Avg@k, Pass@k and Maj@k (strict tie rule) on hand-computed cases, and the unbiased
+Pass@k estimator against brute-force enumeration of k-subsets; the bootstrap CI (seeded,
+contains the estimate); A_t = log π_T(y_t|x,c,y<t) − log π_θ(y_t|x,y<t) against a plain full
+forward of each unpadded row (teacher = LoRA off, student = a non-zero LoRA), in a padded batch;
+the step / first-error masks and the four analysis contexts; HTML escaping of hostile tokens;
+--compare pooling seeds into mean ± std with the best step and the final value; evaluate_run on
+a tiny run (eval.jsonl written, steps skipped on rerun) and its one-line errors."""
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+import contexts
+import eval as ev
+import selfdistill
+from selfdistill import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+@pytest.mark.parametrize("n, c, k", [(1, 0, 1), (1, 1, 1), (5, 2, 3), (6, 1, 2), (8, 3, 8),
+                                     (10, 0, 4), (12, 5, 12), (12, 11, 3), (7, 7, 2)])
+def test_pass_at_k_matches_enumeration(n, c, k):
+    samples = [1] * c + [0] * (n - c)
+    subsets = list(itertools.combinations(samples, k))
+    brute = sum(any(s) for s in subsets) / len(subsets)
+    assert ev.pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12)
+
+
+def test_pass_at_k_needs_enough_samples():
+    with pytest.raises(ValueError):
+        ev.pass_at_k(3, 1, 4)
+
+
+def test_question_scores_hand_computed():
+    # 4 samples: two say "5" (gold), one "\frac{10}{2}" (= 5), one unparseable
+    answers = ["5", "7", "\\frac{10}{2}", None]
+    correct = [True, False, True, False]
+    s = ev.question_scores(answers, correct, [3, 4, 5, 8], [False, False, False, True], "5", k=4)
+    assert s["avg"] == 0.5 and s["pass"] == 1.0 and s["maj"] == 1.0
+    assert s["length"] == 5.0 and s["unparseable"] == 0.25 and s["truncated"] == 0.25
+
+
+@pytest.mark.parametrize("answers, gold, expected", [
+    (["3", "3", "4"], "3", 1.0),
+    (["3", "4", "4"], "3", 0.0),
+    (["3", "4"], "3", 0.0),                  # a tie counts as wrong (strict rule)
+    (["3", "4", "4", "3"], "4", 0.0),
+    (["0.5", "1/2", "7", None, None], "\\frac{1}{2}", 1.0),  # equal answers pool; None abstains
+    ([None, None], "1", 0.0),
+    (["x = 2", "2.0", "3"], "2", 1.0),
+])
+def test_majority_correct(answers, gold, expected):
+    assert ev.majority_correct(answers, gold) == expected
+
+
+def test_maj_at_k_averages_disjoint_blocks():
+    # n = 6, k = 3: blocks ["1","1","2"] (right) and ["2","2","1"] (wrong)
+    assert ev.maj_at_k(["1", "1", "2", "2", "2", "1"], "1", 3) == 0.5
+
+
+def test_bootstrap_ci_contains_estimate_and_is_seeded():
+    values = [0, 1, 0.5, 0.25, 1, 1, 0, 0.75, 0.5, 0.1]
+    mean = sum(values) / len(values)
+    low, high = ev.bootstrap_ci(values, seed=3)
+    assert low <= mean <= high and low < high
+    assert ev.bootstrap_ci(values, seed=3) == [low, high]
+    assert ev.bootstrap_ci(values, seed=4) != [low, high]
+    assert ev.bootstrap_ci([0.5] * 5) == [0.5, 0.5]
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-token advantage
+
+
+@pytest.fixture(scope="module")
+def lora_model(tiny_model_dir):
+    cfg = selfdistill.Config(model=tiny_model_dir, prompts="toy", lora_r=4, chunk_size=5, micro_batch=8)
+    model, tok = selfdistill.load_model(cfg, tiny_model_dir, torch.device("cpu"))
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)  # student ≠ teacher
+    return cfg, model.eval(), tok
+
+
+def direct_logp(model, prompt, response):
+    """log p(response_t | prompt, response<t) from one full forward of the unpadded row."""
+    ids = torch.tensor([prompt + response])
+    logp = model(input_ids=ids).logits[0].float().log_softmax(-1)  # (L, V)
+    positions = torch.arange(len(prompt) - 1, len(prompt) + len(response) - 1)
+    return logp[positions, torch.tensor(response)]
+
+
+@torch.no_grad()
+def test_advantages_equal_direct_log_probs(lora_model):
+    cfg, model, tok = lora_model
+    questions = ["2+7+5", "3+4-1+2"]
+    responses = [tok("<step_1> 2+7=9 <step_2> 9+5=15 <answer> 15")["input_ids"] + [tok.eos_token_id],
+                 tok("<answer> 8")["input_ids"]]  # different lengths: the batch is padded
+    context = "<step_1> 2+7=9 <step_2> 9+5=14 <answer> 14"
+    A = ev.batch_advantages(model, tok, cfg, torch.device("cpu"), questions, responses,
+                            {"critique": [context, context]})["critique"]
+    for q, r, a in zip(questions, responses, A):
+        student = contexts.student_prompt_ids(tok, q, "toy")
+        teacher = contexts.teacher_prompt_ids(tok, q, context, "critique", "toy")
+        with model.disable_adapter():
+            teacher_logp = direct_logp(model, teacher, r)
+        expected = teacher_logp - direct_logp(model, student, r)
+        assert a.shape == (len(r),)
+        assert expected.abs().max() > 1e-3  # the LoRA really changes the student
+        torch.testing.assert_close(a, expected, atol=1e-4, rtol=1e-4)
+    one = ev.token_advantages(model, tok, questions[0], responses[0], context, "critique", cfg, "cpu")
+    torch.testing.assert_close(one, A[0], atol=1e-5, rtol=1e-5)
+
+
+def test_analysis_masks_and_contexts(lora_model):
+    toy = pytest.importorskip("toy")
+    cfg, model, tok = lora_model
+    text = "<step_1> 2+7=9 <step_2> 9+5=15 <step_3> 15-3=12 <answer> 12"
+    critique = toy.rule_critique("2+7+5-3", text, "11")
+    item = {"question": "2+7+5-3", "answer": "11", "solution": toy.reference_solution("2+7+5-3"),
+            "response_ids": tok(text)["input_ids"] + [tok.eos_token_id], "text": text,
+            "critique": critique, "wrong_step": ev.first_wrong_step(text, critique)}
+    assert item["wrong_step"] == 1
+    texts = ev.analysis_contexts(cfg, item, ev.KINDS)
+    assert texts["critique"] == critique and texts["reference"] == item["solution"]
+    assert "9+5=15 is wrong; correct: 9+5=14" in texts["critique_quoting"]
+    assert "2+7=9" not in texts["critique_no_prefix"] and "9 plus 5 is 14" in texts["critique_no_prefix"]
+    [result] = ev.analyze_rollouts(model, tok, cfg, "cpu", [item])
+    start, end = result["wrong_span"]
+    assert "".join(result["tokens"][start:end]).strip() == "9+5=15"
+    assert "".join(result["tokens"][result["step_starts"][0]:]).startswith("<step_1>")
+    for kind in ev.KINDS:
+        A = torch.tensor(result["contexts"][kind]["A"])
+        assert A.shape == (len(item["response_ids"]),)
+        assert result["summary"][kind]["wrong"] == pytest.approx(A[start:end].mean().item(), abs=1e-3)
+    summary = ev.summarize_contexts([result, result], ev.KINDS)
+    assert summary["critique"]["wrong"]["n"] == 2 and summary["critique"]["wrong"]["std"] == 0
+
+
+@pytest.mark.parametrize("response, critique, expected", [
+    ("<step_1> 1+1=2 <step_2> 2+3=6 <answer> 6", "<step_1> 1+1=2 <step_2> 2+3=5 <answer> 5", 1),
+    ("<step_1> 1+1=3 <answer> 3", "<step_1> 1+1=2 <answer> 2", 0),
+    ("<step_1> 1+1=2 <answer> 3", "<step_1> 1+1=2 <answer> 2", None),  # no wrong step to point at
+    ("<step_2> 1+1=2", "<step_1> 1+1=2 <answer> 2", None),              # bad tags
+    ("<step_1> 1+1=3", None, None),                                     # the critic failed
+])
+def test_first_wrong_step(response, critique, expected):
+    assert ev.first_wrong_step(response, critique) == expected
+
+
+def test_training_analysis_on_given_rollouts(lora_model):
+    toy = pytest.importorskip("toy")
+    import critic
+    cfg, model, tok = lora_model
+    model.train()
+    records = [{"question": q, "answer": a, "solution": toy.reference_solution(q),
+                "response_ids": tok(r)["input_ids"] + [tok.eos_token_id]}
+               for q, a, r in [("2+7+5", "14", "<step_1> 2+7=9 <step_2> 9+5=15 <answer> 15"),
+                               ("3+4", "7", "<step_1> 3+4=7 <answer> 7"),       # right: skipped
+                               ("5-2+1", "4", "<step_1> 5-2=4 <step_2> 4+1=5 <answer> 5")]]
+    out = ev.training_analysis(model, tok, cfg, "cpu", records, critic.RuleCritic())
+    assert out["analysis/rollouts"] == 2 and model.training
+    assert {f"analysis/{k}/{s}" for k in ev.KINDS for s in ("prefix", "wrong", "after", "focus")} <= set(out)
+    model.eval()
+
+
+def test_load_adapter_round_trip(lora_model, tmp_path):
+    cfg, model, tok = lora_model
+    model.save_pretrained(str(tmp_path / "step_000001"))
+    saved = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    try:
+        ev.load_adapter(model, None)
+        assert all(p.abs().sum() == 0 for n, p in model.named_parameters() if "lora_B" in n)
+        ev.load_adapter(model, str(tmp_path / "step_000001"))
+        assert all(torch.equal(p, saved[n]) for n, p in model.named_parameters() if "lora_" in n)
+    finally:
+        for n, p in model.named_parameters():
+            if n in saved:
+                p.data.copy_(saved[n])
+
+
+def test_advantage_summary():
+    A = torch.tensor([1.0, -1.0, 0.0, -4.0, -2.0, 5.0])
+    prefix = torch.tensor([1, 1, 1, 0, 0, 0], dtype=torch.bool)
+    wrong = torch.tensor([0, 0, 0, 1, 1, 0], dtype=torch.bool)
+    s = ev.advantage_summary(A, prefix, wrong, ~(prefix | wrong))
+    assert s == {"prefix": 0.0, "wrong": -3.0, "after": 5.0, "focus": pytest.approx(4.5)}
+
+
+def test_html_escapes_tokens():
+    tokens = ["<step_1>", " a<b", " & ", "\n", "\"'", "<script>alert(1)</script>"]
+    result = {"question": "1<2 & 3", "answer": "<x>", "tokens": tokens, "step_starts": [0],
+              "wrong_step": 1, "wrong_span": [1, 3],
+              "contexts": {"critique": {"text": "<step_1> </pre><b>", "A": [0.5, -1, -20, 2, 0, 1]}},
+              "summary": {"critique": {"prefix": 0.1, "wrong": -2.0, "after": None, "focus": 3.0}}}
+    page = ev.render_html([result], ["critique"], "t<itle>")
+    assert "<script>" not in page and "</pre><b>" not in page and "<step_1>" not in page
+    assert "&lt;step_1&gt;" in page and " a&lt;b" in page and " &amp; " in page
+    assert "↵<br>" in page and "&quot;&#x27;" in page and "1&lt;2 &amp; 3" in page
+    assert page.count('class="s"') == 1 and page.count('class="w"') == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# --compare
+
+
+def fake_run(root, name, seed, values, **config):
+    """A run folder with config.yaml and eval.jsonl; values: {step: avg} (other metrics derived)."""
+    run_dir = os.path.join(root, name)
+    os.makedirs(run_dir)
+    cfg = {**vars(selfdistill.Config(context="critique", seed=seed, run=name)), "samples_per_question": 1,
+           **config}
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(cfg, f)
+    with open(os.path.join(run_dir, "eval.jsonl"), "w") as f:
+        for step, avg in values.items():
+            row = {"step": step, "n": 4, "k": 4, "questions": 10, "temperature": 1.0, "avg": avg,
+                   "pass": min(1.0, 2 * avg), "maj": avg / 2, "length": 10 * step, "unparseable": 0,
+                   "truncated": 0}
+            row["ci"] = {m: [row[m] - 0.1, row[m] + 0.1] for m in ev.METRICS}
+            f.write(json.dumps(row) + "\n")
+    return run_dir
+
+
+def test_compare_pools_seeds(tmp_path):
+    runs = [fake_run(tmp_path, "c0", 0, {0: 0.1, 10: 0.3, 20: 0.5, 30: 0.4}),
+            fake_run(tmp_path, "c1", 1, {0: 0.1, 10: 0.5, 20: 0.5, 30: 0.2}),
+            fake_run(tmp_path, "r0", 0, {0: 0.1, 10: 0.2, 20: 0.1}, context="reference", lr=1e-3)]
+    arms, shared = ev.compare_runs(runs)
+    critique, reference = arms
+    assert critique["label"] == "critique" and critique["seeds"] == [0, 1]
+    assert reference["label"] == "reference lr=0.001" and shared == {}
+    best, final = critique["avg"]["best"], critique["avg"]["final"]
+    assert best["step"] == 20 and best["value"] == pytest.approx(0.5) and best["spread"] == pytest.approx(0)
+    assert final["step"] == 30 and final["value"] == pytest.approx(0.3)
+    assert final["spread"] == pytest.approx(0.14142, abs=1e-4)  # std of (0.4, 0.2), n - 1
+    assert critique["length"]["best"]["step"] == 20  # length is shown at the Avg-best step
+    assert reference["avg"]["best"]["spread"] == pytest.approx([0.1, 0.3])  # one seed: the CI
+    table = ev.comparison_table(arms, shared, markdown=True)
+    assert table.splitlines()[0].startswith("| arm | seeds | Pass@4 best | Pass@4 final")
+    assert "50.00 ± 0.00 (step 20)" in table and "30.00 ± 14.14 (step 30)" in table
+    assert "20.00 [10.0, 30.0] (step 10)" in table
+
+
+def test_compare_needs_eval_jsonl(tmp_path):
+    run_dir = fake_run(tmp_path, "a", 0, {})
+    with pytest.raises(UserError, match="no eval.jsonl"):
+        ev.compare_runs([run_dir])
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate_run
+
+
+def test_evaluate_run_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist") as missing:
+        ev.evaluate_run(str(tmp_path / "nope"))
+    with pytest.raises(UserError, match="no checkpoints and no config.yaml") as empty:
+        ev.evaluate_run(str(tmp_path))
+    assert "\n" not in str(missing.value) + str(empty.value)
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), str(tmp_path)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2 and out.stderr.startswith("error: ") and out.stderr.count("\n") == 1
+
+
+def test_evaluate_run_tiny(tmp_path, tiny_model_dir, capsys):
+    test_file = tmp_path / "test.jsonl"
+    test_file.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n"
+                                 for q, a in [("1+1", "2"), ("2+3", "5"), ("4-1", "3")]))
+    cfg = selfdistill.Config(model=tiny_model_dir, prompts="toy", test_file=str(test_file),
+                             train_file=str(test_file), max_new_tokens=6, eval_samples=3, lora_r=2,
+                             run="tiny", out_dir=str(tmp_path))
+    run_dir = tmp_path / "tiny"
+    os.makedirs(run_dir)
+    with open(run_dir / "config.yaml", "w") as f:
+        yaml.safe_dump(vars(cfg), f)
+    model, _ = selfdistill.load_model(cfg, tiny_model_dir, torch.device("cpu"))
+    model.save_pretrained(str(run_dir / "checkpoints" / "step_000005"))
+    rows = ev.evaluate_run(str(run_dir), questions=2)
+    assert [r["step"] for r in rows] == [0, 5]
+    assert all(r["n"] == 3 and r["k"] == 3 and r["questions"] == 2 for r in rows)
+    assert all(0 <= r[m] <= 1 for r in rows for m in ("avg", "pass", "maj", "unparseable"))
+    assert 0 < rows[0]["length"] <= 6
+    # a zero-LoRA checkpoint is the base, and both steps sample with the same seed
+    assert {m: rows[0][m] for m in ev.METRICS} == {m: rows[1][m] for m in ev.METRICS}
+    assert "Avg@3" in capsys.readouterr().out
+    again = ev.evaluate_run(str(run_dir), questions=2)
+    assert again == rows and len((run_dir / "eval.jsonl").read_text().splitlines()) == 2
+
+
+def test_analyze_writes_html_and_json(tmp_path, tiny_model_dir, monkeypatch):
+    toy = pytest.importorskip("toy")
+    problems = [("2+7+5", "<step_1> 2+7=9 <step_2> 9+5=15 <answer> 15"),
+                ("3+4", "<step_1> 3+4=7 <answer> 7"), ("6-2+3", "<step_1> 6-2=5 <step_2> 5+3=8 <answer> 8")]
+    test_file = tmp_path / "test.jsonl"
+    test_file.write_text("".join(json.dumps({"question": q, "answer": str(eval(q)),
+                                             "solution": toy.reference_solution(q)}) + "\n"
+                                 for q, _ in problems))
+    run_dir = tmp_path / "run"
+    os.makedirs(run_dir)
+    cfg = selfdistill.Config(model=tiny_model_dir, prompts="toy", test_file=str(test_file),
+                             train_file=str(test_file), lora_r=2)
+    with open(run_dir / "config.yaml", "w") as f:
+        yaml.safe_dump(vars(cfg), f)
+
+    def fake_generate(model, tokenizer, prompts, cfg, device, temperature=None):  # scripted rollouts
+        texts = [t for _, t in problems][:len(prompts)]
+        return [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts], [False] * len(texts)
+
+    monkeypatch.setattr(selfdistill, "generate", fake_generate)
+    summary = ev.analyze(str(run_dir), rollouts=5)
+    assert summary["critique"]["wrong"]["n"] == 2  # the right rollout is not analysed
+    saved = json.loads((run_dir / "analysis" / "advantage_step_000000.json").read_text())
+    assert [r["wrong_step"] for r in saved["rollouts"]] == [2, 1]
+    assert set(saved["rollouts"][0]["contexts"]) == set(ev.KINDS)
+    page = (run_dir / "analysis" / "advantage_step_000000.html").read_text()
+    assert page.count("<h2>") == 2 and "critique_no_prefix" in page and "http" not in page
+    with pytest.raises(UserError, match="no checkpoint for step 7"):
+        ev.analyze(str(run_dir), step=7)

@@ -1,0 +1,195 @@
+"""Protects the training loop end to end on tiny offline models: each context runs and writes the
+files of the command-line contract; only LoRA weights train and the base weights stay
+bit-identical; the base teacher is exactly the pristine model; a killed run resumes to the same
+adapter and metrics as an uninterrupted one."""
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import selfdistill
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Arithmetic questions in the project's JSONL format, with reference solutions."""
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    rng = random.Random(0)
+    with open(path, "w") as f:
+        for i in range(24):
+            a, b = rng.randint(1, 9), rng.randint(1, 9)
+            f.write(json.dumps({"id": i, "question": f"{a}+{b}", "answer": a + b,
+                                "solution": f"<step_1> {a}+{b}={a + b} <answer> {a + b}"}) + "\n")
+    return str(path)
+
+
+def overrides(model_dir, data, out_dir, **extra):
+    settings = dict(model=model_dir, train_file=data, test_file=data, out_dir=str(out_dir),
+                    prompts="instruct", max_new_tokens=12, batch_size=4, micro_batch=4,
+                    eval_at_end=False, lr=0.05)
+    settings.update(extra)
+    return [f"{k}={v}" for k, v in settings.items()]
+
+
+def run_cli(args, **kwargs):
+    return subprocess.run([sys.executable, "selfdistill.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, **kwargs)
+
+
+@pytest.mark.parametrize("context", ["grpo", "reference", "critique"])
+def test_each_context_runs_two_steps_and_writes_the_contract(context, tiny_model_dir, data, tmp_path):
+    result = run_cli(["--context", context, "--config", "configs/smoke.yaml", "--run", "smoke",
+                      *overrides(tiny_model_dir, data, tmp_path, batch_size=2, micro_batch=4,
+                                eval_at_end=True)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = tmp_path / "smoke"
+    assert (run / "config.yaml").is_file()
+    metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert all(k in metrics[0] for k in ("train/loss", "train/kl", "train/reward", "train/entropy",
+                                         "train/critique_invalid", "train/zero_signal", "time/generate"))
+    samples = [json.loads(l) for l in (run / "samples.jsonl").read_text().splitlines()]
+    assert samples and all("context" in s and "response" in s for s in samples)
+    if context != "grpo":
+        assert all(s["context"] for s in samples)
+    for step in (1, 2):
+        ckpt = run / "checkpoints" / f"step_{step:06d}"
+        assert (ckpt / "adapter_model.safetensors").is_file() and (ckpt / "trainer_state.pt").is_file()
+    assert "step 2/2" in result.stdout
+    evaluated = [json.loads(l) for l in (run / "eval.jsonl").read_text().splitlines()]
+    assert sorted(e["step"] for e in evaluated) == [0, 1, 2]
+
+
+def train_in_process(model_dir, data, out_dir, context="reference", **extra):
+    cfg = selfdistill.load_config(["--context", context, "--run", "r",
+                                   *overrides(model_dir, data, out_dir, **extra)])
+    return selfdistill.train(cfg)
+
+
+def test_lora_trains_base_stays_bit_identical_and_base_teacher_is_pristine(tiny_model_dir, data, tmp_path):
+    from transformers import AutoModelForCausalLM
+    pristine = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    run_dir, model = train_in_process(tiny_model_dir, data, tmp_path, max_steps=3)
+    base_state = pristine.state_dict()
+    lora_changed = 0
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            lora_changed += int(param.abs().sum() > 0)  # B starts at zero
+        elif "lora_" not in name:
+            key = name.replace("base_model.model.", "").replace(".base_layer", "")
+            assert torch.equal(param, base_state[key]), name
+            assert not param.requires_grad
+    assert lora_changed > 0
+    ids = torch.tensor([[5, 9, 14, 30, 31, 7]])
+    with torch.no_grad(), model.disable_adapter():
+        assert torch.equal(model(input_ids=ids).logits, pristine(input_ids=ids).logits)
+    with torch.no_grad():
+        assert not torch.equal(model(input_ids=ids).logits, pristine(input_ids=ids).logits)
+
+
+def test_saved_adapter_loads_with_peft(tiny_model_dir, data, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    run_dir, model = train_in_process(tiny_model_dir, data, tmp_path, max_steps=2)
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                       os.path.join(run_dir, "checkpoints", "step_000002")).eval()
+    ids = torch.tensor([[5, 9, 14, 30]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+
+
+def test_ema_teacher_state_is_checkpointed(tiny_model_dir, data, tmp_path):
+    run_dir, model = train_in_process(tiny_model_dir, data, tmp_path, max_steps=2, teacher="ema",
+                                      ema_rate=0.5)
+    state = torch.load(os.path.join(run_dir, "checkpoints", "step_000002", "trainer_state.pt"),
+                       weights_only=True)
+    assert state["ema"] and all(torch.isfinite(v).all() for v in state["ema"].values())
+    # after two updates at rate 1/2 from zero: ema = 0.25·ΔW_1 + 0.5·ΔW_2, non-zero and not ΔW_2
+    name, module = selfdistill.lora_modules(model)[0]
+    delta = module.get_delta_weight("default").float()
+    assert state["ema"][name].abs().sum() > 0 and not torch.allclose(state["ema"][name], delta)
+
+
+def adapter_hash(run_dir, step):
+    path = os.path.join(run_dir, "checkpoints", f"step_{step:06d}", "adapter_model.safetensors")
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def metrics_without_times(run_dir):
+    rows = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+
+def test_killed_run_resumes_to_the_same_weights_and_metrics(tiny_model_dir, data, tmp_path):
+    args = ["--context", "critique", "--run", "r",
+            *overrides(tiny_model_dir, data, tmp_path / "a", max_steps=6, checkpoint_every=2)]
+    assert run_cli(args).returncode == 0
+    reference = tmp_path / "a" / "r"
+    args_b = args[:4] + overrides(tiny_model_dir, data, tmp_path / "b", max_steps=6, checkpoint_every=2)
+    run_b = tmp_path / "b" / "r"
+    process = subprocess.Popen([sys.executable, "selfdistill.py", *args_b], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = run_b / "checkpoints" / "step_000002"
+    deadline = time.time() + 120
+    while not first.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (run_b / "checkpoints" / "step_000006").exists(), "killed too late to test resuming"
+    assert run_cli(args_b).returncode == 0
+    assert adapter_hash(run_b, 6) == adapter_hash(reference, 6)
+    assert metrics_without_times(run_b) == metrics_without_times(reference)
+
+
+@pytest.mark.parametrize("problem,fragment", [
+    ("missing", "not found"),
+    ("malformed", ":2: not valid JSON"),
+    ("empty", "has no records"),
+    ("no_answer", ":1: each line needs"),
+])
+def test_bad_dataset_files_are_one_line_errors(problem, fragment, tmp_path, tiny_model_dir):
+    path = tmp_path / "d.jsonl"
+    content = {"missing": None, "malformed": '{"question": "1+1", "answer": 2}\n{oops\n',
+               "empty": "\n", "no_answer": '{"question": "1+1"}\n'}[problem]
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(selfdistill.UserError) as e:
+        selfdistill.load_jsonl(str(path))
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_reference_context_needs_solutions(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"question": "1+1", "answer": 2}\n')
+    with pytest.raises(selfdistill.UserError, match="needs a 'solution'"):
+        selfdistill.load_jsonl(str(path), need_solution=True)
+
+
+def test_model_without_chat_template_and_unknown_folder(no_template_model_dir, data, tmp_path):
+    result = run_cli(["--context", "grpo", *overrides(no_template_model_dir, data, tmp_path)])
+    assert result.returncode == 2 and "no chat template" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    with pytest.raises(selfdistill.UserError, match="cannot load"):
+        selfdistill.load_tokenizer(str(tmp_path / "no_such_model"))
+
+
+def test_unreachable_critic_url_is_a_one_line_error(tiny_model_dir, data, tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = run_cli(["--context", "critique", *overrides(tiny_model_dir, data, tmp_path, critic="http",
+                                                          critic_url=f"http://127.0.0.1:{port}/v1",
+                                                          critic_model="m")])
+    assert result.returncode == 2 and "unreachable" in result.stderr
+    assert result.stderr.strip().splitlines() == [l for l in result.stderr.splitlines() if "unreachable" in l]
