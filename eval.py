@@ -29,6 +29,7 @@ Commands:
     python eval.py --analyze runs/critique-s0 [--step 40] [--rollouts 8] [--out DIR]
     python eval.py --analyze toy                        # the toy base model, no run needed
     python eval.py --analyze path/to/model test_file=test.jsonl critic=http critic_url=... critic_model=...
+    python eval.py --prepare omr.jsonl Qwen/Qwen3-1.7B critic=http critic_url=... critic_model=Qwen/QwQ-32B --out data/omr
 """
 import argparse
 import bisect
@@ -37,6 +38,7 @@ import html
 import json
 import math
 import os
+import random
 import re
 import statistics
 import sys
@@ -600,7 +602,8 @@ def plot_png(result, kinds, path):
 def analysis_config(target, overrides):
     """(cfg, run_dir or None): a run folder's config, or a model folder / "toy" plus key=value."""
     is_run = os.path.isfile(os.path.join(target, "config.yaml"))
-    if not is_run and target != "toy" and not os.path.isdir(target):
+    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", target) and not os.path.exists(target)
+    if not is_run and target != "toy" and not os.path.isdir(target) and not hub_id:
         raise UserError(f"{target} is neither a run folder (no config.yaml) nor a model folder")
     # A model folder other than the toy's is taken for a chat model: instruct prompts by default.
     cfg = load_run_config(target) if is_run else selfdistill.Config(
@@ -646,6 +649,77 @@ def analyze(target, overrides=(), step=0, rollouts=8, out=None):
 
 
 # ---------------------------------------------------------------------------------------------
+# Data preparation: OpenMathReasoning records → our JSONL, with the paper's difficulty filter.
+
+def read_openmath(path):
+    """Records with problem, generated_solution, expected_answer from JSONL or parquet."""
+    if not os.path.isfile(path):
+        raise UserError(f"input file {path} not found")
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet
+        except ImportError:
+            raise UserError("reading parquet needs pyarrow (pip install pyarrow), or give a JSONL file") from None
+        rows = pyarrow.parquet.read_table(path).to_pylist()
+    else:
+        rows = []
+        for lineno, line in enumerate(open(path), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    keys = ("problem", "generated_solution", "expected_answer")
+    usable = [r for r in rows if isinstance(r, dict) and all(r.get(k) not in (None, "") for k in keys)]
+    return [{"id": r.get("id", i), "question": r["problem"], "answer": str(r["expected_answer"]),
+             "solution": r["generated_solution"]} for i, r in enumerate(usable)], len(rows) - len(usable)
+
+
+def prepare(input_path, overrides=(), out="data/omr", test_size=30, samples=16, max_correct=4, seed=0):
+    """Keep the problems the paper kept: the solver's Avg@16 below 5/16 (at most `max_correct` of
+    `samples` right), a wrong rollout in well-formed steps, and a critic that, given it, writes a
+    valid critique reaching the expected answer. Writes OUT/train.jsonl, OUT/test.jsonl, OUT/prepare.json."""
+    records, skipped = read_openmath(input_path)
+    cfg, _ = analysis_config(overrides[0] if overrides else "toy", overrides[1:])
+    device = selfdistill.pick_device(cfg)
+    model, tokenizer = selfdistill.load_model(cfg, selfdistill.resolve_paths(cfg)[0], device)
+    judge = selfdistill.make_judge(cfg, device)
+    torch.manual_seed(seed)
+    counts = Counter(input=len(records) + skipped, missing_fields=skipped)
+    kept = []
+    for record, (answers, correct, *_) in zip(records, sample_answers(
+            model, tokenizer, cfg, device, records, samples, cfg.temperature, "solver Avg@16")):
+        if sum(correct) > max_correct:
+            counts["too_easy"] += 1
+            continue
+        # a wrong rollout in the step format, critiqued by the critic (greedy: one call suffices)
+        prompt = contexts.student_prompt_ids(tokenizer, record["question"], cfg.prompts, cfg.student_thinking)
+        ids, _ = selfdistill.generate(model, tokenizer, [prompt] * 4, cfg, device)
+        texts = [tokenizer.decode(r, skip_special_tokens=True) for r in ids]
+        wrong = [t for t in texts if critic.reward(t, record["answer"]) == 0 and contexts.STEP_TAG.search(t)]
+        if not wrong:
+            counts["no_wrong_stepped_rollout"] += 1
+            continue
+        critique = judge([record["question"]], wrong[:1], [record["solution"]], [record["answer"]])[0]
+        if critique is None or not critic.validate_critique(wrong[0], critique, record["answer"])[0]:
+            counts["critic_failed"] += 1
+            continue
+        kept.append(record)
+    random.Random(seed).shuffle(kept)
+    test, train = kept[:test_size], kept[test_size:]
+    os.makedirs(out, exist_ok=True)
+    for name, rows in (("train", train), ("test", test)):
+        with open(os.path.join(out, f"{name}.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    counts.update(kept=len(kept), train=len(train), test=len(test))
+    with open(os.path.join(out, "prepare.json"), "w") as f:
+        json.dump({"input": input_path, "seed": seed, "samples": samples, "max_correct": max_correct,
+                   "counts": dict(counts)}, f, indent=1)
+    print(", ".join(f"{k} {v}" for k, v in counts.items()) + f"; wrote {out}/train.jsonl, test.jsonl")
+    return dict(counts)
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def main(argv=None):
@@ -658,6 +732,10 @@ def main(argv=None):
     parser.add_argument("--compare", action="store_true", help="paper-style table of the runs")
     parser.add_argument("--markdown", action="store_true", help="--compare as a markdown table")
     parser.add_argument("--analyze", action="store_true", help="per-token advantage analysis")
+    parser.add_argument("--prepare", action="store_true", help="convert + filter OpenMathReasoning "
+                        "records: eval.py --prepare INPUT.jsonl|parquet [MODEL] [key=value ...]")
+    parser.add_argument("--test-size", type=int, default=30, help="--prepare: test problems")
+    parser.add_argument("--seed", type=int, default=0, help="--prepare: seed of sampling and split")
     parser.add_argument("--samples", type=int, help="samples per question (default: eval_samples)")
     parser.add_argument("--questions", type=int, help="test questions (default: eval_questions)")
     parser.add_argument("--temperature", type=float, help="sampling temperature (default: the run's)")
@@ -669,6 +747,8 @@ def main(argv=None):
     try:
         if args.compare:
             print(comparison_table(*compare_runs(args.paths), markdown=args.markdown))
+        elif args.prepare:
+            prepare(args.paths[0], args.paths[1:], args.out or "data/omr", args.test_size, seed=args.seed)
         elif args.analyze:
             analyze(args.paths[0], args.paths[1:], args.step, args.rollouts, args.out)
         else:

@@ -158,6 +158,8 @@ def coerce(key, value, from_text):
     """Check (and, for command-line text, convert) one value against the field's type."""
     kind = FIELDS[key].type
     kind = {"str": str, "int": int, "float": float, "bool": bool}.get(kind, kind)
+    if kind is float and isinstance(value, str):
+        from_text = True  # YAML reads 1e-3 (no dot) as a string; it is still a number
     if from_text:
         try:
             if kind is bool:

@@ -35,10 +35,14 @@ def test_yaml_then_command_line_overrides(tmp_path):
     assert cfg.lr == 0.001 and cfg.batch_size == 16 and cfg.topk_tail is True and cfg.run == "x"
 
 
-def test_yaml_int_for_float_is_accepted(tmp_path):
+def test_yaml_numbers_for_float_fields_are_accepted(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("lr: 1\n")
     assert load_config(["--config", str(path)]).lr == 1.0
+    path.write_text("lr: 1e-3\n")  # a string to YAML 1.1, a number to the user
+    assert load_config(["--config", str(path)]).lr == 0.001
+    path.write_text("lr: fast\n")
+    assert "wants a number" in error_of(["--config", str(path)])
 
 
 def test_unknown_key_names_the_nearest_valid_key(tmp_path):
