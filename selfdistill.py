@@ -70,6 +70,7 @@ class Config:
     model: str = "toy"  # local folder or hub id of a causal LM; "toy" builds/loads the toy world's base
     dtype: str = "float32"  # float32 | bfloat16 | float16 (weights and activations)
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    threads: int = 0  # CPU threads for torch (0 = torch's default)
     trust_remote_code: bool = False  # allow model code from the hub folder (off: safer)
     prompts: str = "toy"  # prompt set in contexts.PROMPTS: toy | instruct
     student_thinking: bool = False  # enable_thinking for the student's chat template (if supported)
@@ -417,6 +418,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def pick_device(cfg):
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
@@ -886,8 +889,8 @@ def train(cfg):
             if cfg.context == "critique":
                 context_texts = judge([r["question"] for r in gold], texts,
                                       [r.get("solution", "") for r in gold], [r["answer"] for r in gold])
-                valid = [c is not None and critic.validate_critique(t, c)[0]
-                         for t, c in zip(texts, context_texts)]
+                valid = [c is not None and critic.validate_critique(t, c, r["answer"])[0]
+                         for t, c, r in zip(texts, context_texts, gold)]
             elif cfg.context == "reference":
                 context_texts = [teacher_context(cfg, r) for r in gold]
         # 3-4. teacher and student on the same ŷ, loss, backward
