@@ -103,7 +103,7 @@ class Config:
     topk_tail: bool = False  # topk: add a tail bucket log(1-Σp) instead of renormalising over k
     token_clip: float = 0.0  # clip each token's divergence at this value (0 = off)
     logit_temperature: float = 1.0  # both sides' logits are divided by this before the divergence
-    chunk_size: int = 256  # response positions per chunk of LM head + divergence (memory knob)
+    chunk_size: int = 128  # response positions per chunk of LM head + divergence (memory knob)
     max_context_tokens: int = 1024  # longer teacher contexts lose their middle (marked)
     # optimisation
     batch_size: int = 32  # questions per optimizer step (paper: 32)
@@ -283,11 +283,13 @@ def support_log_probs(student_logits, teacher_logits, support="full", topk=100, 
         return s_k.log_softmax(-1), t_k.log_softmax(-1)
     out = []
     for full, part in ((s, s_k), (t, t_k)):
-        logp_k = part - full.logsumexp(-1, keepdim=True)  # (..., k) true log-probabilities
-        mass = logp_k.logsumexp(-1, keepdim=True)  # (..., 1) log Σ_k p ≤ 0
-        # log(1 - Σ_k p); a tail below 1e-30 (e.g. k = V) contributes nothing and gets no gradient
-        tail = torch.log((-torch.expm1(mass)).clamp(min=1e-30))
-        out.append(torch.cat([logp_k, tail], dim=-1))  # (..., k + 1)
+        log_z = full.logsumexp(-1, keepdim=True)  # (..., 1)
+        # log(1 − Σ_k p) in log space: 1 − Σ_k p cancels in float32 once the top k hold nearly all
+        # the mass. The k entries are set to the most negative float (not −inf, whose logsumexp
+        # backward is NaN); with k = V the tail is floored at −1e4, so it contributes exactly 0.
+        rest = full.scatter(-1, index, torch.finfo(full.dtype).min).logsumexp(-1, keepdim=True)
+        tail = (rest - log_z).clamp(min=-1e4)  # (..., 1)
+        out.append(torch.cat([part - log_z, tail], dim=-1))  # (..., k + 1) true log-probabilities
     return out[0], out[1]
 
 
