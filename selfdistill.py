@@ -738,11 +738,14 @@ def make_judge(cfg, device):
     return judge
 
 
-def teacher_context(cfg, record, critique_text=None):
-    """What the teacher sees besides the question: the reference solution or the critique."""
-    if cfg.context == "critique":
-        return critique_text
-    if cfg.model == "toy" and (cfg.toy_order, cfg.toy_phrasing) != ("grouped", "other"):
+def toy_dial(cfg):
+    """True when the toy world's references are rebuilt with non-default alignment knobs."""
+    return cfg.model == "toy" and (cfg.toy_order, cfg.toy_phrasing) != ("grouped", "other")
+
+
+def teacher_context(cfg, record):
+    """The reference solution the teacher sees in the `reference` arm."""
+    if toy_dial(cfg):
         import toy  # the alignment dial: a reference that follows the chain and/or its phrasing
         return toy.reference_solution(record["question"], cfg.toy_order, cfg.toy_phrasing)
     return record["solution"]
@@ -845,8 +848,7 @@ def train(cfg):
     from tqdm import tqdm
     device = pick_device(cfg)
     model_path, train_path, test_path = resolve_paths(cfg)
-    need_solution = cfg.context == "reference" and teacher_context(cfg, {"solution": "", "question": "1+1"}) == ""
-    records = load_jsonl(train_path, need_solution=need_solution)
+    records = load_jsonl(train_path, need_solution=cfg.context == "reference" and not toy_dial(cfg))
     run_dir = prepare_run_dir(cfg)
     print(f"config ({os.path.join(run_dir, 'config.yaml')}): "
           + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
@@ -923,7 +925,6 @@ def train(cfg):
         # 6. log
         record = {
             "step": step + 1, "train/loss": totals["loss"],
-            "train/kl": totals.get("divergence", 0.0) / max(totals["tokens"], 1),
             "train/reward": rewards.mean().item(),
             "train/response_len": sum(map(len, responses)) / len(responses),
             "train/truncated": sum(truncated) / len(truncated),
@@ -936,6 +937,8 @@ def train(cfg):
             "train/nonfinite": int(not finite),
             **{f"time/{k}": round(v, 3) for k, v in timer.seconds.items()},
         }
+        if "divergence" in totals:  # no teacher, no divergence in grpo
+            record["train/kl"] = totals["divergence"] / max(totals["tokens"], 1)
         if cfg.analysis_every and (step + 1) % cfg.analysis_every == 0:
             import eval as evaluation  # per-token advantage statistics on this step's rollouts
             rollouts = [{**gold[i], "response_ids": responses[i],
@@ -944,8 +947,8 @@ def train(cfg):
             with timer("analysis"):
                 record.update(evaluation.training_analysis(model, tokenizer, cfg, device, rollouts, judge))
         append_jsonl(metrics_path, record)
-        tqdm.write(f"step {step + 1}/{total_steps} | loss {record['train/loss']:.4f} | kl {record['train/kl']:.4f}"
-                   f" | reward {record['train/reward']:.3f} | len {record['train/response_len']:.1f}"
+        tqdm.write(f"step {step + 1}/{total_steps} | loss {record['train/loss']:.4f}"
+                   f" | kl {record.get('train/kl', float('nan')):.4f} | reward {record['train/reward']:.3f} | len {record['train/response_len']:.1f}"
                    f" | invalid {record['train/critique_invalid']} | {sum(timer.seconds.values()):.1f}s")
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0 or step == 0:
             for i, r in enumerate(gold):
