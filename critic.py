@@ -357,6 +357,9 @@ class HTTPCritic:
             except urllib.error.HTTPError as error:
                 error.close()
                 reason = f"HTTP {error.code}"
+                if error.code in (401, 403):  # the key is refused: no sample can succeed
+                    raise ConnectionError(f"critic at {self.base_url} refused the API key in "
+                                          f"${self.api_key_env} (HTTP {error.code})") from None
                 if error.code != 429 and error.code < 500:
                     break  # our request is wrong; repeating it will not help
             except (OSError, http.client.HTTPException) as error:  # timeout, refused, reset

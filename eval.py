@@ -201,6 +201,8 @@ def evaluate_run(run_dir, samples=None, questions=None, temperature=None, k=None
     path = os.path.join(run_dir, "eval.jsonl")
     done = {row["step"] for row in read_jsonl(path) if all(row.get(f) == v for f, v in setting.items())}
     todo = {s: c for s, c in checkpoint_steps(run_dir).items() if s not in done}
+    if len(checkpoint_steps(run_dir)) == 1:
+        print(f"{run_dir} has no checkpoints yet: step 0 (the base model) only")
     if todo:
         device = next(model.parameters()).device if model is not None else selfdistill.pick_device(cfg)
         if model is None:
@@ -279,8 +281,12 @@ def pool_arm(runs):
 
 def compare_runs(run_dirs):
     """Arms (runs equal up to SAME_ARM_IGNORES), each pooled: a list of dicts, plus common notes."""
-    arms = {}
+    arms, seen = {}, {}
     for run_dir in run_dirs:
+        real = os.path.realpath(run_dir)
+        if real in seen:
+            raise UserError(f"{run_dir} is given twice (also as {seen[real]}); each run counts once")
+        seen[real] = run_dir
         config, rows = load_compared_run(run_dir)
         key = json.dumps({k: v for k, v in config.items() if k not in SAME_ARM_IGNORES}, sort_keys=True)
         arms.setdefault(key, []).append((config, rows))
@@ -671,6 +677,9 @@ def read_openmath(path):
                     raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
     keys = ("problem", "generated_solution", "expected_answer")
     usable = [r for r in rows if isinstance(r, dict) and all(r.get(k) not in (None, "") for k in keys)]
+    if not usable:
+        raise UserError(f"none of the {len(rows)} records of {path} has problem, generated_solution and "
+                        f"expected_answer (the OpenMathReasoning fields)")
     return [{"id": r.get("id", i), "question": r["problem"], "answer": str(r["expected_answer"]),
              "solution": r["generated_solution"]} for i, r in enumerate(usable)], len(rows) - len(usable)
 
@@ -745,6 +754,11 @@ def main(argv=None):
     parser.add_argument("--out", help="--analyze: output folder (default RUN/analysis or ./analysis)")
     args = parser.parse_args(argv)
     try:
+        for flag in ("samples", "questions", "k"):
+            if getattr(args, flag) is not None and getattr(args, flag) < 1:
+                raise UserError(f"--{flag} must be at least 1")
+        if args.temperature is not None and not args.temperature > 0:
+            raise UserError("--temperature must be positive (evaluation samples)")
         if args.compare:
             print(comparison_table(*compare_runs(args.paths), markdown=args.markdown))
         elif args.prepare:

@@ -36,6 +36,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -48,6 +49,7 @@ import torch.nn.functional as F
 import yaml
 
 import contexts
+import critic
 
 # peft calls a transformers method that transformers 5 deprecates; nothing for users to act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
@@ -188,6 +190,18 @@ def check_key(key):
         raise UserError(f"unknown config key '{key}'{hint}")
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice is an error instead of the last one winning."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if keys.count(key) > 1:
+                raise UserError(f"config key '{key}' is given twice (line {key_node.start_mark.line + 1})")
+        return super().construct_mapping(node, deep)
+
+
 def load_config(argv):
     """--config FILE.yaml, then --context/--run, then key=value overrides; all checked."""
     help_text = field_help()
@@ -206,7 +220,7 @@ def load_config(argv):
             raise UserError(f"config file {args.config} not found")
         try:
             with open(args.config) as f:
-                loaded = yaml.safe_load(f) or {}
+                loaded = yaml.load(f, Loader=UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             where = getattr(e, "problem_mark", None)
             line = f" at line {where.line + 1}" if where else ""
@@ -239,9 +253,26 @@ def load_config(argv):
 def check_consistency(cfg):
     """Settings that are each valid but contradict one another."""
     for key in ("batch_size", "micro_batch", "max_new_tokens", "chunk_size", "generation_batch",
-                "lora_r", "eval_samples", "samples_per_question"):
+                "lora_r", "eval_samples", "samples_per_question", "checkpoint_every"):
         if getattr(cfg, key) < 1:
             raise UserError(f"config key '{key}' must be at least 1")
+    for key in ("max_steps", "weight_decay", "grad_clip", "top_k", "warmup_steps"):
+        if getattr(cfg, key) < 0:
+            raise UserError(f"config key '{key}' must be at least 0 (0 = off)")
+    if not cfg.lr > 0:
+        raise UserError("config key 'lr' must be positive")
+    if cfg.max_steps == 0 and not cfg.epochs > 0:
+        raise UserError("config key 'epochs' must be positive (or set max_steps)")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise UserError("config key 'lora_dropout' must lie in [0, 1)")
+    if not 0 < cfg.top_p <= 1:
+        raise UserError("config key 'top_p' must lie in (0, 1] (1 = off)")
+    if cfg.support == "topk" and cfg.topk < 1:
+        raise UserError("config key 'topk' must be at least 1 with support=topk")
+    if cfg.model != "toy" and (cfg.toy_order, cfg.toy_phrasing) != ("grouped", "other"):
+        raise UserError("config keys 'toy_order' and 'toy_phrasing' apply to model=toy only")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
+        raise UserError(f"config key 'device' must be auto, cpu, mps, cuda or cuda:N, got '{cfg.device}'")
     G = cfg.samples_per_question
     if cfg.context == "grpo" and G < 2:
         raise UserError("grpo needs samples_per_question >= 2 (the advantage is relative to the group)")
@@ -461,6 +492,10 @@ def load_model(cfg, path, device):
     base.to(device)
     torch.manual_seed(cfg.seed)  # LoRA init
     targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+    names = [name for name, _ in base.named_modules()]
+    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unknown:
+        raise UserError(f"lora_targets: {', '.join(unknown)} match no module of {path}")
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, task_type="CAUSAL_LM")
     try:
@@ -495,22 +530,30 @@ def load_jsonl(path, need_solution=False):
     if not os.path.isfile(path):
         raise UserError(f"dataset file {path} not found")
     records = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("question"), str) \
-                    or not record["question"].strip() or record.get("answer") in (None, ""):
-                raise UserError(f"{path}:{lineno}: each line needs a non-empty 'question' and 'answer'")
-            if need_solution and not isinstance(record.get("solution"), str):
-                raise UserError(f"{path}:{lineno}: context=reference needs a 'solution' on every line")
-            record["answer"] = str(record["answer"])
-            record.setdefault("id", f"{os.path.basename(path)}:{lineno}")
-            records.append(record)
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); give a JSONL file, "
+                        f"one JSON object per line") from None
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("question"), str) \
+                or not record["question"].strip() or record.get("answer") in (None, ""):
+            raise UserError(f"{path}:{lineno}: each line needs a non-empty 'question' and 'answer'")
+        if need_solution and not isinstance(record.get("solution"), str):
+            raise UserError(f"{path}:{lineno}: context=reference needs a 'solution' on every line")
+        record["answer"] = str(record["answer"])
+        if critic.normalize_answer(record["answer"]) == "":
+            raise UserError(f"{path}:{lineno}: answer {record['answer']!r} is empty once LaTeX and "
+                            f"spaces are stripped; no response could ever match it")
+        record.setdefault("id", f"{os.path.basename(path)}:{lineno}")
+        records.append(record)
     if not records:
         raise UserError(f"dataset file {path} has no records")
     return records
@@ -542,7 +585,7 @@ def generate(model, tokenizer, prompts, cfg, device, temperature=None):
     gen = GenerationConfig(do_sample=True, temperature=temperature or cfg.temperature,
                            top_p=cfg.top_p, top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens,
                            pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(stop),
-                           use_cache=True)
+                           use_cache=True, remove_invalid_values=True)
     was_training = model.training
     model.eval()
     responses, truncated = [], []
@@ -638,8 +681,9 @@ def keep_lines_up_to(path, step):
     if os.path.isfile(path):
         with open(path) as f:
             lines = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= step]
-        with open(path, "w") as f:
+        with open(path + ".tmp", "w") as f:
             f.writelines(lines)
+        os.replace(path + ".tmp", path)  # a kill never leaves a truncated log
 
 
 def append_jsonl(path, record):
@@ -653,7 +697,7 @@ def prepare_run_dir(cfg):
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, "config.yaml")
     resolved = dataclasses.asdict(cfg)
-    if os.path.isfile(path):
+    if os.path.isfile(path) and checkpoint_dirs(run_dir):  # nothing to resume: nothing to refuse
         with open(path) as f:
             saved = yaml.safe_load(f) or {}
         changed = [k for k in resolved if k != "eval_at_end" and saved.get(k) != resolved[k]]
@@ -661,8 +705,9 @@ def prepare_run_dir(cfg):
             k = changed[0]
             raise UserError(f"run '{cfg.run}' exists with {k}={saved.get(k)!r} (now {resolved[k]!r}); "
                             f"resume with the same settings or choose another --run")
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
         yaml.safe_dump(resolved, f, sort_keys=False)
+    os.replace(path + ".tmp", path)  # a kill never leaves a half-written config.yaml
     return run_dir
 
 
@@ -718,7 +763,6 @@ def resolve_paths(cfg):
 
 def make_judge(cfg, device):
     """The frozen critic that writes the step-aligned critiques; checked once before training."""
-    import critic
     settings = {
         "rule": {},
         "hf": dict(model_path=cfg.critic_model, device=str(device), dtype=cfg.dtype,
@@ -844,11 +888,12 @@ def grpo_backward(model, cfg, prompts, responses, advantages, pad_id, weight, de
 # The loop: sample → judge → teacher → student → loss → step → log → checkpoint.
 
 def train(cfg):
-    import critic
     from tqdm import tqdm
     device = pick_device(cfg)
     model_path, train_path, test_path = resolve_paths(cfg)
     records = load_jsonl(train_path, need_solution=cfg.context == "reference" and not toy_dial(cfg))
+    if cfg.eval_at_end:
+        load_jsonl(test_path)  # a typo in test_file must not cost the whole run
     run_dir = prepare_run_dir(cfg)
     print(f"config ({os.path.join(run_dir, 'config.yaml')}): "
           + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
@@ -859,6 +904,9 @@ def train(cfg):
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(records) / cfg.batch_size))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     weight = model.get_base_model().get_output_embeddings().weight  # (V, d) the frozen LM head
+    if cfg.support == "topk" and cfg.topk >= weight.shape[0]:
+        raise UserError(f"support=topk with topk={cfg.topk} >= the vocabulary size {weight.shape[0]} is "
+                        f"support=full; set support=full or a smaller topk")
     metrics_path, samples_path = (os.path.join(run_dir, f) for f in ("metrics.jsonl", "samples.jsonl"))
     start, ema, nonfinite = 0, {}, 0
     if checkpoint_dirs(run_dir):
@@ -949,7 +997,8 @@ def train(cfg):
         append_jsonl(metrics_path, record)
         tqdm.write(f"step {step + 1}/{total_steps} | loss {record['train/loss']:.4f}"
                    f" | kl {record.get('train/kl', float('nan')):.4f} | reward {record['train/reward']:.3f} | len {record['train/response_len']:.1f}"
-                   f" | invalid {record['train/critique_invalid']} | {sum(timer.seconds.values()):.1f}s")
+                   f" | invalid {record['train/critique_invalid']} | {sum(timer.seconds.values()):.1f}s"
+                   + ("" if finite else " | update skipped (non-finite)"))
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0 or step == 0:
             for i, r in enumerate(gold):
                 append_jsonl(samples_path, {"step": step + 1, "id": r["id"], "question": r["question"],
@@ -958,15 +1007,18 @@ def train(cfg):
                                             "truncated": truncated[i]})
         # 7. checkpoint
         done = step + 1 == total_steps
-        if done or (step + 1) % cfg.checkpoint_every == 0 or stop["signal"]:
+        give_up = not finite and nonfinite >= cfg.max_nonfinite
+        if done or (step + 1) % cfg.checkpoint_every == 0 or stop["signal"] or give_up:
             checkpoint(step + 1)
-        if not finite and nonfinite >= cfg.max_nonfinite:
+        if give_up:
             raise UserError(f"stopping: {nonfinite} steps in a row had a non-finite loss or gradient "
                             f"(last at step {step + 1}); lower lr or check the data")
         if stop["signal"]:
             print(f"stopped by signal {stop['signal']} after step {step + 1}; checkpoint saved, "
                   f"rerun the same command to resume")
-            sys.exit(130)
+            sys.exit(128 + stop["signal"])
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # evaluation: Ctrl-C stops at once
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if cfg.eval_at_end:
         import eval as evaluation
         evaluation.evaluate_run(run_dir, model=model, tokenizer=tokenizer)
