@@ -35,7 +35,7 @@ def data(tmp_path_factory):
 def overrides(model_dir, data, out_dir, **extra):
     settings = dict(model=model_dir, train_file=data, test_file=data, out_dir=str(out_dir),
                     prompts="instruct", max_new_tokens=12, batch_size=4, micro_batch=4,
-                    eval_at_end=False, lr=0.05)
+                    eval_at_end=False, lr=0.05, threads=1)
     settings.update(extra)
     return [f"{k}={v}" for k, v in settings.items()]
 
