@@ -1,0 +1,602 @@
+"""The toy world: the paper's experiment, shrunk until it runs on two CPU cores.
+
+Task: left-to-right integer chains such as `2+7+5-9`, solved in the paper's step-tagged format
+`<step_1> 2+7=9 <step_2> 9+5=14 <step_3> 14-9=5 <answer> 5`. This file owns
+
+  1. the problem generator (operands 1-9, every intermediate value in 0-30, 2-4 operations);
+  2. the solver's surface styles (one per solution) and the step parser;
+  3. reference solutions: a different route (added terms, taken terms, difference) in a phrasing
+     the solver never uses; the knobs `order` and `phrasing` turn that alignment dial;
+  4. the frozen rule-based critic: the paper's four cases A-D;
+  5. a character tokenizer with a chat template, a tiny Llama base model (1.08 M parameters)
+     pretrained here from scratch, and difficulty-filtered train/test sets (Avg@16 < 5/16).
+
+`ensure_built()` builds 5 once, deterministically from a seed (on one thread), into toy_world/,
+which ships in the repository so the quickstart starts at once; build.json records the settings,
+timings and the base model's measured accuracies. Rebuild (~15 CPU minutes):
+
+    python toy.py build --force
+
+Prompts (contexts.PROMPTS["toy"] through the chat template; each tag and special is one token):
+    student  <|user|>2+7+5-9<|end|><|assistant|>
+    teacher  <|user|>2+7+5-9\nfix: <critique><|end|><|assistant|>    (or "\nref: <reference>")
+    response <step_1> 2+7=9 ... <answer> 5<|end|>
+
+Choices built into the base model (they shape the comparison; say so next to any result):
+  1. It is pretrained to follow critiques: after `fix: <critique>` the target is the critique's
+     trace. A real instruct model follows feedback only as well as it happens to.
+  2. ASSUMPTION: after `ref: <reference>` the target copies the reference with probability
+     `copy_prob` (0.5) and is the model's own chain trace otherwise, so in-context use of a
+     reference is partial by construction. In practice the built model rarely copies a
+     reference exactly (see build.json) but uses it to get the answer right far more often.
+  3. Critique examples use chains of 3-4 operations (`critique_min_ops`): the filter keeps long
+     chains, and copying a long critique is what the model learns last.
+"""
+import argparse
+import itertools
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import torch
+
+from contexts import (build_rows, parse_steps, render_steps, student_prompt_ids,
+                      teacher_prompt_ids)
+
+# ---------------------------------------------------------------------------------------------
+# Problems. Difficulty knobs: operand range, allowed intermediate values, number of operations.
+
+OPERANDS = range(1, 10)
+MIN_VALUE, MAX_VALUE = 0, 30
+MIN_OPS, MAX_OPS = 2, 4
+
+
+def apply(a, op, b):
+    return a + b if op == "+" else a - b
+
+
+def random_question(rng, min_ops=MIN_OPS, max_ops=MAX_OPS):
+    """A chain whose running value stays within MIN_VALUE..MAX_VALUE after every operation."""
+    value = rng.choice(OPERANDS)
+    text = str(value)
+    for _ in range(rng.randint(min_ops, max_ops)):
+        moves = [(op, x) for op in "+-" for x in OPERANDS
+                 if MIN_VALUE <= apply(value, op, x) <= MAX_VALUE]
+        op, x = rng.choice(moves)
+        value, text = apply(value, op, x), f"{text}{op}{x}"
+    return text
+
+
+def parse_question(question):
+    """'2+7-5' -> (2, [('+', 7), ('-', 5)])."""
+    first, *rest = re.findall(r"[+-]?\d+", question)
+    return int(first), [(term[0], int(term[1:])) for term in rest]
+
+
+def chain_steps(question):
+    """The left-to-right steps as (a, op, b, result) tuples."""
+    value, moves = parse_question(question)
+    steps = []
+    for op, x in moves:
+        steps.append((value, op, x, apply(value, op, x)))
+        value = steps[-1][3]
+    return steps
+
+
+def generate_problems(n, seed):
+    """n distinct problems, deterministic per seed; `solution` is the default reference."""
+    rng, seen, problems = random.Random(seed), set(), []
+    while len(problems) < n:
+        question = random_question(rng)
+        if question in seen:
+            continue
+        seen.add(question)
+        problems.append({"id": f"toy-{seed}-{len(problems):05d}", "question": question,
+                         "answer": str(chain_steps(question)[-1][3]),
+                         "solution": reference_solution(question)})
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Surface styles. A solution writes all its steps in one style, so the solver's correct steps
+# have idiosyncratic phrasing, as a real model's do. "prose" is written by references only.
+
+STYLES = ("plain", "spaced", "flipped", "words")
+REFERENCE_STYLE = "prose"
+
+INT = r"(?:0|-?[1-9]\d*)"  # canonical integers only (no "07", no "-0"): parsing round-trips
+NAT = r"(?:0|[1-9]\d*)"
+STEP_PATTERNS = [  # (style, pattern, op when the pattern spells it in words)
+    ("plain", rf"(?P<a>{INT})(?P<op>[+-])(?P<b>{NAT})=(?P<r>{INT})", None),
+    ("spaced", rf"(?P<a>{INT}) (?P<op>[+-]) (?P<b>{NAT}) = (?P<r>{INT})", None),
+    ("flipped", rf"(?P<r>{INT})=(?P<a>{INT})(?P<op>[+-])(?P<b>{NAT})", None),
+    ("words", rf"add (?P<b>{NAT}) to (?P<a>{INT}): (?P<r>{INT})", "+"),
+    ("words", rf"take (?P<b>{NAT}) from (?P<a>{INT}): (?P<r>{INT})", "-"),
+    ("prose", rf"(?P<a>{INT}) plus (?P<b>{NAT}) is (?P<r>{INT})", "+"),
+    ("prose", rf"(?P<a>{INT}) minus (?P<b>{NAT}) is (?P<r>{INT})", "-"),
+]
+
+
+def format_step(a, op, b, result, style):
+    if style == "plain":
+        return f"{a}{op}{b}={result}"
+    if style == "spaced":
+        return f"{a} {op} {b} = {result}"
+    if style == "flipped":
+        return f"{result}={a}{op}{b}"
+    if style == "words":
+        return f"add {b} to {a}: {result}" if op == "+" else f"take {b} from {a}: {result}"
+    if style == "prose":
+        return f"{a} {'plus' if op == '+' else 'minus'} {b} is {result}"
+    raise ValueError(f"unknown style {style!r}")
+
+
+def parse_step(text):
+    """(a, op, b, result, style), or None when `text` is no step in any style.
+
+    `result` is whatever the writer wrote, right or wrong; the arithmetic is not checked here."""
+    for style, pattern, word_op in STEP_PATTERNS:
+        m = re.fullmatch(pattern, text) if isinstance(text, str) else None
+        if m:
+            return int(m["a"]), word_op or m["op"], int(m["b"]), int(m["r"]), style
+    return None
+
+
+def solve(question, style):
+    """The correct left-to-right trace in `style`."""
+    steps = chain_steps(question)
+    return render_steps([format_step(*s, style) for s in steps], str(steps[-1][3]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference solutions: a different derivation, as in real datasets. The grouped route totals the
+# added terms, totals the taken terms, then takes the difference. Its intermediate values must
+# never line up with the chain's (a prototype's "additions first" coincided 69 % of the time),
+# so it tries orders of the terms until the sequence of values differs.
+
+def sum_steps(terms, start_at_zero=False):
+    """Steps that total `terms` left to right (counting up from 0 when start_at_zero)."""
+    if not terms:
+        return []
+    value, rest = (0, terms) if start_at_zero else (terms[0], terms[1:])
+    steps = []
+    for x in rest:
+        steps.append((value, "+", x, value + x))
+        value += x
+    return steps
+
+
+def grouped_route(question):
+    """Total the added terms, total the taken terms, take the difference, as (a, op, b, r) steps."""
+    first, moves = parse_question(question)
+    added = [first] + [x for op, x in moves if op == "+"]
+    taken = [x for op, x in moves if op == "-"]
+    chain_values = [r for *_, r in chain_steps(question)]
+    difference = [(sum(added), "-", sum(taken), sum(added) - sum(taken))] if taken else []
+    # Reversed order first (it rarely coincides), then every other order of the terms.
+    for added_order in itertools.permutations(added[::-1]):
+        for taken_order in itertools.permutations(taken[::-1]):
+            steps = sum_steps(added_order) + sum_steps(taken_order) + difference
+            if [r for *_, r in steps] != chain_values:
+                return steps
+    # Every order passes through the chain's values (3+3+3, 9-3-3): count up from zero instead.
+    return sum_steps(added, start_at_zero=True) + sum_steps(taken) + difference
+
+
+def reference_solution(question, order="grouped", phrasing="other"):
+    """A step-tagged reference. order: "grouped" (a different route) | "chain" (the solver's);
+    phrasing: "other" (the reference-only style) | "same" (the solver's most common, a+b=r)."""
+    steps = {"grouped": grouped_route, "chain": chain_steps}[order](question)
+    style = {"other": REFERENCE_STYLE, "same": "plain"}[phrasing]
+    return render_steps([format_step(*s, style) for s in steps], str(steps[-1][3]))
+
+
+# ---------------------------------------------------------------------------------------------
+# The frozen rule-based critic (PAPER.md §4).
+
+def critique_case(question, response, gold_answer):
+    """(case, critique): the step-aligned critique of `response` and which case produced it.
+
+    The rollout's steps are walked against the chain. A step equal to the next chain step is
+    kept verbatim; one equal to a later chain step means the solver skipped steps, which are
+    inserted (in the solver's style) before it; anything else stops the walk. Then the rest of
+    the chain is written in the solver's style (the style most of its steps use; a+b=r if none),
+    and the gold answer closes it. The stopping step is never restated. Cases:
+      A  every step right, nothing missing, right answer: the rollout reproduced exactly;
+      B  right answer, some step missing: reproduced with the missing steps inserted;
+      C  unfinished or unparseable (no answer tag, truncated or garbage step, bad tags): the
+         correct prefix kept verbatim, then the remaining chain steps and the answer;
+      D  wrong (a wrong step, an extra step, or a wrong answer): the steps before the earliest
+         error verbatim, the corrected step in the solver's style, the rest, the right answer.
+    """
+    chain = chain_steps(question)
+    gold = str(chain[-1][3])
+    assert gold == str(gold_answer).strip(), f"gold answer {gold_answer!r} does not fit {question}"
+    try:
+        texts, answer = parse_steps(response)
+    except ValueError:  # misnumbered step tags: nothing can be quoted safely
+        texts, answer = [None], None
+    parsed = [parse_step(t) for t in texts]
+    styles = Counter(p[4] for p in parsed if p)
+    style = styles.most_common(1)[0][0] if styles else "plain"
+
+    kept, k, inserted, stop = [], 0, False, None
+    for text, step in zip(texts, parsed):
+        if step is None:
+            stop = "unparseable"
+            break
+        later = [j for j in range(k, len(chain)) if chain[j] == step[:4]]
+        if not later:
+            stop = "wrong"
+            break
+        kept += [format_step(*chain[i], style) for i in range(k, later[0])]  # skipped steps
+        inserted |= later[0] > k
+        kept.append(text)
+        k = later[0] + 1
+    rest = [format_step(*s, style) for s in chain[k:]]
+
+    if stop == "unparseable" or (stop is None and answer is None):
+        case = "C"
+    elif stop == "wrong" or answer != gold:
+        case = "D"
+    else:
+        case = "B" if inserted or rest else "A"
+    return case, render_steps(kept + rest, gold)
+
+
+def rule_critique(question, response, gold_answer):
+    """The step-aligned critique of `response` (a step-tagged string); see critique_case."""
+    return critique_case(question, response, gold_answer)[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer: one token per character, plus single-token chat specials and step tags.
+
+SPECIAL_TOKENS = ["<|pad|>", "<|unk|>", "<|user|>", "<|assistant|>", "<|end|>"]
+TAG_TOKENS = [f"<step_{i}>" for i in range(1, 10)] + ["<answer>"]
+ALPHABET = [chr(c) for c in range(32, 127)] + ["\n"]  # printable ASCII covers every prompt
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def make_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + TAG_TOKENS + ALPHABET)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<|pad|>", unk_token="<|unk|>",
+                                  eos_token="<|end|>", padding_side="left",
+                                  clean_up_tokenization_spaces=False)
+    tok.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>"]})
+    # Tags are ordinary added tokens: one token each, and kept by skip_special_tokens=True.
+    tok.add_tokens(TAG_TOKENS)
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def make_model(tok, seed):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=512,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id, bos_token_id=None,
+                         tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config)
+    # Plain sampling by default: no hidden top-k/top-p in anyone's generate() call.
+    model.generation_config.update(do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Build settings.
+
+@dataclass
+class BuildSettings:
+    seed: int = 0
+    steps: int = 2000             # pretraining steps: a fixed count, so the build is deterministic
+    batch_size: int = 32
+    lr: float = 1e-3              # lr 3e-3 stalled in MEASURED.md; 2e-3 learned slower here
+    warmup: int = 50              # linear warm-up steps
+    decay: float = 0.25           # last share of the steps, lr decays linearly to lr / 10 (most of
+                                  # the accuracy appears during this decay)
+    mix: tuple = (0.5, 0.35, 0.15)  # shares of plain / critique / reference examples
+    copy_prob: float = 0.5        # ASSUMPTION: chance a reference-conditioned target copies it
+    critique_min_ops: int = 3     # critique examples use chains of >= this many operations: the
+                                  # filter keeps long chains, where copying a critique is hardest
+    n_train: int = 320
+    n_test: int = 200
+    samples: int = 16             # samples per problem for the difficulty filter (Avg@16)
+    max_correct: int = 4          # keep problems with at most this many correct (Avg@16 < 5/16)
+    max_new_tokens: int = 96      # the longest trace (4 "words" steps) is ~85 tokens
+    score_batch: int = 1024       # rows per generate() call when scoring
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretraining mixture. The prompts come from contexts.py, so training later sees exactly them.
+
+def corrupted_attempt(rng, question):
+    """A rollout to critique: correct (A), a step dropped (B), truncated (C) or wrong (D)."""
+    style, steps = rng.choice(STYLES), chain_steps(question)
+    case = rng.choices("ABCD", weights=(0.15, 0.05, 0.2, 0.6))[0]
+    if case == "B":
+        texts = [format_step(*s, style) for s in steps]
+        del texts[rng.randrange(len(texts))]
+        return render_steps(texts, str(steps[-1][3]))
+    if case == "C":
+        full = solve(question, style)
+        return full[:rng.randrange(len(full))]
+    if case == "D":  # one step's result is off; later steps carry the wrong value through
+        bad = rng.randrange(len(steps))
+        value, texts = steps[0][0], []
+        for i, (_, op, b, r) in enumerate(steps):
+            wrong = apply(value, op, b) + rng.choice([-10, -2, -1, 1, 2, 10]) if i == bad \
+                else apply(value, op, b)
+            texts.append(format_step(value, op, b, wrong, style))
+            value = wrong
+        return render_steps(texts, str(value))
+    return solve(question, style)
+
+
+def training_example(rng, tok, settings):
+    """(prompt_ids, response_ids) for one example of the mixture; response ends with eos."""
+    kind = rng.choices(["plain", "critique", "reference"], weights=settings.mix)[0]
+    question = random_question(rng, settings.critique_min_ops if kind == "critique" else MIN_OPS)
+    target = solve(question, rng.choice(STYLES))  # the model's own trace, unless replaced below
+    if kind == "plain":
+        prompt = student_prompt_ids(tok, question, prompts="toy", thinking=False)
+    elif kind == "critique":
+        gold = str(chain_steps(question)[-1][3])
+        target = rule_critique(question, corrupted_attempt(rng, question), gold)
+        prompt = teacher_prompt_ids(tok, question, target, "critique", prompts="toy",
+                                    thinking=False)
+    else:  # mostly the default reference, sometimes the other knob settings
+        order, phrasing = ("grouped", "other") if rng.random() < 0.7 else rng.choice(
+            [("grouped", "same"), ("chain", "other"), ("chain", "same")])
+        reference = reference_solution(question, order, phrasing)
+        if rng.random() < settings.copy_prob:
+            target = reference
+        prompt = teacher_prompt_ids(tok, question, reference, "reference", prompts="toy",
+                                    thinking=False)
+    return prompt, tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def batches(rng, tok, settings, bucket=64):
+    """Length-bucketed batches: sort `bucket` batches' worth of examples by length, cut, shuffle."""
+    while True:
+        pool = [training_example(rng, tok, settings) for _ in range(bucket * settings.batch_size)]
+        pool.sort(key=lambda ex: len(ex[0]) + len(ex[1]))
+        chunks = [pool[i:i + settings.batch_size] for i in range(0, len(pool), settings.batch_size)]
+        rng.shuffle(chunks)
+        yield from chunks
+
+
+def response_loss(model, batch, pad_id):
+    """Mean cross-entropy over response tokens only (prompt and padding carry no loss)."""
+    rows = build_rows([p for p, _ in batch], [r for _, r in batch], pad_id)
+    T = rows["response_mask"].shape[1]
+    logits = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"],
+                   position_ids=rows["position_ids"]).logits[:, -T - 1:-1]  # (B, T, V)
+    targets = rows["input_ids"][:, -T:]                                        # (B, T)
+    mask = rows["response_mask"]
+    return torch.nn.functional.cross_entropy(logits[mask], targets[mask])
+
+
+def pretrain(model, tok, settings, progress=True):
+    from tqdm import tqdm
+    rng = random.Random(settings.seed)
+    torch.manual_seed(settings.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.01)
+    # Warm-up, hold, then a linear decay to lr / 10 over the last `decay` share of the steps.
+    decay_start = settings.steps * (1 - settings.decay)
+    scale = lambda s: min((s + 1) / settings.warmup, 1.0,
+                          1.0 - 0.9 * (s - decay_start) / (settings.steps - decay_start))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, scale)
+    model.train()
+    stream, losses = batches(rng, tok, settings), []
+    for _ in tqdm(range(settings.steps), desc="pretrain", disable=not progress, mininterval=5):
+        loss = response_loss(model, next(stream), tok.pad_token_id)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    model.eval()
+    return sum(losses[-50:]) / len(losses[-50:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling and the difficulty filter.
+
+@torch.inference_mode()
+def sample(model, tok, prompts, max_new_tokens=96, temperature=1.0, batch_size=1024):
+    """One sampled response (text, specials stripped) per prompt, in big left-padded batches."""
+    texts = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        width = max(len(p) for p in chunk)
+        input_ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in chunk])
+        attention_mask = (torch.arange(width) >= torch.tensor(
+            [width - len(p) for p in chunk])[:, None]).long()
+        # A static KV cache: the default dynamic cache's concatenations made batches of 1024
+        # rows 4x slower on CPU. Plain sampling: no top-k or top-p.
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
+                             temperature=temperature, top_k=0, top_p=1.0,
+                             max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id, cache_implementation="static")
+        texts += tok.batch_decode(out[:, width:], skip_special_tokens=True)
+    return texts
+
+
+def is_correct(response, answer):
+    """The toy reward: the text after <answer> equals the gold answer (well-formed tags only)."""
+    try:
+        return parse_steps(response)[1] == answer
+    except ValueError:
+        return False
+
+
+def score(model, tok, problems, settings):
+    """Samples per problem (plain prompt, T = 1): a list of `settings.samples` texts each."""
+    k = settings.samples
+    prompts = [student_prompt_ids(tok, p["question"], prompts="toy", thinking=False)
+               for p in problems for _ in range(k)]
+    texts = sample(model, tok, prompts, settings.max_new_tokens, 1.0, settings.score_batch)
+    return [texts[i * k:(i + 1) * k] for i in range(len(problems))]
+
+
+def response_style(text):
+    """The style of a response's first step ("none" when it has no parseable first step)."""
+    try:
+        steps = parse_steps(text)[0]
+    except ValueError:
+        return "none"
+    step = parse_step(steps[0]) if steps else None
+    return step[4] if step else "none"
+
+
+def build_data(model, tok, settings, progress=True):
+    """Score fresh problems until n_train + n_test pass the difficulty filter; measure the base."""
+    from tqdm import tqdm
+    torch.manual_seed(settings.seed + 1)
+    need = settings.n_train + settings.n_test
+    per_call = max(1, min(settings.score_batch // settings.samples, need))  # problems per call
+    pool = generate_problems(40 * need + per_call, settings.seed + 1)
+    kept, records, styles = [], [], Counter()  # records: (operations, share correct) per problem
+    bar = tqdm(total=need, desc="filter", disable=not progress)
+    while len(kept) < need:
+        chunk = pool[len(records):len(records) + per_call]
+        if not chunk:
+            raise RuntimeError(f"only {len(kept)} of {len(pool)} problems passed the filter")
+        for problem, texts in zip(chunk, score(model, tok, chunk, settings)):
+            hits = sum(is_correct(t, problem["answer"]) for t in texts)
+            records.append((len(parse_question(problem["question"])[1]), hits / len(texts)))
+            styles.update(response_style(t) for t in texts)
+            if hits <= settings.max_correct and len(kept) < need:
+                kept.append((problem, texts))
+                bar.update(1)
+    bar.close()
+    by_ops = {n: [share for ops, share in records if ops == n]
+              for n in sorted({ops for ops, _ in records})}
+    stats = {"scored": len(records), "kept": len(kept),
+             "plain_avg": sum(share for _, share in records) / len(records),
+             "plain_avg_by_ops": {str(n): sum(v) / len(v) for n, v in by_ops.items()},
+             "kept_by_ops": dict(sorted(Counter(str(len(parse_question(p["question"])[1]))
+                                               for p, _ in kept).items())),
+             "style_mix": {k: v / sum(styles.values()) for k, v in styles.most_common()},
+             **follow_rates(model, tok, kept, settings)}
+    return [p for p, _ in kept[:settings.n_train]], [p for p, _ in kept[settings.n_train:]], stats
+
+
+def follow_rates(model, tok, scored, settings):
+    """Accuracy (T = 1) with a critique of the model's own wrong attempt, and with the reference."""
+    wrong = [(p, t) for p, texts in scored
+             for t in [next((t for t in texts if not is_correct(t, p["answer"])), None)] if t]
+    critiques = [rule_critique(p["question"], t, p["answer"]) for p, t in wrong]
+    prompts = [teacher_prompt_ids(tok, p["question"], c, "critique", prompts="toy", thinking=False)
+               for (p, _), c in zip(wrong, critiques)]
+    prompts += [teacher_prompt_ids(tok, p["question"], p["solution"], "reference", prompts="toy",
+                                   thinking=False) for p, _ in scored]
+    texts = sample(model, tok, prompts, settings.max_new_tokens, 1.0, settings.score_batch)
+    with_critique, with_reference = texts[:len(wrong)], texts[len(wrong):]
+    problems = [p for p, _ in scored]
+    mean = lambda flags: sum(flags) / max(1, len(flags))
+    return {"critique_n": len(wrong),
+            "critique_accuracy": mean([is_correct(t, p["answer"])
+                                       for t, (p, _) in zip(with_critique, wrong)]),
+            "critique_exact_copy": mean([t == c for t, c in zip(with_critique, critiques)]),
+            "reference_accuracy": mean([is_correct(t, p["answer"])
+                                        for t, p in zip(with_reference, problems)]),
+            "reference_exact_copy": mean([t == p["solution"]
+                                          for t, p in zip(with_reference, problems)])}
+
+
+# ---------------------------------------------------------------------------------------------
+# Build once, cache in a folder. build.json is written last: a folder without it is incomplete.
+
+def paths(root):
+    return {"model_dir": os.path.join(root, "model"), "train": os.path.join(root, "train.jsonl"),
+            "test": os.path.join(root, "test.jsonl")}
+
+
+def write_atomic(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)  # a reader never sees half a file
+
+
+def ensure_built(root="toy_world", progress=True, force=False, settings=None):
+    """{"model_dir", "train", "test"} under `root`; builds them first when the folder is
+    incomplete (no build.json) or `force` is set. `settings` overrides BuildSettings()."""
+    out = paths(root)
+    done = all(map(os.path.exists, [os.path.join(root, "build.json"), *out.values()]))
+    if force or not done:
+        threads = torch.get_num_threads()
+        # One thread: as fast as two for a 1 M model, several times faster when another process
+        # shares the cores (two threads then spin-wait on each other), and bit-reproducible.
+        torch.set_num_threads(1)
+        try:
+            build(root, out, settings or BuildSettings(), progress)
+        finally:
+            torch.set_num_threads(threads)
+    return out
+
+
+def build(root, out, settings, progress):
+    import transformers
+    os.makedirs(root, exist_ok=True)
+    if os.path.exists(os.path.join(root, "build.json")):
+        os.remove(os.path.join(root, "build.json"))  # from here on the folder reads incomplete
+    start = time.time()
+    tok = make_tokenizer()
+    model = make_model(tok, settings.seed)
+    final_loss = pretrain(model, tok, settings, progress)
+    shutil.rmtree(out["model_dir"] + ".tmp", ignore_errors=True)
+    model.save_pretrained(out["model_dir"] + ".tmp")
+    tok.save_pretrained(out["model_dir"] + ".tmp")
+    shutil.rmtree(out["model_dir"], ignore_errors=True)
+    os.replace(out["model_dir"] + ".tmp", out["model_dir"])
+    pretrain_s = time.time() - start
+
+    train, test, stats = build_data(model, tok, settings, progress)
+    assert not {p["question"] for p in train} & {p["question"] for p in test}
+    for split, problems in [("train", train), ("test", test)]:
+        write_atomic(out[split], "".join(json.dumps(p) + "\n" for p in problems))
+    info = {"settings": asdict(settings), "final_loss": round(final_loss, 4),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "seconds": {"pretrain": round(pretrain_s), "total": round(time.time() - start),
+                        "data": round(time.time() - start - pretrain_s)},
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+            "n_train": len(train), "n_test": len(test), **stats}
+    write_atomic(os.path.join(root, "build.json"), json.dumps(info, indent=1))  # last: complete
+
+
+def summary(root):
+    info = json.load(open(os.path.join(root, "build.json")))
+    return (f"toy world in {root}/: base model ({info['parameters'] / 1e6:.2f} M parameters), "
+            f"{info['n_train']} train / {info['n_test']} test problems\n"
+            f"base model at T = 1: plain Avg@{info['settings']['samples']} "
+            f"{info['plain_avg']:.3f} over {info['scored']} problems; with a critique of its own "
+            f"wrong attempt {info['critique_accuracy']:.3f}; with the reference "
+            f"{info['reference_accuracy']:.3f}\n"
+            f"built in {info['seconds']['total']} s (pretraining {info['seconds']['pretrain']} s)")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Build the toy world (base model + data).")
+    parser.add_argument("command", choices=["build"])
+    parser.add_argument("--force", action="store_true", help="rebuild a complete folder too")
+    parser.add_argument("--root", default="toy_world")
+    args = parser.parse_args()
+    ensure_built(args.root, progress=True, force=args.force)
+    print(summary(args.root))
