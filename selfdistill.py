@@ -995,8 +995,9 @@ def train(cfg):
             with timer("analysis"):
                 record.update(evaluation.training_analysis(model, tokenizer, cfg, device, rollouts, judge))
         append_jsonl(metrics_path, record)
-        tqdm.write(f"step {step + 1}/{total_steps} | loss {record['train/loss']:.4f}"
-                   f" | kl {record.get('train/kl', float('nan')):.4f} | reward {record['train/reward']:.3f} | len {record['train/response_len']:.1f}"
+        kl_text = f" | kl {record['train/kl']:.4f}" if "train/kl" in record else ""
+        tqdm.write(f"step {step + 1}/{total_steps} | loss {record['train/loss']:.4f}{kl_text}"
+                   f" | reward {record['train/reward']:.3f} | len {record['train/response_len']:.1f}"
                    f" | invalid {record['train/critique_invalid']} | {sum(timer.seconds.values()):.1f}s"
                    + ("" if finite else " | update skipped (non-finite)"))
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0 or step == 0:
