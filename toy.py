@@ -535,7 +535,10 @@ def write_atomic(path, text):
     os.replace(path + ".tmp", path)  # a reader never sees half a file
 
 
-def ensure_built(root="toy_world", progress=True, force=False, settings=None):
+WORLD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_world")  # beside this file
+
+
+def ensure_built(root=WORLD, progress=True, force=False, settings=None):
     """{"model_dir", "train", "test"} under `root`; builds them first when the folder is
     incomplete (no build.json) or `force` is set. `settings` overrides BuildSettings()."""
     out = paths(root)
@@ -596,7 +599,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Build the toy world (base model + data).")
     parser.add_argument("command", choices=["build"])
     parser.add_argument("--force", action="store_true", help="rebuild a complete folder too")
-    parser.add_argument("--root", default="toy_world")
+    parser.add_argument("--root", default=WORLD)
     args = parser.parse_args()
     ensure_built(args.root, progress=True, force=args.force)
     print(summary(args.root))
