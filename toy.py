@@ -35,7 +35,6 @@ Choices built into the base model (they shape the comparison; say so next to any
 import argparse
 import itertools
 import json
-import math
 import os
 import random
 import re
