@@ -391,7 +391,7 @@ def advantage_summary(A, prefix_mask, wrong_mask, after_mask):
     def mean(x):
         return x.mean().item() if x.numel() else None
     out = {"prefix": mean(A[prefix_mask]), "wrong": mean(A[wrong_mask]), "after": mean(A[after_mask])}
-    scale = mean(A[prefix_mask].abs())
+    out["prefix_abs"] = scale = mean(A[prefix_mask].abs())
     out["focus"] = abs(out["wrong"]) / scale if out["wrong"] is not None and scale else None
     return out
 
@@ -520,9 +520,20 @@ def analyze_rollouts(model, tokenizer, cfg, device, items, kinds=KINDS):
 
 
 def summarize_contexts(results, kinds):
-    """Per context and statistic: mean, std and n over rollouts."""
-    return {kind: {stat: spread([r["summary"][kind][stat] for r in results])
-                   for stat in ("prefix", "wrong", "after", "focus")} for kind in kinds}
+    """Per context and statistic: mean, std and n over rollouts; plus the pooled error-focus ratio
+    |mean over rollouts of A on the wrong step| / mean over rollouts of mean |A| on the prefix. A
+    per-rollout ratio explodes when a prefix's |A| is near 0, so its mean is not a usable summary;
+    its median is given beside the pooled ratio."""
+    out = {}
+    for kind in kinds:
+        out[kind] = {stat: spread([r["summary"][kind].get(stat) for r in results])
+                     for stat in ("prefix", "wrong", "after", "focus", "prefix_abs")}
+        wrong, scale = out[kind]["wrong"]["mean"], out[kind]["prefix_abs"]["mean"]
+        ratios = [r["summary"][kind]["focus"] for r in results if r["summary"][kind]["focus"] is not None]
+        out[kind]["focus_pooled"] = {
+            "mean": abs(wrong) / scale if wrong is not None and scale else None,
+            "median_per_rollout": statistics.median(ratios) if ratios else None, "n": len(ratios)}
+    return out
 
 
 def training_analysis(model, tokenizer, cfg, device, records, critic, kinds=None):
@@ -649,7 +660,11 @@ def analyze(target, overrides=(), step=0, rollouts=8, out=None):
     for kind, stats in summary.items():
         print(f"{kind:>20}: " + "  ".join(
             f"{stat} {s['mean']:+.3f}±{s['std'] or 0:.3f}" if s["mean"] is not None else f"{stat} n/a"
-            for stat, s in stats.items()))
+            for stat, s in stats.items() if stat in ("prefix", "wrong", "after")))
+        pooled = stats["focus_pooled"]
+        if pooled["mean"] is not None:
+            print(f"{'':>20}  error focus (pooled) {pooled['mean']:.2f}, per-rollout median "
+                  f"{pooled['median_per_rollout']:.2f}")
     print(f"wrote {stem}.html, {stem}.json" + (f", {png}" if png else " (no matplotlib: no PNG)"))
     return summary
 

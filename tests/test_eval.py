@@ -196,7 +196,18 @@ def test_advantage_summary():
     prefix = torch.tensor([1, 1, 1, 0, 0, 0], dtype=torch.bool)
     wrong = torch.tensor([0, 0, 0, 1, 1, 0], dtype=torch.bool)
     s = ev.advantage_summary(A, prefix, wrong, ~(prefix | wrong))
-    assert s == {"prefix": 0.0, "wrong": -3.0, "after": 5.0, "focus": pytest.approx(4.5)}
+    assert s == {"prefix": 0.0, "wrong": -3.0, "after": 5.0, "prefix_abs": pytest.approx(2 / 3),
+                 "focus": pytest.approx(4.5)}
+
+
+def test_pooled_focus_is_a_ratio_of_means_not_a_mean_of_ratios():
+    results = [{"summary": {"critique": {"prefix": 0.0, "wrong": -2.0, "after": None,
+                                         "prefix_abs": 1e-6, "focus": 2e6}}},
+               {"summary": {"critique": {"prefix": 0.0, "wrong": -4.0, "after": None,
+                                         "prefix_abs": 2.0, "focus": 2.0}}}]
+    pooled = ev.summarize_contexts(results, ["critique"])["critique"]["focus_pooled"]
+    assert pooled["mean"] == pytest.approx(3.0 / (1.0 + 0.5e-6))
+    assert pooled["median_per_rollout"] == pytest.approx((2e6 + 2.0) / 2) and pooled["n"] == 2
 
 
 def test_html_escapes_tokens():
