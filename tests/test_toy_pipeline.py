@@ -38,3 +38,22 @@ def test_alignment_dial_rebuilds_the_reference():
     aligned = selfdistill.Config(context="reference", toy_order="chain", toy_phrasing="same")
     assert selfdistill.teacher_context(default, record) == record["solution"]
     assert selfdistill.teacher_context(aligned, record) == toy.solve("2+7+5-9", "plain")
+
+
+def test_prepare_converts_and_filters_openmath_records(world, tmp_path):
+    """eval.py --prepare: OpenMathReasoning fields in, our JSONL out, the difficulty filter applied
+    with the solver's samples and the (rule) critic; every kept record is counted and split."""
+    import eval as ev
+    problems = toy.generate_problems(6, seed=5)
+    source = tmp_path / "omr.jsonl"
+    source.write_text("".join(json.dumps({"problem": p["question"], "expected_answer": p["answer"],
+                                          "generated_solution": p["solution"]}) + "\n" for p in problems)
+                      + json.dumps({"problem": "no answer"}) + "\n")
+    counts = ev.prepare(str(source), [world["model_dir"], "prompts=toy", "critic=rule", "threads=1",
+                                      f"train_file={world['train']}", f"test_file={world['test']}"],
+                        out=str(tmp_path / "out"), test_size=1, samples=2, max_correct=1)
+    assert counts["input"] == 7 and counts["missing_fields"] == 1
+    dropped = counts.get("too_easy", 0) + counts.get("no_wrong_stepped_rollout", 0) + counts.get("critic_failed", 0)
+    assert counts["kept"] + dropped == 6 and counts["train"] + counts["test"] == counts["kept"]
+    rows = [json.loads(l) for l in (tmp_path / "out" / "train.jsonl").read_text().splitlines()]
+    assert all(set(r) >= {"question", "answer", "solution"} for r in rows)
