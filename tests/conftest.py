@@ -3,7 +3,10 @@
 Nothing is downloaded: the tokenizer is made with the `tokenizers` library, the model from a
 LlamaConfig with random weights; both are saved and loaded back through the Auto classes, the
 same path a user's model folder takes."""
+import json
 import os
+import random
+import signal
 import sys
 
 import pytest
@@ -79,3 +82,28 @@ def tiny(tiny_model_dir):
 def no_template_model_dir(tmp_path_factory):
     """Like tiny_model_dir, but the tokenizer has no chat template."""
     return save_tiny(tmp_path_factory.mktemp("tiny_no_template"), chat_template=None)
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """24 one-step sums in the project's JSONL format, with reference solutions."""
+    path = tmp_path_factory.mktemp("data") / "sums.jsonl"
+    rng = random.Random(0)
+    with open(path, "w") as f:
+        for i in range(24):
+            a, b = rng.randint(1, 9), rng.randint(1, 9)
+            f.write(json.dumps({"id": i, "question": f"{a}+{b}", "answer": a + b,
+                                "solution": f"<step_1> {a}+{b}={a + b} <answer> {a + b}"}) + "\n")
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def restore_process_state():
+    """train() installs SIGINT/SIGTERM handlers and `threads` sets torch's thread count; in-process
+    runs must leave neither behind in pytest."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    threads = torch.get_num_threads()
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+    torch.set_num_threads(threads)

@@ -61,7 +61,6 @@ caught before a model loads, `selfdistill.load_model` is replaced by a tripwire.
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -83,28 +82,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Helpers
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """12 one-step sums in the project's JSONL format, with reference solutions."""
-    path = tmp_path_factory.mktemp("bad_inputs_data") / "sums.jsonl"
-    with open(path, "w") as f:
-        for i in range(12):
-            a, b = i % 9 + 1, (3 * i) % 9 + 1
-            f.write(json.dumps({"question": f"{a}+{b}", "answer": a + b,
-                                "solution": f"<step_1> {a}+{b}={a + b} <answer> {a + b}"}) + "\n")
-    return str(path)
 
 
-@pytest.fixture(autouse=True)
-def restore_process_state():
-    """train() installs SIGINT/SIGTERM handlers and `threads` sets torch's thread count; in-process
-    runs must leave neither behind in pytest."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    threads = torch.get_num_threads()
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
-    torch.set_num_threads(threads)
 
 
 def settings(model_dir, data, out_dir, **extra):

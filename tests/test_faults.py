@@ -31,29 +31,8 @@ import selfdistill
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """24 one-step sums in the project's JSONL format, with reference solutions."""
-    path = tmp_path_factory.mktemp("fault_data") / "sums.jsonl"
-    rng = random.Random(1)
-    with open(path, "w") as f:
-        for i in range(24):
-            a, b = rng.randint(1, 9), rng.randint(1, 9)
-            f.write(json.dumps({"id": i, "question": f"{a}+{b}", "answer": a + b,
-                                "solution": f"<step_1> {a}+{b}={a + b} <answer> {a + b}"}) + "\n")
-    return str(path)
 
 
-@pytest.fixture(autouse=True)
-def restore_process_state():
-    """train() installs SIGINT/SIGTERM handlers and `threads` sets torch's thread count; in-process
-    runs must leave neither behind in pytest."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    threads = torch.get_num_threads()
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
-    torch.set_num_threads(threads)
 
 
 def settings(model_dir, data, out_dir, **extra):

@@ -5,7 +5,6 @@ adapter and metrics as an uninterrupted one."""
 import hashlib
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -19,17 +18,6 @@ import selfdistill
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """Arithmetic questions in the project's JSONL format, with reference solutions."""
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    rng = random.Random(0)
-    with open(path, "w") as f:
-        for i in range(24):
-            a, b = rng.randint(1, 9), rng.randint(1, 9)
-            f.write(json.dumps({"id": i, "question": f"{a}+{b}", "answer": a + b,
-                                "solution": f"<step_1> {a}+{b}={a + b} <answer> {a + b}"}) + "\n")
-    return str(path)
 
 
 def overrides(model_dir, data, out_dir, **extra):
