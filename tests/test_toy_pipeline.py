@@ -22,10 +22,14 @@ def test_micro_toy_run_trains_and_evaluates(context, world, tmp_path):
         "--context", context, "--run", "micro", f"model={world['model_dir']}",
         f"train_file={world['train']}", f"test_file={world['test']}", f"out_dir={tmp_path}",
         "max_steps=2", "batch_size=4", "micro_batch=4", "eval_questions=2", "eval_samples=2",
-        "threads=1"])
+        "threads=1", "analysis_every=2"])
     run_dir, _ = selfdistill.train(cfg)
     metrics = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert [m["step"] for m in metrics] == [1, 2] and all(m["train/kl"] >= 0 for m in metrics)
+    # the per-token advantage statistics, logged every analysis_every steps
+    assert "analysis/rollouts" not in metrics[0] and "analysis/rollouts" in metrics[1]
+    if metrics[1]["analysis/rollouts"]:
+        assert f"analysis/{context}/wrong" in metrics[1]
     if context == "critique":  # the rule critic's critiques all pass validation
         assert all(m["train/critique_invalid"] == 0 for m in metrics)
     steps = sorted(json.loads(l)["step"] for l in open(os.path.join(run_dir, "eval.jsonl")))
