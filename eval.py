@@ -41,7 +41,6 @@ import os
 import random
 import re
 import statistics
-import sys
 from collections import Counter
 
 import torch
@@ -768,7 +767,7 @@ def main(argv=None):
     parser.add_argument("--rollouts", type=int, default=8, help="--analyze: wrong rollouts to show")
     parser.add_argument("--out", help="--analyze: output folder (default RUN/analysis or ./analysis)")
     args = parser.parse_args(argv)
-    try:
+    with selfdistill.user_errors():
         for flag in ("samples", "questions", "k"):
             if getattr(args, flag) is not None and getattr(args, flag) < 1:
                 raise UserError(f"--{flag} must be at least 1")
@@ -783,11 +782,6 @@ def main(argv=None):
         else:
             for run_dir in args.paths:
                 evaluate_run(run_dir, args.samples, args.questions, args.temperature, args.k)
-    except UserError as e:
-        if os.environ.get("SELFDISTILL_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

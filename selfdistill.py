@@ -1041,15 +1041,22 @@ def handle_signals():
     return stop
 
 
-def main(argv=None):
+@contextlib.contextmanager
+def user_errors():
+    """A user's mistake (or an unreachable critic) becomes one line on stderr and exit code 2;
+    SELFDISTILL_DEBUG=1 shows the traceback instead."""
     try:
-        cfg = load_config(sys.argv[1:] if argv is None else argv)
-        train(cfg)
+        yield
     except (UserError, ConnectionError) as e:
         if os.environ.get("SELFDISTILL_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def main(argv=None):
+    with user_errors():
+        train(load_config(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":
