@@ -924,7 +924,7 @@ def train(cfg):
                                 "data_position": step * cfg.batch_size})
 
     for step in tqdm(range(start, total_steps), initial=start, total=total_steps, desc=cfg.run):
-        timer = Timer()
+        timer, step_start = Timer(), time.perf_counter()
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # per step, so a resumed run samples the same
         batch = [records[i] for i in batch_for_step(len(records), cfg.batch_size, step, cfg.seed)]
         gold = [r for r in batch for _ in range(G)]  # each question repeated G times
@@ -994,11 +994,12 @@ def train(cfg):
                         for i in range(len(gold))]
             with timer("analysis"):
                 record.update(evaluation.training_analysis(model, tokenizer, cfg, device, rollouts, judge))
+        record["time/step"] = round(time.perf_counter() - step_start, 3)  # the whole step, glue included
         append_jsonl(metrics_path, record)
         kl_text = f" | kl {record['train/kl']:.4f}" if "train/kl" in record else ""
         tqdm.write(f"step {step + 1}/{total_steps} | loss {record['train/loss']:.4f}{kl_text}"
                    f" | reward {record['train/reward']:.3f} | len {record['train/response_len']:.1f}"
-                   f" | invalid {record['train/critique_invalid']} | {sum(timer.seconds.values()):.1f}s"
+                   f" | invalid {record['train/critique_invalid']} | {record['time/step']:.1f}s"
                    + ("" if finite else " | update skipped (non-finite)"))
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0 or step == 0:
             for i, r in enumerate(gold):
