@@ -275,7 +275,18 @@ def pool_arm(runs):
 
     out = {m: {"best": at(m, best_step(m)), "final": at(m, steps[-1])} for m, _ in TABLE_METRICS}
     out["length"] = {"best": at("length", out["avg"]["best"]["step"]), "final": at("length", steps[-1])}
+    out["avg_by_step"] = {step: at("avg", step) for step in steps}
     return out
+
+
+def equal_rollouts(arms):
+    """Avg@k of each arm at the evaluated step whose rollouts (steps × questions per step × G) come
+    closest to the smallest final budget of any arm: GRPO's G = 8 samples 8× more per step."""
+    budget = min(max(a["avg_by_step"]) * a["rollouts_per_step"] for a in arms)
+    for a in arms:
+        step = min(a["avg_by_step"], key=lambda s: (abs(s * a["rollouts_per_step"] - budget), s))
+        a["avg"]["equal"] = a["avg_by_step"][step]
+    return budget
 
 
 def compare_runs(run_dirs):
@@ -296,6 +307,7 @@ def compare_runs(run_dirs):
         label = " ".join([runs[0][0]["context"]] + [f"{k}={v}" for k, v in extra.items() if k not in shared])
         k = next(iter(runs[0][1].values()))["k"]
         result.append({"label": label, "seeds": sorted(c["seed"] for c, _ in runs), "k": k,
+                       "rollouts_per_step": runs[0][0]["batch_size"] * runs[0][0]["samples_per_question"],
                        **pool_arm(runs)})
     return result, shared
 
@@ -309,11 +321,15 @@ def format_cell(entry, seeds, scale):
 
 def comparison_table(arms, shared, markdown=False):
     k = arms[0]["k"]
+    # arms that sample more per step (GRPO) also get a column at the others' rollout budget
+    budget = equal_rollouts(arms) if len({a["rollouts_per_step"] for a in arms}) > 1 else None
     header = ["arm", "seeds"] + [f"{name}@{k} {when}" for _, name in TABLE_METRICS
                                  for when in ("best", "final")] + ["len at best Avg", "len final"]
+    header += [f"Avg@{k} at ≈{budget} rollouts"] if budget else []
     body = [[a["label"], str(len(a["seeds"]))] + [format_cell(a[m][when], len(a["seeds"]), 100)
                                                    for m, _ in TABLE_METRICS for when in ("best", "final")]
-            + [format_cell(a["length"][w], len(a["seeds"]), 1) for w in ("best", "final")] for a in arms]
+            + [format_cell(a["length"][w], len(a["seeds"]), 1) for w in ("best", "final")]
+            + ([format_cell(a["avg"]["equal"], len(a["seeds"]), 100)] if budget else []) for a in arms]
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in body]
@@ -324,6 +340,10 @@ def comparison_table(arms, shared, markdown=False):
              "95% bootstrap CI (one seed). 'best' picks a checkpoint on the test set and flatters."]
     if shared:
         notes.append("All arms: " + ", ".join(f"{k}={v}" for k, v in shared.items()))
+    if budget:
+        notes.append(f"Rollouts per step differ between arms (questions × G: " + ", ".join(
+            f"{a['label']} {a['rollouts_per_step']}" for a in arms) + f"); the last column is each "
+            f"arm at the evaluated step closest to {budget} rollouts, the smallest final budget.")
     if len({a["k"] for a in arms}) > 1:
         notes.append("WARNING: the runs were evaluated with different k")
     return "\n".join(lines + notes)

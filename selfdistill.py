@@ -576,16 +576,20 @@ def eos_ids(model, tokenizer):
     return set(eos if isinstance(eos, list) else [eos])
 
 
+def sampling_config(cfg, tokenizer, stop, temperature=None):
+    from transformers import GenerationConfig
+    return GenerationConfig(do_sample=True, temperature=temperature or cfg.temperature,
+                            top_p=cfg.top_p, top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(stop),
+                            use_cache=True, remove_invalid_values=True)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts, cfg, device, temperature=None):
     """Sample one response per prompt (lists of ids): KV cache on, left padding, eval mode.
     Returns (responses, truncated): ids up to and including the first EOS; truncated = no EOS."""
-    from transformers import GenerationConfig
     stop = eos_ids(model, tokenizer)
-    gen = GenerationConfig(do_sample=True, temperature=temperature or cfg.temperature,
-                           top_p=cfg.top_p, top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens,
-                           pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(stop),
-                           use_cache=True, remove_invalid_values=True)
+    gen = sampling_config(cfg, tokenizer, stop, temperature)
     was_training = model.training
     model.eval()
     responses, truncated = [], []
@@ -599,10 +603,13 @@ def generate(model, tokenizer, prompts, cfg, device, temperature=None):
             attention_mask[b, L - len(p):] = 1
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                              generation_config=gen)
-        for row in out[:, L:].tolist():
-            end = next((j for j, tok in enumerate(row) if tok in stop), None)
-            responses.append(row if end is None else row[:end + 1])
-            truncated.append(end is None)
+        new_ids = out[:, L:]  # (B, T) sampled tokens; rows that stopped early are padded after EOS
+        is_stop = torch.isin(new_ids, torch.tensor(sorted(stop), device=new_ids.device))
+        ended = is_stop.any(-1)  # (B,)
+        lengths = torch.where(ended, is_stop.int().argmax(-1) + 1, new_ids.shape[1])  # up to the first EOS
+        for row, n, done in zip(new_ids.tolist(), lengths.tolist(), ended.tolist()):
+            responses.append(row[:n])
+            truncated.append(not done)
     model.train(was_training)
     return responses, truncated
 
@@ -730,13 +737,23 @@ def ngram_overlap(response, context, n=4):
 
 
 class Timer:
-    def __init__(self):
-        self.seconds = {}
+    """Seconds per phase; on a GPU it waits for queued kernels at each phase's edges (so a phase is
+    not billed for the one before it) and keeps each phase's peak allocated memory in GiB."""
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.seconds, self.peak_gib = {}, {}
 
     @contextlib.contextmanager
     def __call__(self, phase):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         yield
+        if self.cuda:
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() / 2 ** 30
+            self.peak_gib[phase] = max(self.peak_gib.get(phase, 0.0), peak)
         self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
@@ -924,7 +941,7 @@ def train(cfg):
                                 "data_position": step * cfg.batch_size})
 
     for step in tqdm(range(start, total_steps), initial=start, total=total_steps, desc=cfg.run):
-        timer, step_start = Timer(), time.perf_counter()
+        timer, step_start = Timer(device), time.perf_counter()
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # per step, so a resumed run samples the same
         batch = [records[i] for i in batch_for_step(len(records), cfg.batch_size, step, cfg.seed)]
         gold = [r for r in batch for _ in range(G)]  # each question repeated G times
@@ -984,6 +1001,7 @@ def train(cfg):
             "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
             "train/nonfinite": int(not finite),
             **{f"time/{k}": round(v, 3) for k, v in timer.seconds.items()},
+            **{f"memory/{k}": round(v, 2) for k, v in timer.peak_gib.items()},
         }
         if "divergence" in totals:  # no teacher, no divergence in grpo
             record["train/kl"] = totals["divergence"] / max(totals["tokens"], 1)

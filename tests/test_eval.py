@@ -340,3 +340,20 @@ def test_analyze_writes_html_and_json(tmp_path, tiny_model_dir, monkeypatch):
     assert page.count("<h2>") == 2 and "critique_no_prefix" in page and "http" not in page
     with pytest.raises(UserError, match="no checkpoint for step 7"):
         ev.analyze(str(run_dir), step=7)
+
+
+def test_compare_adds_a_column_at_equal_rollouts(tmp_path):
+    # critique: 32 rollouts per step, 30 steps = 960; grpo: 8 × 32 = 256 per step, so step 4
+    # (1,024 rollouts) is closer to 960 than step 2 (512) or step 30 (7,680)
+    runs = [fake_run(tmp_path, "c0", 0, {0: 0.1, 10: 0.3, 20: 0.5, 30: 0.4}),
+            fake_run(tmp_path, "g0", 0, {0: 0.1, 2: 0.15, 4: 0.2, 30: 0.6}, context="grpo",
+                     samples_per_question=8)]
+    arms, shared = ev.compare_runs(runs)
+    table = ev.comparison_table(arms, shared, markdown=True)
+    assert "Avg@4 at ≈960 rollouts |" in table.splitlines()[0]
+    critique_row, grpo_row = table.splitlines()[2:4]
+    assert critique_row.endswith("| 40.00 [30.0, 50.0] (step 30) |")
+    assert grpo_row.endswith("| 20.00 [10.0, 30.0] (step 4) |")
+    assert "grpo 256" in table and "critique 32" in table
+    same = ev.comparison_table(*ev.compare_runs(runs[:1]), markdown=True)
+    assert "rollouts" not in same  # equal budgets: no extra column

@@ -182,3 +182,33 @@ def test_unreachable_critic_url_is_a_one_line_error(tiny_model_dir, data, tmp_pa
                                                           critic_model="m")])
     assert result.returncode == 2 and "unreachable" in result.stderr
     assert result.stderr.strip().splitlines() == [l for l in result.stderr.splitlines() if "unreachable" in l]
+
+
+def test_generate_cuts_each_response_at_its_first_stop_token(tiny):
+    import copy
+    model, tok = tiny
+    model = copy.deepcopy(model)  # the session's model keeps its own EOS
+    stop = list(range(4, 10))  # several stop ids: some rows end early, some run to the limit
+    model.generation_config.eos_token_id = stop
+    cfg = selfdistill.load_config(["max_new_tokens=6", "generation_batch=5", "temperature=1.0"])
+    prompts = [tok("1+2=")["input_ids"], tok("9+9=")["input_ids"][:2]] * 6  # two lengths: left padding
+    torch.manual_seed(0)
+    responses, truncated = selfdistill.generate(model, tok, prompts, cfg, torch.device("cpu"))
+    # brute force: the same sampling, raw rows cut by a Python scan
+    torch.manual_seed(0)
+    expected = []
+    for i in range(0, len(prompts), 5):
+        batch = prompts[i:i + 5]
+        L = max(map(len, batch))
+        ids = torch.tensor([[tok.pad_token_id] * (L - len(p)) + p for p in batch])
+        out = model.generate(input_ids=ids, attention_mask=(torch.arange(L) >= L - torch.tensor(
+            [len(p) for p in batch])[:, None]).long(), generation_config=selfdistill.sampling_config(
+            cfg, tok, set(stop)))
+        for row in out[:, L:].tolist():
+            end = next((j for j, t in enumerate(row) if t in stop), None)
+            expected.append((row if end is None else row[:end + 1], end is None))
+    assert [(r, t) for r, t in zip(responses, truncated)] == expected
+    assert any(truncated) and not all(truncated)
+    for r, t in zip(responses, truncated):
+        assert not any(x in stop for x in r[:-1])  # no stop token before the last
+        assert t == (r[-1] not in stop) and (not t or len(r) == 6)
