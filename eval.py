@@ -341,7 +341,7 @@ def comparison_table(arms, shared, markdown=False):
     if shared:
         notes.append("All arms: " + ", ".join(f"{k}={v}" for k, v in shared.items()))
     if budget:
-        notes.append(f"Rollouts per step differ between arms (questions × G: " + ", ".join(
+        notes.append("Rollouts per step differ between arms (questions × G: " + ", ".join(
             f"{a['label']} {a['rollouts_per_step']}" for a in arms) + f"); the last column is each "
             f"arm at the evaluated step closest to {budget} rollouts, the smallest final budget.")
     if len({a["k"] for a in arms}) > 1:

@@ -8,7 +8,8 @@ sampling seed, the bare parts run alone on the same batch:
             tokens; checked)
   teacher   one no-grad forward of the same teacher rows with the adapter off, logits everywhere
   student   one forward + backward of the same student rows: logits everywhere, log-softmax,
-            mean log-prob of the sampled tokens
+            mean log-prob of the sampled tokens (grpo: of every row, though the step skips the
+            rows whose advantage is 0)
 overhead_ratio = median(step) / median(sum of the bare parts): what the critic, the divergence,
 the chunked LM head, the optimizer and the Python glue cost on top of work no implementation of
 this step can skip. One warm-up repeat (not reported) comes first.
@@ -118,22 +119,24 @@ def bare_parts(cfg, model_path, train_path, device):
     is_stop = torch.isin(new_ids, torch.tensor(sorted(stop), device=new_ids.device))
     lengths = torch.where(is_stop.any(-1), is_stop.int().argmax(-1) + 1, new_ids.shape[1])
     responses = [row[:n] for row, n in zip(new_ids.tolist(), lengths.tolist())]
-    # the same teacher prompts as the step (not timed: the critic is not bare work)
+    # the same rows as the step (not timed: the critic and prompt building are not bare work)
     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+    keep, notes = list(range(len(gold))), None
     if cfg.context == "critique":
         judge = selfdistill.make_judge(cfg, device)
         notes = judge([r["question"] for r in gold], texts, [r.get("solution", "") for r in gold],
                       [r["answer"] for r in gold])
         keep = [i for i, (t, c, r) in enumerate(zip(texts, notes, gold))
                 if c is not None and critic.validate_critique(t, c, r["answer"])[0]]
-    else:
-        notes, keep = [selfdistill.teacher_context(cfg, r) for r in gold], list(range(len(gold)))
-    pairs = [contexts.build_pair(
-        [prompts[i] for i in part],
+    elif cfg.context == "reference":
+        notes = [selfdistill.teacher_context(cfg, r) for r in gold]
+    parts = [keep[j:j + cfg.micro_batch] for j in range(0, len(keep), cfg.micro_batch)]
+    students = [contexts.build_rows([prompts[i] for i in part], [responses[i] for i in part], pad)
+                for part in parts]
+    teachers = [] if notes is None else [contexts.build_rows(
         [contexts.teacher_prompt_ids(tokenizer, gold[i]["question"], notes[i], cfg.context, cfg.prompts,
                                      cfg.teacher_thinking, cfg.max_context_tokens) for i in part],
-        [responses[i] for i in part], pad)
-        for part in (keep[j:j + cfg.micro_batch] for j in range(0, len(keep), cfg.micro_batch))]
+        [responses[i] for i in part], pad) for part in parts]
 
     def forward(rows):
         return model(input_ids=rows["input_ids"].to(device), attention_mask=rows["attention_mask"].to(device),
@@ -141,12 +144,12 @@ def bare_parts(cfg, model_path, train_path, device):
 
     def teacher_forward():
         with torch.no_grad(), model.disable_adapter():
-            for _, teacher in pairs:
+            for teacher in teachers:
                 forward(teacher)
 
     def student_forward_backward():
         model.train()
-        for student, _ in pairs:
+        for student in students:
             mask = student["response_mask"].to(device)
             T = mask.shape[1]
             logp = forward(student)[:, -T - 1:-1].float().log_softmax(-1)  # (B, T, V)
@@ -155,13 +158,10 @@ def bare_parts(cfg, model_path, train_path, device):
             (-(token_logp * mask).sum() / mask.sum()).backward()
         model.zero_grad(set_to_none=True)
 
-    if cfg.context != "grpo":
+    if teachers:
         seconds["teacher"], peaks["teacher"], _ = timed(device, teacher_forward)
     seconds["student"], peaks["student"], _ = timed(device, student_forward_backward)
-    tokens = sum(map(len, responses))
-    del model, pairs, out
-    free(device)
-    return seconds, peaks, tokens
+    return seconds, peaks, sum(map(len, responses))
 
 
 def one_step(cfg, device):
@@ -195,13 +195,16 @@ def bench(model_name, args, overrides, folder):
                 f"model={model_path}", f"train_file={train_path}", f"test_file={train_path}",
                 f"out_dir={folder}", f"seed={r}", "max_steps=1", "eval_at_end=false",
                 f"batch_size={args.prompts}", f"micro_batch={args.prompts}",
-                f"generation_batch={args.prompts}", f"threads={args.threads}", *overrides]
+                f"threads={args.threads}", *overrides]
         if r == 0:  # the warm-up only has to touch every kernel once: short responses do
             argv.append("max_new_tokens=16")
         cfg = selfdistill.load_config(argv)
+        if not any(o.startswith("generation_batch=") for o in overrides):
+            cfg.generation_batch = cfg.batch_size * cfg.samples_per_question  # one call, as the bare one
         device = selfdistill.pick_device(cfg)
         record = one_step(cfg, device)
         seconds, peaks, tokens = bare_parts(cfg, model_path, train_path, device)
+        free(device)  # the bare parts' model is gone once they return
         step_tokens = round(record["train/response_len"] * args.prompts * cfg.samples_per_question)
         same = "same tokens" if tokens == step_tokens else f"NOT the same tokens ({tokens} vs {step_tokens})"
         bare = sum(seconds.values())
@@ -212,7 +215,7 @@ def bench(model_name, args, overrides, folder):
             steps.append(record)
             bares.append((seconds, peaks))
     print(f"\n{model_name}: {args.repeats} repeats, median [min–max]")
-    for phase in PHASES:
+    for phase in [p for p in PHASES if any(f"time/{p}" in s for s in steps)]:
         values = [s.get(f"time/{phase}", 0.0) for s in steps]
         bare_values = [b[0][phase] for b in bares if phase in b[0]]
         line = f"  {phase:<10} step {spread(values)}"

@@ -8,6 +8,9 @@ import os
 import random
 import signal
 import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -107,3 +110,65 @@ def restore_process_state():
     for s, handler in saved.items():
         signal.signal(s, handler)
     torch.set_num_threads(threads)
+
+
+class CriticServer:
+    """A local OpenAI-compatible critic server whose behaviour a test sets:
+    models    GET /models: list (serves "critic-model") | 401 | 403 | 404
+    replies   POST: good | slow (2 s late, then good) | not_json | 400 | 401 | flaky (500 once, then
+              good) | no_step_tags
+    critique  the text of a good reply; `requests` holds (headers, body) of every POST."""
+
+    def __init__(self):
+        self.models, self.replies, self.critique, self.requests = "list", "good", "<step_1> 1+1=2 <answer> 2", []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def send(self, code, body):
+                try:
+                    self.send_response(code)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up waiting
+                    pass
+
+            def do_GET(self):
+                if server.models in ("401", "403"):
+                    return self.send(int(server.models), b'{"error": "invalid api key"}')
+                if server.models == "404":
+                    return self.send(404, b"{}")
+                self.send(200, json.dumps({"data": [{"id": "critic-model"}]}).encode())
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append((dict(self.headers), body))
+                mode = server.replies
+                if mode == "slow":
+                    time.sleep(2.0)
+                if mode in ("400", "401") or (mode == "flaky" and len(server.requests) == 1):
+                    return self.send(500 if mode == "flaky" else int(mode), b'{"error": "no"}')
+                if mode == "not_json":
+                    return self.send(200, b"<html>502 Bad Gateway</html>")
+                content = "The student is wrong; the answer is 2." if mode == "no_step_tags" else server.critique
+                self.send(200, json.dumps({"choices": [{"message": {"content": content}}]}).encode())
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+
+
+@pytest.fixture
+def critic_server(monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    monkeypatch.delenv("CRITIC_KEY_FOR_TESTS", raising=False)
+    server = CriticServer()
+    yield server
+    server.httpd.shutdown()
+    server.httpd.server_close()

@@ -63,9 +63,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -313,66 +310,6 @@ def test_hf_critic_without_chat_template(tiny_model_dir, no_template_model_dir, 
     assert "has no chat template" in line
 
 
-STEP_CRITIQUE = "<step_1> 1+1=2 <answer> 2"
-
-
-class CriticServer:
-    """A local OpenAI-compatible server; `models` and `replies` pick its behaviour."""
-
-    def __init__(self):
-        self.models, self.replies, self.posts = "list", "good", 0
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def send(self, code, body):
-                try:
-                    self.send_response(code)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):  # the client gave up waiting
-                    pass
-
-            def do_GET(self):
-                if server.models in ("401", "403"):
-                    return self.send(int(server.models), b'{"error": "invalid api key"}')
-                if server.models == "404":
-                    return self.send(404, b"{}")
-                self.send(200, json.dumps({"data": [{"id": "critic-model"}]}).encode())
-
-            def do_POST(self):
-                self.rfile.read(int(self.headers["Content-Length"]))
-                server.posts += 1
-                mode = server.replies
-                if mode == "slow":
-                    time.sleep(2.0)
-                if mode in ("400", "401"):
-                    return self.send(int(mode), b'{"error": "no"}')
-                if mode == "not_json":
-                    return self.send(200, b"<html>502 Bad Gateway</html>")
-                content = {"no_step_tags": "The student is wrong; the answer is 2.", "good": STEP_CRITIQUE,
-                           "slow": STEP_CRITIQUE}[mode]
-                self.send(200, json.dumps({"choices": [{"message": {"content": content}}]}).encode())
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
-
-
-@pytest.fixture
-def critic_server(monkeypatch):
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    monkeypatch.setenv("no_proxy", "127.0.0.1")
-    monkeypatch.delenv("CRITIC_KEY_FOR_TESTS", raising=False)
-    server = CriticServer()
-    yield server
-    server.httpd.shutdown()
-    server.httpd.server_close()
 
 
 def http_settings(server, model_dir, data, out_dir, **extra):

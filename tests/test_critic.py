@@ -9,10 +9,8 @@ unreachable server fails at startup with one line)."""
 import json
 import socket
 import sys
-import threading
 import time
 import types
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -157,57 +155,10 @@ def test_hf_critic_needs_a_chat_template(no_template_model_dir):
         HFCritic(no_template_model_dir)
 
 
-class Server:
-    """A local OpenAI-compatible server whose behaviour a test picks with `mode`."""
-
-    def __init__(self):
-        self.mode, self.requests = "good", []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def reply(self, code, body):
-                try:
-                    self.send_response(code)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
-                    pass
-
-            def do_GET(self):
-                self.reply(200, json.dumps({"data": [{"id": "critic-model"}]}).encode())
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append((dict(self.headers), body))
-                mode, n = server.mode, len(server.requests)
-                if mode == "slow":
-                    time.sleep(1.0)
-                if mode == "garbage":
-                    return self.reply(200, b"<html>not json")
-                if mode == "400" or (mode == "flaky" and n == 1):
-                    return self.reply(400 if mode == "400" else 500, b"{}")
-                content = "<think>let me check</think>\n" + GOOD
-                self.reply(200, json.dumps({"choices": [{"message": {"content": content}}]}).encode())
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
-
-
 @pytest.fixture
-def server(monkeypatch):
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    monkeypatch.setenv("no_proxy", "127.0.0.1")
-    s = Server()
-    yield s
-    s.httpd.shutdown()
-    s.httpd.server_close()
+def server(critic_server):
+    critic_server.critique = "<think>let me check</think>\n" + GOOD  # the think block is removed
+    return critic_server
 
 
 def test_http_critic_sends_key_and_hides_it(server, monkeypatch):
@@ -223,7 +174,7 @@ def test_http_critic_sends_key_and_hides_it(server, monkeypatch):
 
 
 def test_http_critic_timeout_gives_none_quickly(server):
-    server.mode = "slow"
+    server.replies = "slow"
     http = HTTPCritic(server.url, "critic-model", timeout=0.5, retries=1, backoff=0.05)
     start = time.time()
     assert http(*ARGS) == [None]
@@ -231,9 +182,9 @@ def test_http_critic_timeout_gives_none_quickly(server):
 
 
 @pytest.mark.parametrize("mode, answer, attempts", [
-    ("garbage", None, 1), ("400", None, 1), ("flaky", GOOD, 2)])
+    ("not_json", None, 1), ("400", None, 1), ("flaky", GOOD, 2)])
 def test_http_critic_failures_and_retries(server, mode, answer, attempts):
-    server.mode = mode
+    server.replies = mode
     http = HTTPCritic(server.url, "critic-model", timeout=5, retries=2, backoff=0.01)
     assert http(*ARGS) == [answer]
     assert len(server.requests) == attempts
