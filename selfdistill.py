@@ -603,15 +603,21 @@ def generate(model, tokenizer, prompts, cfg, device, temperature=None):
             attention_mask[b, L - len(p):] = 1
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                              generation_config=gen)
-        new_ids = out[:, L:]  # (B, T) sampled tokens; rows that stopped early are padded after EOS
-        is_stop = torch.isin(new_ids, torch.tensor(sorted(stop), device=new_ids.device))
-        ended = is_stop.any(-1)  # (B,)
-        lengths = torch.where(ended, is_stop.int().argmax(-1) + 1, new_ids.shape[1])  # up to the first EOS
-        for row, n, done in zip(new_ids.tolist(), lengths.tolist(), ended.tolist()):
-            responses.append(row[:n])
-            truncated.append(not done)
+        batch_responses, batch_truncated = cut_at_stop(out[:, L:], stop)
+        responses += batch_responses
+        truncated += batch_truncated
     model.train(was_training)
     return responses, truncated
+
+
+def cut_at_stop(new_ids, stop):
+    """Rows of sampled ids (B, T), padded after an early EOS → (ids up to and including the first
+    stop id, truncated = no stop id at all)."""
+    is_stop = torch.isin(new_ids, torch.tensor(sorted(stop), device=new_ids.device))  # (B, T)
+    ended = is_stop.any(-1)  # (B,)
+    lengths = torch.where(ended, is_stop.int().argmax(-1) + 1, new_ids.shape[1])  # (B,)
+    return ([row[:n] for row, n in zip(new_ids.tolist(), lengths.tolist())],
+            [not done for done in ended.tolist()])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -115,10 +115,7 @@ def bare_parts(cfg, model_path, train_path, device):
 
     seconds, peaks = {}, {}
     seconds["generate"], peaks["generate"], out = timed(device, plain_generate)
-    new_ids = out[:, rows["input_ids"].shape[1]:]
-    is_stop = torch.isin(new_ids, torch.tensor(sorted(stop), device=new_ids.device))
-    lengths = torch.where(is_stop.any(-1), is_stop.int().argmax(-1) + 1, new_ids.shape[1])
-    responses = [row[:n] for row, n in zip(new_ids.tolist(), lengths.tolist())]
+    responses, _ = selfdistill.cut_at_stop(out[:, rows["input_ids"].shape[1]:], stop)
     # the same rows as the step (not timed: the critic and prompt building are not bare work)
     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
     keep, notes = list(range(len(gold))), None
