@@ -280,13 +280,13 @@ def pool_arm(runs):
 
 
 def equal_rollouts(arms):
-    """Avg@k of each arm at the evaluated step whose rollouts (steps × questions per step × G) come
-    closest to the smallest final budget of any arm: GRPO's G = 8 samples 8× more per step."""
+    """Sets each arm's avg "equal": Avg@k at the evaluated step whose rollouts (steps × questions
+    per step × G) come closest to the smallest final budget of any arm (ties: the earlier step).
+    GRPO's G = 8 samples 8× more per step than the self-distillation arms."""
     budget = min(max(a["avg_by_step"]) * a["rollouts_per_step"] for a in arms)
     for a in arms:
         step = min(a["avg_by_step"], key=lambda s: (abs(s * a["rollouts_per_step"] - budget), s))
-        a["avg"]["equal"] = a["avg_by_step"][step]
-    return budget
+        a["avg"]["equal"] = {**a["avg_by_step"][step], "budget": budget}
 
 
 def compare_runs(run_dirs):
@@ -309,6 +309,8 @@ def compare_runs(run_dirs):
         result.append({"label": label, "seeds": sorted(c["seed"] for c, _ in runs), "k": k,
                        "rollouts_per_step": runs[0][0]["batch_size"] * runs[0][0]["samples_per_question"],
                        **pool_arm(runs)})
+    if len({a["rollouts_per_step"] for a in result}) > 1:
+        equal_rollouts(result)
     return result, shared
 
 
@@ -322,14 +324,15 @@ def format_cell(entry, seeds, scale):
 def comparison_table(arms, shared, markdown=False):
     k = arms[0]["k"]
     # arms that sample more per step (GRPO) also get a column at the others' rollout budget
-    budget = equal_rollouts(arms) if len({a["rollouts_per_step"] for a in arms}) > 1 else None
+    budget = arms[0]["avg"]["equal"]["budget"] if "equal" in arms[0]["avg"] else None
     header = ["arm", "seeds"] + [f"{name}@{k} {when}" for _, name in TABLE_METRICS
                                  for when in ("best", "final")] + ["len at best Avg", "len final"]
-    header += [f"Avg@{k} at ≈{budget} rollouts"] if budget else []
+    header += [f"Avg@{k} at ≈{budget} rollouts"] if budget is not None else []
     body = [[a["label"], str(len(a["seeds"]))] + [format_cell(a[m][when], len(a["seeds"]), 100)
                                                    for m, _ in TABLE_METRICS for when in ("best", "final")]
             + [format_cell(a["length"][w], len(a["seeds"]), 1) for w in ("best", "final")]
-            + ([format_cell(a["avg"]["equal"], len(a["seeds"]), 100)] if budget else []) for a in arms]
+            + ([format_cell(a["avg"]["equal"], len(a["seeds"]), 100)] if budget is not None else [])
+            for a in arms]
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in body]
@@ -340,7 +343,7 @@ def comparison_table(arms, shared, markdown=False):
              "95% bootstrap CI (one seed). 'best' picks a checkpoint on the test set and flatters."]
     if shared:
         notes.append("All arms: " + ", ".join(f"{k}={v}" for k, v in shared.items()))
-    if budget:
+    if budget is not None:
         notes.append("Rollouts per step differ between arms (questions × G: " + ", ".join(
             f"{a['label']} {a['rollouts_per_step']}" for a in arms) + f"); the last column is each "
             f"arm at the evaluated step closest to {budget} rollouts, the smallest final budget.")

@@ -746,21 +746,26 @@ class Timer:
     """Seconds per phase; on a GPU it waits for queued kernels at each phase's edges (so a phase is
     not billed for the one before it) and keeps each phase's peak allocated memory in GiB."""
     def __init__(self, device):
-        self.cuda = device.type == "cuda"
+        self.device = device if device.type == "cuda" else None
         self.seconds, self.peak_gib = {}, {}
 
     @contextlib.contextmanager
     def __call__(self, phase):
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+        if self.device:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
         yield
-        if self.cuda:
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() / 2 ** 30
+        if self.device:
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
             self.peak_gib[phase] = max(self.peak_gib.get(phase, 0.0), peak)
         self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def step_seed(cfg, step):
+    """The torch seed of one step's sampling: a function of (seed, step), so resuming repeats it."""
+    return cfg.seed * 1_000_003 + step
 
 
 def lr_lambda(cfg, total_steps):
@@ -948,7 +953,7 @@ def train(cfg):
 
     for step in tqdm(range(start, total_steps), initial=start, total=total_steps, desc=cfg.run):
         timer, step_start = Timer(device), time.perf_counter()
-        torch.manual_seed(cfg.seed * 1_000_003 + step)  # per step, so a resumed run samples the same
+        torch.manual_seed(step_seed(cfg, step))  # per step, so a resumed run samples the same
         batch = [records[i] for i in batch_for_step(len(records), cfg.batch_size, step, cfg.seed)]
         gold = [r for r in batch for _ in range(G)]  # each question repeated G times
         # 1. sample ŷ ~ π_θ(· | x): the student sees the question only
@@ -1018,7 +1023,7 @@ def train(cfg):
                         for i in range(len(gold))]
             with timer("analysis"):
                 record.update(evaluation.training_analysis(model, tokenizer, cfg, device, rollouts, judge))
-        record["time/step"] = round(time.perf_counter() - step_start, 3)  # the whole step, glue included
+        record["time/step"] = round(time.perf_counter() - step_start, 3)  # all of it up to this line
         append_jsonl(metrics_path, record)
         kl_text = f" | kl {record['train/kl']:.4f}" if "train/kl" in record else ""
         tqdm.write(f"step {step + 1}/{total_steps} | loss {record['train/loss']:.4f}{kl_text}"

@@ -7,7 +7,7 @@ Two ways to do it:
   ours   selfdistill.ChunkedHead: the LM head and token_divergence run over chunks of positions,
          the teacher's chunk logits under no_grad, each chunk's gradient taken on the spot
          (exactly the per-token function selfdistill.distill_backward passes, minus its entropy
-         metric).
+         metric; --entropy also times it with the metric).
 
 Each run is its own subprocess, naive and ours alternating, so each peak is clean: peak extra
 memory = the process's peak resident set (VmHWM, reset after the inputs exist) minus its resident
@@ -78,10 +78,13 @@ def naive_step(student_h, teacher_h, weight, chunk):
     return loss.item()
 
 
-def ours_step(student_h, teacher_h, weight, chunk):
+def ours_step(student_h, teacher_h, weight, chunk, entropy=None):
     def per_token(student_logits, positions):  # (C, V) → (C,)
         with torch.no_grad():
             teacher_logits = teacher_h[positions] @ weight.T  # (C, V), a fixed target
+            if entropy is not None:  # the training loop's entropy metric, as it computes it
+                logp = student_logits.float().log_softmax(-1)
+                entropy[positions] = -(logp.exp() * logp).sum(-1)
         return token_divergence(student_logits, teacher_logits)
 
     loss = ChunkedHead.apply(student_h, weight, per_token, chunk).mean()
@@ -89,7 +92,11 @@ def ours_step(student_h, teacher_h, weight, chunk):
     return loss.item()
 
 
-STEPS = {"naive": naive_step, "ours": ours_step}
+def ours_with_entropy_step(student_h, teacher_h, weight, chunk):
+    return ours_step(student_h, teacher_h, weight, chunk, entropy=torch.zeros(student_h.shape[0]))
+
+
+STEPS = {"naive": naive_step, "ours": ours_step, "ours+entropy": ours_with_entropy_step}
 
 
 def child(args):
@@ -126,6 +133,8 @@ def main():
                         "default 3, 1 with --quick)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--quick", action="store_true", help="V=8192, d=256, T=512, chunk=64, one run each")
+    parser.add_argument("--entropy", action="store_true", help="also time ours with the training loop's "
+                        "entropy metric (prints entropy_time_ratio = with / without)")
     parser.add_argument("--child", choices=list(STEPS), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -139,10 +148,11 @@ def main():
     print(f"T={args.T} V={args.V} d={args.d} chunk={args.chunk} float32, threads "
           f"{args.threads or torch.get_num_threads()}; one (T, V) float32 tensor is {size_mb:.0f} MB, "
           f"the head {args.V * args.d * 4 / 2 ** 20:.0f} MB", flush=True)
-    runs = {name: [] for name in STEPS}
+    variants = ["naive", "ours"] + (["ours+entropy"] if args.entropy else [])
+    runs = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
-            for name in (("naive", "ours") if r % 2 == 0 else ("ours", "naive")):  # alternate
+            for name in variants[r % len(variants):] + variants[:r % len(variants)]:  # rotate the order
                 result = os.path.join(tmp, f"{name}-{r}.json")
                 command = [sys.executable, os.path.abspath(__file__), "--child", name, "--result", result,
                            "--V", str(args.V), "--d", str(args.d), "--T", str(args.T),
@@ -151,9 +161,9 @@ def main():
                 with open(result) as f:
                     run = json.load(f)
                 runs[name].append(run)
-                print(f"  run {r + 1}/{args.repeats} {name:5s}: {run['seconds']:.2f} s, "
+                print(f"  run {r + 1}/{args.repeats} {name:12s}: {run['seconds']:.2f} s, "
                       f"peak extra {run['peak_mb']:.0f} MB, loss {run['loss']:.6f}", flush=True)
-        grads = {name: torch.load(os.path.join(tmp, f"{name}-0.json.grad.pt")) for name in STEPS}
+        grads = {name: torch.load(os.path.join(tmp, f"{name}-0.json.grad.pt")) for name in variants}
 
     naive_loss, ours_loss = runs["naive"][0]["loss"], runs["ours"][0]["loss"]
     value_diff = abs(ours_loss - naive_loss)
@@ -161,11 +171,14 @@ def main():
     grad_scale = grads["naive"].abs().max().item()
     same_value = value_diff <= 1e-5 * abs(naive_loss)
     same_grad = torch.allclose(grads["ours"], grads["naive"], rtol=1e-4, atol=1e-5 * grad_scale)
+    if args.entropy:  # the metric is computed on the side: the loss and gradient must not move
+        same_value &= abs(runs["ours+entropy"][0]["loss"] - ours_loss) <= 1e-6 * abs(ours_loss)
+        same_grad &= torch.allclose(grads["ours+entropy"], grads["ours"], rtol=1e-6, atol=0)
     print(f"same value (rel 1e-5): {same_value}; same gradient (rtol 1e-4, atol 1e-5·max|grad| = "
           f"{1e-5 * grad_scale:.2g}): {same_grad}")
 
-    peak = {name: max(run["peak_mb"] for run in runs[name]) for name in STEPS}
-    seconds = {name: statistics.median(run["seconds"] for run in runs[name]) for name in STEPS}
+    peak = {name: max(run["peak_mb"] for run in runs[name]) for name in variants}
+    seconds = {name: statistics.median(run["seconds"] for run in runs[name]) for name in variants}
     memory_ratio, time_ratio = peak["ours"] / peak["naive"], seconds["ours"] / seconds["naive"]
     print(f"targets: memory_ratio <= 0.125: {memory_ratio <= 0.125}; time_ratio <= 1.2: {time_ratio <= 1.2}")
     print(f"T={args.T} V={args.V} d={args.d} chunk={args.chunk} repeats={args.repeats} "
@@ -173,6 +186,9 @@ def main():
           f"naive_s={seconds['naive']:.3f} ours_s={seconds['ours']:.3f} time_ratio={time_ratio:.3f} "
           f"max_abs_value_diff={value_diff:.3g} max_abs_grad_diff={grad_diff:.3g} "
           f"same_value={same_value} same_grad={same_grad}")
+    if args.entropy:
+        print(f"ours+entropy_s={seconds['ours+entropy']:.3f} "
+              f"entropy_time_ratio={seconds['ours+entropy'] / seconds['ours']:.3f}")
     if not (same_value and same_grad):
         sys.exit(1)
 

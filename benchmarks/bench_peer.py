@@ -32,7 +32,7 @@ What still differs (all inside the trainers, none is a setting):
     distribution) and passes no position_ids for left-padded rows (RoPE is relative: equal to
     ~1e-6); ours adds remove_invalid_values to sampling.
 
-Timing: ours, the `time/step` it logs (the whole step, glue included); TRL, wall time from
+Timing: ours, the `time/step` it logs (sampling to metrics line, glue included); TRL, wall time from
 on_step_begin to on_step_end of a TrainerCallback (generation, teacher, student, backward, clip,
 optimizer; its data loading and logging fall outside, which favours TRL a little). The first step
 of every run is warm-up and dropped. Each side runs as its own subprocess, alternating ours, TRL,

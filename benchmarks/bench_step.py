@@ -1,32 +1,36 @@
-"""Where one training step's time goes, and how much the step costs beyond the bare work.
+"""Where one training step's time goes, and what it costs beyond the plain version of its parts.
 
 Each repeat runs `selfdistill.train` for one step of a fresh run (seed r) and reads the phases it
-logs (generate, critic, teacher, student, optimizer) and `time/step`, the whole step with its glue.
-Then, on the same weights (the base plus a fresh LoRA adapter, whose B = 0) and with the same
-sampling seed, the bare parts run alone on the same batch:
-  generate  one plain `model.generate` of the same prompts with the same settings (so the same
-            tokens; checked)
-  teacher   one no-grad forward of the same teacher rows with the adapter off, logits everywhere
-  student   one forward + backward of the same student rows: logits everywhere, log-softmax,
-            mean log-prob of the sampled tokens (grpo: of every row, though the step skips the
-            rows whose advantage is 0)
+logs (generate, critic, teacher, student, optimizer) and `time/step`. Then, on the same weights
+(the base plus a fresh LoRA adapter, whose B = 0), with the same sampling seed and the same batch,
+the bare parts run alone, written the plain way:
+  generate  one `model.generate` of the same prompts with the same settings; its decoded texts
+            must equal the step's (from samples.jsonl), or the repeat says NOT the same tokens
+  teacher   one no-grad forward of the same teacher rows (the step's contexts and validity, read
+            from samples.jsonl) with the adapter off, logits at every position
+  student   one forward + backward of the same student rows: logits at every position,
+            log-softmax, mean log-prob of the sampled tokens (grpo: every row, though the step
+            skips rows whose advantage is 0)
 overhead_ratio = median(step) / median(sum of the bare parts): what the critic, the divergence,
-the chunked LM head, the optimizer and the Python glue cost on top of work no implementation of
-this step can skip. One warm-up repeat (not reported) comes first.
+the optimizer and the Python glue add to plain generation, forward and backward. Compare totals,
+not single phases: our teacher phase stops at hidden states and its LM head runs, chunked, inside
+our student phase. One warm-up repeat (16 new tokens, not reported) comes first.
 
     python benchmarks/bench_step.py                               # the toy model, then a 20 M one
     python benchmarks/bench_step.py --model 20m --repeats 5 max_new_tokens=128
     bash benchmarks/gpu_check.sh                                  # Qwen3-1.7B's shapes on a GPU
 
-Models: `toy` is the toy world's 1.08 M base (critique arm, rule critic); `20m` and `qwen3-1.7b`
-are built here from a config with random weights (no download) and the toy tokenizer. A random
-model writes no steps a critic could align to, so they default to the reference arm; their
-questions are the toy world's. key=value arguments are selfdistill config overrides.
+Models: `toy` is the toy world's 1.08 M base (critique arm, rule critic); `20m` (21 M parameters)
+and `qwen3-1.7b` are built here from a config with random weights (no download) and the toy
+tokenizer. A random model writes no steps a critic could align to, so they default to the
+reference arm; their questions are the toy world's. `--config FILE` and key=value arguments are
+selfdistill config settings; the benchmark's own (model, data, one step, batch) win over a file.
 """
 import argparse
 import gc
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -36,7 +40,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import contexts  # noqa: E402
-import critic  # noqa: E402
 import selfdistill  # noqa: E402
 import toy  # noqa: E402
 
@@ -50,6 +53,10 @@ SHAPES = {
                        rope_theta=1_000_000, rms_norm_eps=1e-6),
 }
 PHASES = ("generate", "critic", "teacher", "student", "optimizer")
+
+
+# ---------------------------------------------------------------------------------------------
+# The model, the step, the bare parts
 
 
 def build_random_model(name, folder, dtype):
@@ -70,168 +77,135 @@ def build_random_model(name, folder, dtype):
     return sum(p.numel() for p in model.parameters())
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(device, fn):
-    """(seconds, peak GiB on a GPU or None, result) of fn()."""
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    result = fn()
-    sync(device)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
-    return time.perf_counter() - start, peak, result
-
-
 def free(device):
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
-def bare_parts(cfg, model_path, train_path, device):
-    """The same step's bare work: plain generate, teacher forward, student forward + backward."""
+def bare_parts(cfg, model_path, train_path, device, samples):
+    """The step's parts written the plain way, on its batch: ({phase: s}, {phase: GiB}, same)."""
+    timer = selfdistill.Timer(device)
     model, tokenizer = selfdistill.load_model(cfg, model_path, device)
     records = selfdistill.load_jsonl(train_path)
     batch = [records[i] for i in selfdistill.batch_for_step(len(records), cfg.batch_size, 0, cfg.seed)]
     gold = [r for r in batch for _ in range(cfg.samples_per_question)]
     prompts = [contexts.student_prompt_ids(tokenizer, r["question"], cfg.prompts, cfg.student_thinking)
                for r in gold]
-    stop = selfdistill.eos_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id
+    stop, pad = selfdistill.eos_ids(model, tokenizer), tokenizer.pad_token_id
     rows = contexts.build_rows(prompts, [[] for _ in prompts], pad)  # left-padded prompts alone
-    torch.manual_seed(cfg.seed * 1_000_003)  # the seed train() uses for step 0
+    torch.manual_seed(selfdistill.step_seed(cfg, 0))
     model.eval()
-
-    def plain_generate():
-        with torch.no_grad():
-            return model.generate(input_ids=rows["input_ids"].to(device),
-                                  attention_mask=rows["attention_mask"].to(device),
-                                  generation_config=selfdistill.sampling_config(cfg, tokenizer, stop))
-
-    seconds, peaks = {}, {}
-    seconds["generate"], peaks["generate"], out = timed(device, plain_generate)
+    with timer("generate"), torch.no_grad():
+        out = model.generate(input_ids=rows["input_ids"].to(device),
+                             attention_mask=rows["attention_mask"].to(device),
+                             generation_config=selfdistill.sampling_config(cfg, tokenizer, stop))
     responses, _ = selfdistill.cut_at_stop(out[:, rows["input_ids"].shape[1]:], stop)
-    # the same rows as the step (not timed: the critic and prompt building are not bare work)
     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-    keep, notes = list(range(len(gold))), None
-    if cfg.context == "critique":
-        judge = selfdistill.make_judge(cfg, device)
-        notes = judge([r["question"] for r in gold], texts, [r.get("solution", "") for r in gold],
-                      [r["answer"] for r in gold])
-        keep = [i for i, (t, c, r) in enumerate(zip(texts, notes, gold))
-                if c is not None and critic.validate_critique(t, c, r["answer"])[0]]
-    elif cfg.context == "reference":
-        notes = [selfdistill.teacher_context(cfg, r) for r in gold]
+    same = texts == [s["response"] for s in samples]
+    # the step's rows: its own contexts and validity, as samples.jsonl recorded them
+    keep = [i for i, s in enumerate(samples) if s["valid"]]
     parts = [keep[j:j + cfg.micro_batch] for j in range(0, len(keep), cfg.micro_batch)]
     students = [contexts.build_rows([prompts[i] for i in part], [responses[i] for i in part], pad)
                 for part in parts]
-    teachers = [] if notes is None else [contexts.build_rows(
-        [contexts.teacher_prompt_ids(tokenizer, gold[i]["question"], notes[i], cfg.context, cfg.prompts,
-                                     cfg.teacher_thinking, cfg.max_context_tokens) for i in part],
-        [responses[i] for i in part], pad) for part in parts]
+    teachers = [] if cfg.context == "grpo" else [contexts.build_rows(
+        [contexts.teacher_prompt_ids(tokenizer, gold[i]["question"], samples[i]["context"], cfg.context,
+                                     cfg.prompts, cfg.teacher_thinking, cfg.max_context_tokens)
+         for i in part], [responses[i] for i in part], pad) for part in parts]
 
-    def forward(rows):
+    def forward(rows):  # logits at every position, as a plain implementation computes them
         return model(input_ids=rows["input_ids"].to(device), attention_mask=rows["attention_mask"].to(device),
                      position_ids=rows["position_ids"].to(device), use_cache=False).logits
 
-    def teacher_forward():
-        with torch.no_grad(), model.disable_adapter():
+    if teachers:
+        with timer("teacher"), torch.no_grad(), model.disable_adapter():
             for teacher in teachers:
                 forward(teacher)
-
-    def student_forward_backward():
-        model.train()
+    model.train()
+    with timer("student"):
         for student in students:
-            mask = student["response_mask"].to(device)
+            mask = student["response_mask"].to(device)  # (B, T)
             T = mask.shape[1]
             logp = forward(student)[:, -T - 1:-1].float().log_softmax(-1)  # (B, T, V)
-            ids = student["input_ids"][:, -T:].to(device)
+            ids = student["input_ids"][:, -T:].to(device)  # (B, T)
             token_logp = logp.gather(-1, ids[..., None]).squeeze(-1)  # (B, T)
             (-(token_logp * mask).sum() / mask.sum()).backward()
-        model.zero_grad(set_to_none=True)
-
-    if teachers:
-        seconds["teacher"], peaks["teacher"], _ = timed(device, teacher_forward)
-    seconds["student"], peaks["student"], _ = timed(device, student_forward_backward)
-    return seconds, peaks, sum(map(len, responses))
+    return timer.seconds, timer.peak_gib, same
 
 
 def one_step(cfg, device):
-    """train() for one step of a fresh run; its logged record."""
+    """train() for one step of a fresh run: (its metrics record, its samples.jsonl rows)."""
+    run_dir = os.path.join(cfg.out_dir, cfg.run)
+    shutil.rmtree(run_dir, ignore_errors=True)  # a kept folder from an earlier call would resume
+    selfdistill.train(cfg)
     free(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    _, model = selfdistill.train(cfg)
-    del model
-    free(device)
-    with open(os.path.join(cfg.out_dir, cfg.run, "metrics.jsonl")) as f:
-        return json.loads(f.readline())
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        record = json.loads(f.readline())
+    with open(os.path.join(run_dir, "samples.jsonl")) as f:
+        return record, [json.loads(line) for line in f]
 
 
 def spread(values):
     return f"{statistics.median(values):.3f} s [{min(values):.3f}–{max(values):.3f}]"
 
 
-def bench(model_name, args, overrides, folder):
+def step_config(args, model_name, model_path, train_path, context, r, folder):
+    """The selfdistill config of repeat r: the user's file and overrides, then the benchmark's own."""
+    argv = (["--config", args.config] if args.config else []) + [
+        f"--context={args.context or context}", f"--run={model_name}-{r}", f"out_dir={folder}",
+        f"threads={args.threads}", *args.overrides,  # the user's settings, then the benchmark's
+        f"model={model_path}", f"train_file={train_path}", f"test_file={train_path}",
+        f"seed={r}", "max_steps=1", "eval_at_end=false", f"batch_size={args.prompts}"]
+    cfg = selfdistill.load_config(argv)
+    if r == 0:  # the warm-up only has to touch every kernel once: short responses do
+        cfg.max_new_tokens = min(16, cfg.max_new_tokens)
+    return cfg
+
+
+def bench(model_name, args, folder):
     if model_name == "toy":
         built = toy.ensure_built()
         model_path, train_path, context = built["model_dir"], built["train"], "critique"
     else:
         model_path, train_path, context = os.path.join(folder, model_name), toy.ensure_built()["train"], "reference"
         if not os.path.isdir(model_path):
-            n = build_random_model(model_name, model_path, selfdistill.load_config(overrides).dtype)
+            dtype = step_config(args, model_name, model_path, train_path, context, 1, folder).dtype
+            n = build_random_model(model_name, model_path, dtype)
             print(f"built {model_name}: {n / 1e6:.1f} M parameters, random weights")
     steps, bares = [], []
     for r in range(args.repeats + 1):  # repeat 0 warms up
-        argv = [f"--context={args.context or context}", f"--run={model_name}-{r}",
-                f"model={model_path}", f"train_file={train_path}", f"test_file={train_path}",
-                f"out_dir={folder}", f"seed={r}", "max_steps=1", "eval_at_end=false",
-                f"batch_size={args.prompts}", f"micro_batch={args.prompts}",
-                f"threads={args.threads}", *overrides]
-        if r == 0:  # the warm-up only has to touch every kernel once: short responses do
-            argv.append("max_new_tokens=16")
-        cfg = selfdistill.load_config(argv)
-        if not any(o.startswith("generation_batch=") for o in overrides):
-            cfg.generation_batch = cfg.batch_size * cfg.samples_per_question  # one call, as the bare one
+        cfg = step_config(args, model_name, model_path, train_path, context, r, folder)
         device = selfdistill.pick_device(cfg)
-        record = one_step(cfg, device)
-        seconds, peaks, tokens = bare_parts(cfg, model_path, train_path, device)
+        record, samples = one_step(cfg, device)
+        seconds, peaks, same = bare_parts(cfg, model_path, train_path, device, samples)
         free(device)  # the bare parts' model is gone once they return
-        step_tokens = round(record["train/response_len"] * args.prompts * cfg.samples_per_question)
-        same = "same tokens" if tokens == step_tokens else f"NOT the same tokens ({tokens} vs {step_tokens})"
+        tokens = round(record["train/response_len"] * len(samples))
         bare = sum(seconds.values())
         print(f"{model_name} repeat {r}{' (warm-up)' if r == 0 else ''}: step {record['time/step']:.3f} s, "
-              f"bare {bare:.3f} s, ratio {record['time/step'] / bare:.3f}; {step_tokens} generated "
-              f"tokens, {same}")
+              f"bare {bare:.3f} s, ratio {record['time/step'] / bare:.3f}; {tokens} generated tokens, "
+              + ("the same texts" if same else "NOT the same tokens as the step"))
         if r:
             steps.append(record)
             bares.append((seconds, peaks))
     print(f"\n{model_name}: {args.repeats} repeats, median [min–max]")
     for phase in [p for p in PHASES if any(f"time/{p}" in s for s in steps)]:
-        values = [s.get(f"time/{phase}", 0.0) for s in steps]
-        bare_values = [b[0][phase] for b in bares if phase in b[0]]
-        line = f"  {phase:<10} step {spread(values)}"
-        if bare_values:
-            line += f"   bare {spread(bare_values)}"
+        line = f"  {phase:<10} step {spread([s.get(f'time/{phase}', 0.0) for s in steps])}"
+        if any(phase in seconds for seconds, _ in bares):
+            line += f"   bare {spread([seconds[phase] for seconds, _ in bares])}"
         memory = [s[f"memory/{phase}"] for s in steps if f"memory/{phase}" in s]
         if memory:
-            bare_memory = [b[1][phase] for b in bares if b[1].get(phase) is not None]
+            bare_memory = [peaks[phase] for _, peaks in bares if phase in peaks]
             line += f"   peak {max(memory):.2f} GiB" + (f" (bare {max(bare_memory):.2f})" if bare_memory else "")
         print(line)
     step_times = [s["time/step"] for s in steps]
-    bare_times = [sum(b[0].values()) for b in bares]
+    bare_times = [sum(seconds.values()) for seconds, _ in bares]
     glue = [s["time/step"] - sum(s.get(f"time/{p}", 0.0) for p in PHASES) for s in steps]
     print(f"  {'glue':<10} step {spread(glue)}")
     print(f"  {'total':<10} step {spread(step_times)}   bare {spread(bare_times)}")
-    ratio = statistics.median(step_times) / statistics.median(bare_times)
-    print(f"model={model_name} overhead_ratio={ratio:.3f}")
-    return ratio
+    print(f"model={model_name} overhead_ratio={statistics.median(step_times) / statistics.median(bare_times):.3f}")
 
+
+# ---------------------------------------------------------------------------------------------
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -244,18 +218,19 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--keep", help="folder for the runs and built models (default: a temporary one)")
+    parser.add_argument("--config", help="a selfdistill YAML file (e.g. configs/qwen3-1.7b.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # options may follow key=value (gpu_check.sh passes both)
     import platform
     print(f"{time.strftime('%Y-%m-%d')} | {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs | torch {torch.__version__}"
           + (f" | {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, selfdistill.user_errors():
         folder = args.keep or tmp
-        with selfdistill.user_errors():
-            selfdistill.pick_device(selfdistill.load_config(args.overrides))  # bad overrides fail first
-            for name in args.model or ["toy", "20m"]:
-                bench(name, args, args.overrides, folder)
+        # bad settings or a missing GPU fail here, before a model is built
+        selfdistill.pick_device(step_config(args, "check", "toy", "", "reference", 1, folder))
+        for name in args.model or ["toy", "20m"]:
+            bench(name, args, folder)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Nothing is downloaded: the tokenizer is made with the `tokenizers` library, the model from a
 LlamaConfig with random weights; both are saved and loaded back through the Auto classes, the
-same path a user's model folder takes."""
+same path a user's model folder takes. `critic_server` is a local OpenAI-compatible critic whose
+failures (slow, refusing the key, garbage) a test switches on."""
 import json
 import os
 import random

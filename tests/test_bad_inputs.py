@@ -79,10 +79,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Helpers
 
 
-
-
-
-
 def settings(model_dir, data, out_dir, **extra):
     # threads=1: on a small shared machine two OpenMP threads can make a tiny step 50x slower
     values = dict(model=model_dir, train_file=data, test_file=data, out_dir=str(out_dir), threads=1,
@@ -308,8 +304,6 @@ def test_hf_critic_without_chat_template(tiny_model_dir, no_template_model_dir, 
     line = one_line_error(["--context", "critique", *settings(tiny_model_dir, data, tmp_path, critic="hf",
                                                               critic_model=no_template_model_dir)], capsys)
     assert "has no chat template" in line
-
-
 
 
 def http_settings(server, model_dir, data, out_dir, **extra):
