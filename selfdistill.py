@@ -504,7 +504,7 @@ def load_model(cfg, path, device):
         raise UserError(f"lora_targets={cfg.lora_targets!r} do not match the model's modules: "
                         f"{str(e).splitlines()[0]}") from None
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     check_plain_head(model, device)
     return model, tokenizer

@@ -212,3 +212,35 @@ def test_generate_cuts_each_response_at_its_first_stop_token(tiny):
     for r, t in zip(responses, truncated):
         assert not any(x in stop for x in r[:-1])  # no stop token before the last
         assert t == (r[-1] not in stop) and (not t or len(r) == 6)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradient(tiny_model_dir, monkeypatch):
+    """Recomputing activations in the backward must not change the step (it only saves memory)."""
+    items = [([5, 9, 14], [5, 20, 21, 22, 9, 14], [30, 31, 7, 8]), ([6, 9], [6, 40, 41, 9], [33, 7])]
+    results = []
+    for checkpointing in (False, True):
+        cfg = selfdistill.load_config([f"gradient_checkpointing={checkpointing}", "lora_r=4", "micro_batch=1"])
+        model, tok = selfdistill.load_model(cfg, tiny_model_dir, torch.device("cpu"))
+        with torch.no_grad():  # a nonzero adapter, so the student differs from the base teacher
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+        model.train()
+        # count the MLP runs of one layer (a module hook would miss the recomputation)
+        mlp = model.get_base_model().get_decoder().layers[0].mlp
+        calls, forward = [], type(mlp).forward
+        monkeypatch.setattr(type(mlp), "forward", lambda self, x: calls.append(self is mlp) or forward(self, x))
+        weight = model.get_base_model().get_output_embeddings().weight
+        totals = selfdistill.distill_backward(model, cfg, items, tok.pad_token_id, weight,
+                                              torch.device("cpu"), selfdistill.Timer(torch.device("cpu")), {})
+        monkeypatch.undo()
+        # per micro-batch: teacher (no grad) and student forwards, plus the recomputation if on
+        assert calls.count(True) == len(items) * (3 if checkpointing else 2)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((totals["loss"], grads))
+    (loss_plain, grads_plain), (loss_checkpointed, grads_checkpointed) = results
+    assert loss_plain > 0 and loss_checkpointed == pytest.approx(loss_plain, rel=1e-6)
+    assert grads_plain.keys() == grads_checkpointed.keys()
+    for name in grads_plain:
+        torch.testing.assert_close(grads_checkpointed[name], grads_plain[name], rtol=1e-5, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in grads_plain.values())
