@@ -67,6 +67,15 @@ def save_tiny(path, chat_template=CHAT_TEMPLATE):
     return str(path)
 
 
+def run_settings(model_dir, data, out_dir, **extra):
+    """key=value arguments of a short run on a tiny model: 4 questions a step, no evaluation, one
+    thread (on a small shared machine two OpenMP threads can make a tiny step 50x slower)."""
+    values = dict(model=model_dir, train_file=data, test_file=data, out_dir=str(out_dir), threads=1,
+                  prompts="instruct", batch_size=4, micro_batch=4, eval_at_end=False)
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """Folder with a tiny Llama causal LM and a character tokenizer with a chat template."""

@@ -58,6 +58,7 @@ caught before a model loads, `selfdistill.load_model` is replaced by a tripwire.
 | `eval.py --prepare` on records without the OpenMathReasoning fields | exit 2: none of the records has problem, generated_solution and expected_answer |
 | a run's config.yaml with a key this version does not know | exit 2: .../config.yaml does not match selfdistill.Config |
 """
+import functools
 import json
 import os
 import shutil
@@ -70,6 +71,7 @@ import yaml
 
 import eval as ev
 import selfdistill
+from conftest import run_settings
 from selfdistill import UserError, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,13 +81,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Helpers
 
 
-def settings(model_dir, data, out_dir, **extra):
-    # threads=1: on a small shared machine two OpenMP threads can make a tiny step 50x slower
-    values = dict(model=model_dir, train_file=data, test_file=data, out_dir=str(out_dir), threads=1,
-                  prompts="instruct", max_new_tokens=6, batch_size=4, micro_batch=4, max_steps=1,
-                  eval_at_end=False)
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
+settings = functools.partial(run_settings, max_new_tokens=6, max_steps=1)
 
 
 def run_main(argv, capsys, script=selfdistill):

@@ -13,6 +13,7 @@ non-finite gradient) on chosen steps. Signals and kills need a real process: tho
 about 25 s)."""
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -27,21 +28,12 @@ import pytest
 import torch
 
 import selfdistill
+from conftest import run_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-
-
-
-
-def settings(model_dir, data, out_dir, **extra):
-    # threads=1: on a small shared machine two OpenMP threads can make a tiny step 50x slower
-    values = dict(model=model_dir, train_file=data, test_file=data, out_dir=str(out_dir), threads=1,
-                  prompts="instruct", max_new_tokens=8, batch_size=4, micro_batch=4, lr=0.05,
-                  eval_at_end=False)
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
+settings = functools.partial(run_settings, max_new_tokens=8, lr=0.05)
 
 
 def read_jsonl(path):

@@ -2,6 +2,7 @@
 files of the command-line contract; only LoRA weights train and the base weights stay
 bit-identical; the base teacher is exactly the pristine model; a killed run resumes to the same
 adapter and metrics as an uninterrupted one."""
+import functools
 import hashlib
 import json
 import os
@@ -14,18 +15,12 @@ import pytest
 import torch
 
 import selfdistill
+from conftest import run_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-
-
-def overrides(model_dir, data, out_dir, **extra):
-    settings = dict(model=model_dir, train_file=data, test_file=data, out_dir=str(out_dir),
-                    prompts="instruct", max_new_tokens=12, batch_size=4, micro_batch=4,
-                    eval_at_end=False, lr=0.05, threads=1)
-    settings.update(extra)
-    return [f"{k}={v}" for k, v in settings.items()]
+overrides = functools.partial(run_settings, max_new_tokens=12, lr=0.05)
 
 
 def run_cli(args, **kwargs):
