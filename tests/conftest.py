@@ -76,6 +76,18 @@ def run_settings(model_dir, data, out_dir, **extra):
     return [f"{k}={v}" for k, v in values.items()]
 
 
+def run_main(argv, capsys, script=None):
+    """script.main(argv) in-process (selfdistill by default): (exit code, stdout, stderr)."""
+    import selfdistill
+    code = 0
+    try:
+        (script or selfdistill).main(argv)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """Folder with a tiny Llama causal LM and a character tokenizer with a chat template."""

@@ -71,7 +71,7 @@ import yaml
 
 import eval as ev
 import selfdistill
-from conftest import run_settings
+from conftest import run_main, run_settings
 from selfdistill import UserError, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,17 +82,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 settings = functools.partial(run_settings, max_new_tokens=6, max_steps=1)
-
-
-def run_main(argv, capsys, script=selfdistill):
-    """script.main(argv) in-process: (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        script.main(argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line_error(argv, capsys, script=selfdistill):

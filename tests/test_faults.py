@@ -28,7 +28,7 @@ import pytest
 import torch
 
 import selfdistill
-from conftest import run_settings
+from conftest import run_main, run_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,17 +86,6 @@ def poison(monkeypatch, mode, bad_steps):
 
     monkeypatch.setattr(selfdistill, "generate", generate)
     monkeypatch.setattr(selfdistill, "token_divergence", divergence)
-
-
-def run_main(argv, capsys):
-    """selfdistill.main in-process: (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        selfdistill.main(argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize("mode", ["loss", "gradient"])
