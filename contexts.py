@@ -90,11 +90,16 @@ def student_prompt_ids(tokenizer, question, prompts="instruct", thinking=False):
     return render_prompt(tokenizer, PROMPTS[prompts]["student"].format(question=question), thinking)
 
 
+# The teacher prompt each arm's context goes into: the two critique-form controls are critiques.
+TEMPLATE_OF = {"reference": "reference", "critique": "critique", "critique_quoting": "critique",
+               "critique_no_prefix": "critique"}
+
+
 def teacher_prompt_ids(tokenizer, question, context, kind, prompts="instruct", thinking=False,
                        max_context_tokens=0):
-    """The teacher's prompt: the question plus a context of `kind` ("reference" or "critique")."""
+    """The teacher's prompt: the question plus a context of `kind` (a key of TEMPLATE_OF)."""
     context = truncate_middle(tokenizer, context, max_context_tokens)
-    text = PROMPTS[prompts][kind].format(question=question, context=context)
+    text = PROMPTS[prompts][TEMPLATE_OF[kind]].format(question=question, context=context)
     return render_prompt(tokenizer, text, thinking)
 
 
@@ -165,3 +170,54 @@ def render_steps(steps, answer):
     """The inverse of parse_steps: "<step_1> a <step_2> b <answer> c"."""
     text = " ".join(f"<step_{i}> {s}" for i, s in enumerate(steps, start=1))
     return f"{text} {ANSWER_TAG} {answer}" if text else f"{ANSWER_TAG} {answer}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Critique forms (PAPER.md §4): the aligned critique and the paper's two controls, as texts.
+
+def first_differing_step(response_text, critique_text):
+    """Index of the first step where critique and rollout differ (with a step-aligned critic, the
+    earliest error), or None: unparseable tags, or no differing step among the shared ones."""
+    if not isinstance(critique_text, str):  # the critic failed on this rollout
+        return None
+    try:
+        ours, theirs = parse_steps(response_text)[0], parse_steps(critique_text)[0]
+    except ValueError:
+        return None
+    return next((i for i in range(min(len(ours), len(theirs))) if ours[i] != theirs[i]), None)
+
+
+def critique_form(form, response_text, critique_text, restyle=None):
+    """The context text of one critique form for one rollout:
+    critique:           the step-aligned critique as the critic wrote it;
+    critique_quoting:   its first differing step k reads "<the rollout's step k> is wrong; correct:
+                        <the critique's step k>", so the wrong tokens sit in the context;
+    critique_no_prefix: the corrected trace without the solver's tokens: every step passed through
+                        `restyle` (another surface form, same values) when given, else the
+                        critique's steps from k on, renumbered (the solver's prefix dropped).
+    A rollout with no differing step (a correct one) keeps the critique in the quoting form."""
+    if form == "critique":
+        return critique_text
+    steps, answer = parse_steps(critique_text)
+    k = first_differing_step(response_text, critique_text)
+    if form == "critique_quoting":
+        if k is None:
+            return critique_text
+        ours = parse_steps(response_text)[0]
+        return render_steps(steps[:k] + [f"{ours[k]} is wrong; correct: {steps[k]}"] + steps[k + 1:], answer)
+    if form == "critique_no_prefix":
+        if restyle is not None:
+            restyled = [restyle(s) for s in steps]
+            if all(restyled):
+                return render_steps(restyled, answer)
+        return render_steps(steps[len(steps) if k is None else k:], answer)
+    raise ValueError(f"unknown critique form {form!r}")
+
+
+def departure_index(response_ids, critique_ids):
+    """The first response token that leaves the critique's verbatim prefix: the first t with
+    response_ids[t] != critique_ids[t] (or t = len(critique_ids): the response goes on past it).
+    A response that is the critique followed by EOS departs at its EOS. Compared as token ids:
+    the verbatim prefix tokenises as the response did, up to a token at the boundary."""
+    n = min(len(response_ids), len(critique_ids))
+    return next((t for t in range(n) if response_ids[t] != critique_ids[t]), n)

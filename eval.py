@@ -171,8 +171,39 @@ def sample_answers(model, tokenizer, cfg, device, records, n, temperature, desc)
         part = slice(q * n, (q + 1) * n)
         answers = [critic.extract_answer(t) for t in texts[part]]
         correct = [critic.answers_match(a, record["answer"]) for a in answers]
-        per_question.append((answers, correct, lengths[part], truncated[part], record["answer"]))
+        per_question.append((answers, correct, lengths[part], truncated[part], record["answer"], texts[part]))
     return per_question
+
+
+def toy_instruments(scored):
+    """The toy world's attribution of a checkpoint's accuracy (toy.trace_stats over all samples)."""
+    import toy
+    return toy.trace_stats([t for s in scored for t in s[5]], [c for s in scored for c in s[1]])
+
+
+def base_key(cfg, model_path, test_path, setting):
+    """Everything that decides step 0's numbers (the base model with a zero adapter sampled with
+    the run's seed): equal keys give bit-identical step-0 rows, so one evaluation serves every arm."""
+    import hashlib
+    with open(test_path, "rb") as f:
+        test_digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    fields = ("seed", "max_new_tokens", "prompts", "student_thinking", "top_p", "top_k",
+              "generation_batch", "dtype", "threads", "logit_temperature")
+    return {"model": os.path.abspath(model_path) if os.path.exists(model_path) else model_path,
+            "test": test_digest, **setting, **{f: getattr(cfg, f) for f in fields}}
+
+
+def reusable_base_row(run_dir, key):
+    """A step-0 row with this base key from a sibling run's eval.jsonl (same out_dir), or None."""
+    root = os.path.dirname(os.path.abspath(run_dir))
+    for name in sorted(os.listdir(root)):
+        other = os.path.join(root, name)
+        if os.path.samefile(other, run_dir) if os.path.exists(other) else True:
+            continue
+        for row in read_jsonl(os.path.join(other, "eval.jsonl")):
+            if row.get("step") == 0 and row.get("base_key") == key:
+                return {**row, "reused_from": name}
+    return None
 
 
 def read_jsonl(path):
@@ -204,13 +235,22 @@ def evaluate_run(run_dir, samples=None, questions=None, temperature=None, k=None
         print(f"{run_dir} has no checkpoints yet: step 0 (the base model) only")
     if todo:
         device = next(model.parameters()).device if model is not None else selfdistill.pick_device(cfg)
+    key = base_key(cfg, model_path, test_path, setting)
+    for step, checkpoint in sorted(todo.items()):
+        if step == 0 and (row := reusable_base_row(run_dir, key)):
+            print(f"step 0: the base model's evaluation reused from {row['reused_from']} (same base_key)")
+            selfdistill.append_jsonl(path, row)
+            continue
         if model is None:
             model, tokenizer = selfdistill.load_model(cfg, model_path, device)
-    for step, checkpoint in sorted(todo.items()):
         load_adapter(model, checkpoint)
         torch.manual_seed(cfg.seed)  # the same random numbers at every step (see docstring, 2)
         scored = sample_answers(model, tokenizer, cfg, device, records, n, temperature, f"step {step}")
-        row = {"step": step, **setting, **summarize([question_scores(*s, k) for s in scored])}
+        row = {"step": step, **setting, **summarize([question_scores(*s[:5], k) for s in scored])}
+        if cfg.model == "toy":
+            row["toy"] = toy_instruments(scored)
+        if step == 0:
+            row["base_key"] = key
         selfdistill.append_jsonl(path, row)
     rows = sorted((r for r in read_jsonl(path) if all(r.get(f) == v for f, v in setting.items())),
                   key=lambda r: r["step"])
@@ -236,6 +276,7 @@ def print_summary(rows, run_dir):
 
 SAME_ARM_IGNORES = ("seed", "run", "out_dir", "device", "eval_at_end")  # do not change the experiment
 TABLE_METRICS = (("pass", "Pass"), ("maj", "Maj"), ("avg", "Avg"))
+TOY_STATS = ("step_arith", "step_chain", "answer_own")  # toy.trace_stats, shown by --compare
 
 
 def load_compared_run(run_dir):
@@ -276,6 +317,16 @@ def pool_arm(runs):
     out = {m: {"best": at(m, best_step(m)), "final": at(m, steps[-1])} for m, _ in TABLE_METRICS}
     out["length"] = {"best": at("length", out["avg"]["best"]["step"]), "final": at("length", steps[-1])}
     out["avg_by_step"] = {step: at("avg", step) for step in steps}
+    if all("toy" in rows[step] for _, rows in runs for step in steps):
+        best, final = out["avg"]["best"]["step"], steps[-1]
+        out["toy"] = {when: {stat: statistics.fmean(rows[step]["toy"][stat] for _, rows in runs)
+                             for stat in TOY_STATS if all(rows[step]["toy"][stat] is not None for _, rows in runs)}
+                      for when, step in (("base", 0), ("best", best), ("final", final))
+                      if all(step in rows for _, rows in runs)}
+        out["toy_styles"] = {when: {style: statistics.fmean(rows[step]["toy"]["styles"].get(style, 0.0)
+                                                            for _, rows in runs)
+                                    for style in {st for _, rows in runs for st in rows[step]["toy"]["styles"]}}
+                             for when, step in (("base", 0), ("final", final)) if all(step in rows for _, rows in runs)}
     return out
 
 
@@ -349,15 +400,35 @@ def comparison_table(arms, shared, markdown=False):
             f"arm at the evaluated step closest to {budget} rollouts, the smallest final budget.")
     if len({a["k"] for a in arms}) > 1:
         notes.append("WARNING: the runs were evaluated with different k")
-    return "\n".join(lines + notes)
+    return "\n".join(lines + notes + toy_table(arms, markdown))
+
+
+def toy_table(arms, markdown):
+    """The toy world's attribution: per-step arithmetic, chaining, answer = own last result and the
+    style mix, at the base (step 0), the Avg-best step and the final step (seed means, in %)."""
+    arms = [a for a in arms if "toy" in a]
+    if not arms:
+        return []
+    whens = ("base", "best", "final")
+    header = ["arm"] + [f"{stat} {when}" for stat in TOY_STATS for when in whens] + ["styles final"]
+    body = [[a["label"]] + [f"{100 * a['toy'][w][stat]:.1f}" if stat in a["toy"].get(w, {}) else "n/a"
+                            for stat in TOY_STATS for w in whens]
+            + [" ".join(f"{k} {100 * v:.0f}" for k, v in sorted(a["toy_styles"].get("final", {}).items(),
+                                                                 key=lambda kv: -kv[1]) if v >= 0.005)]
+            for a in arms]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+    else:
+        widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + body]
+    return ["", "Toy world, what moved (toy.trace_stats, % of parsed steps / responses; seed means):"] + lines
 
 
 # ---------------------------------------------------------------------------------------------
 # Per-token advantage A_t: one student forward, one teacher forward per context (batched rows).
 
 KINDS = ("reference", "critique", "critique_quoting", "critique_no_prefix")
-TEACHER_PROMPT = {"reference": "reference", "critique": "critique", "critique_quoting": "critique",
-                  "critique_no_prefix": "critique"}  # which prompt template holds the context
 
 
 def response_logp(model, cfg, prompts, responses, pad_id, device):
@@ -391,7 +462,7 @@ def batch_advantages(model, tokenizer, cfg, device, questions, responses, contex
     student_logp = response_logp(model, cfg, student_prompts, responses, pad, device)
     out = {}
     for kind, texts in context_texts.items():
-        teacher_prompts = [contexts.teacher_prompt_ids(tokenizer, q, c, TEACHER_PROMPT[kind], cfg.prompts,
+        teacher_prompts = [contexts.teacher_prompt_ids(tokenizer, q, c, kind, cfg.prompts,
                                                        cfg.teacher_thinking, cfg.max_context_tokens)
                            for q, c in zip(questions, texts)]
         with model.disable_adapter():  # the teacher: the initial base model, no gradient
@@ -428,16 +499,7 @@ def spread(values):
 # Rollouts to analyse, their steps, and the contexts (two of them controls).
 
 
-def first_wrong_step(response_text, critique_text):
-    """Index of the first step where critique and rollout differ (with the rule critic, the
-    earliest error), or None: unparseable tags, or no differing step among the shared ones."""
-    if not isinstance(critique_text, str):  # the critic failed on this rollout
-        return None
-    try:
-        ours, theirs = contexts.parse_steps(response_text)[0], contexts.parse_steps(critique_text)[0]
-    except ValueError:
-        return None
-    return next((i for i in range(min(len(ours), len(theirs))) if ours[i] != theirs[i]), None)
+first_wrong_step = contexts.first_differing_step
 
 
 def wrong_rollouts(model, tokenizer, cfg, device, records, judge, limit):
@@ -467,27 +529,14 @@ def wrong_rollouts(model, tokenizer, cfg, device, records, judge, limit):
 
 
 def analysis_contexts(cfg, item, kinds):
-    """The context text of each kind for one rollout. The controls (PAPER.md §4):
-    critique_quoting: the critique, but its step k reads "<the rollout's wrong step k> is wrong;
-      correct: <the critique's step k>" — the wrong tokens sit in the context at the aligned place;
-    critique_no_prefix: the same corrected trace without the solver's tokens. Toy world: every
-      step rewritten in the reference-only surface form (same route and values, another phrasing);
-      otherwise: the critique's steps from k on, renumbered (the solver's prefix dropped)."""
-    steps, answer = contexts.parse_steps(item["critique"])
-    k, ours = item["wrong_step"], contexts.parse_steps(item["text"])[0]
-    quoting = steps[:k] + [f"{ours[k]} is wrong; correct: {steps[k]}"] + steps[k + 1:]
-    no_prefix = steps[k:]
-    if cfg.prompts == "toy":
-        import toy
-        parsed = [toy.parse_step(s) for s in steps]
-        if all(parsed):
-            no_prefix = [toy.format_step(*p[:4], toy.REFERENCE_STYLE) for p in parsed]
+    """The context text of each kind for one rollout: the reference, the critique and the paper's
+    two controls (contexts.critique_form). In the toy world the no-prefix control rewrites every
+    step in the reference-only surface form (same route and values, another phrasing)."""
     reference_cfg = dataclasses.replace(cfg, context="reference")
-    texts = {"reference": lambda: selfdistill.teacher_context(reference_cfg, item),
-             "critique": lambda: item["critique"],
-             "critique_quoting": lambda: contexts.render_steps(quoting, answer),
-             "critique_no_prefix": lambda: contexts.render_steps(no_prefix, answer)}
-    return {kind: texts[kind]() for kind in kinds}
+    texts = {"reference": lambda: selfdistill.teacher_context(reference_cfg, item)}
+    restyle = selfdistill.toy_restyle(cfg)
+    return {kind: texts[kind]() if kind == "reference" else
+            contexts.critique_form(kind, item["text"], item["critique"], restyle) for kind in kinds}
 
 
 def token_pieces(tokenizer, ids):

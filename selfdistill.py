@@ -64,7 +64,7 @@ class UserError(Exception):
 
 @dataclass
 class Config:
-    context: str = "critique"  # what the teacher sees: grpo (none, reward only) | reference | critique
+    context: str = "critique"  # the arm: grpo (no teacher, reward only) | reference | critique | critique_quoting | critique_no_prefix (the paper's two critique-form controls)
     run: str = ""  # run name: runs/NAME; default <context>-s<seed>; rerunning a name resumes it
     out_dir: str = "runs"  # folder that holds the runs
     seed: int = 0  # seeds data order, sampling and LoRA init
@@ -89,7 +89,7 @@ class Config:
     toy_phrasing: str = "other"  # toy reference wording: other (not the solver's) | same (the solver's)
     # rollouts
     samples_per_question: int = 0  # G; 0 = 8 for grpo, 1 for reference/critique (the paper)
-    max_new_tokens: int = 64  # response length limit; longer responses are cut and flagged
+    max_new_tokens: int = 0  # response length limit, cut and flagged; 0 = the toy world's budget (build.json) for model=toy, 512 otherwise
     temperature: float = 1.0  # sampling temperature (paper: 1.1)
     top_p: float = 1.0  # nucleus sampling (1 = off)
     top_k: int = 0  # top-k sampling (0 = off)
@@ -104,6 +104,7 @@ class Config:
     topk_side: str = "student"  # whose logits pick the top-k: student | teacher
     topk_tail: bool = False  # topk: add a tail bucket log(1-Σp) instead of renormalising over k
     token_clip: float = 0.0  # clip each token's divergence at this value (0 = off)
+    distill_span: str = "all"  # all response tokens | through_first_divergence: up to the first token that leaves the critique's verbatim prefix (normalised by the full length)
     logit_temperature: float = 1.0  # both sides' logits are divided by this before the divergence
     chunk_size: int = 128  # response positions per chunk of LM head + divergence (memory knob)
     max_context_tokens: int = 1024  # longer teacher contexts lose their middle (marked)
@@ -136,7 +137,8 @@ class Config:
 
 
 CHOICES = {
-    "context": ("grpo", "reference", "critique"), "dtype": ("float32", "bfloat16", "float16"),
+    "context": ("grpo", "reference", "critique", "critique_quoting", "critique_no_prefix"),
+    "distill_span": ("all", "through_first_divergence"), "dtype": ("float32", "bfloat16", "float16"),
     "prompts": tuple(contexts.PROMPTS), "toy_order": ("grouped", "chain"),
     "toy_phrasing": ("other", "same"), "teacher": ("base", "ema", "live"),
     "divergence": ("forward", "reverse", "jsd"), "support": ("full", "topk", "sampled"),
@@ -246,6 +248,15 @@ def load_config(argv):
         cfg.samples_per_question = 8 if cfg.context == "grpo" else 1
     if not cfg.run:
         cfg.run = f"{cfg.context}-s{cfg.seed}"
+    if cfg.model == "toy":
+        import toy
+        if cfg.max_new_tokens == 0:
+            cfg.max_new_tokens = toy.budget()
+        elif cfg.max_new_tokens != toy.budget():
+            print(f"warning: max_new_tokens={cfg.max_new_tokens} differs from the toy world's budget "
+                  f"{toy.budget()} (build.json), which its difficulty filter used", file=sys.stderr)
+    elif cfg.max_new_tokens == 0:
+        cfg.max_new_tokens = 512
     check_consistency(cfg)
     return cfg
 
@@ -285,11 +296,14 @@ def check_consistency(cfg):
         raise UserError("ema_rate must lie in (0, 1]")
     if cfg.temperature <= 0 or cfg.logit_temperature <= 0:
         raise UserError("temperature and logit_temperature must be positive")
+    if cfg.distill_span != "all" and not cfg.context.startswith("critique"):
+        raise UserError("distill_span=through_first_divergence needs a critique arm (the span ends "
+                        "where the response leaves the critique's verbatim prefix)")
     if cfg.support == "sampled" and cfg.divergence != "reverse":
         raise UserError("support=sampled estimates reverse KL only; set divergence=reverse")
-    if cfg.critic == "http" and not cfg.critic_url and cfg.context == "critique":
+    if cfg.critic == "http" and not cfg.critic_url and cfg.context.startswith("critique"):
         raise UserError("critic=http needs critic_url (e.g. http://127.0.0.1:8000/v1)")
-    if cfg.critic == "hf" and not cfg.critic_model and cfg.context == "critique":
+    if cfg.critic == "hf" and not cfg.critic_model and cfg.context.startswith("critique"):
         raise UserError("critic=hf needs critic_model (a folder or hub id)")
 
 
@@ -815,6 +829,14 @@ def toy_dial(cfg):
     return cfg.model == "toy" and (cfg.toy_order, cfg.toy_phrasing) != ("grouped", "other")
 
 
+def toy_restyle(cfg):
+    """The no-prefix critique control's rewrite of a step (toy world: the reference-only wording)."""
+    if cfg.prompts != "toy":
+        return None
+    import toy
+    return toy.restyle_step
+
+
 def teacher_context(cfg, record):
     """The reference solution the teacher sees in the `reference` arm."""
     if toy_dial(cfg):
@@ -871,13 +893,27 @@ def distill_backward(model, cfg, items, pad_id, weight, device, timer, ema):
 
             values = ChunkedHead.apply(student_h, weight, per_token, cfg.chunk_size)  # (N,)
             per_token_grid = torch.zeros(mask.shape, device=device).masked_scatter(mask, values)
-            loss = sequence_mean(per_token_grid, mask).sum() / len(items)  # mean over sequences
+            span = distilled_span(mask, [p[3] for p in part])  # (B, T) the tokens that count
+            # 1/|ŷ| Σ_t over the distilled tokens: the divisor is the full response length
+            loss = ((per_token_grid * span).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / len(items)
             loss.backward()
         totals["loss"] += loss.item()
-        totals["divergence"] += values.sum().item()
-        totals["entropy"] += entropy.sum().item()
-        totals["tokens"] += values.numel()
+        totals["divergence"] += (per_token_grid * span).sum().item()
+        totals["entropy"] += (entropy * span[mask]).sum().item()
+        totals["tokens"] += int(span.sum())
     return totals
+
+
+def distilled_span(mask, lengths):
+    """(B, T) the response tokens that enter the loss: all (length None) or the first `length`
+    of each response (responses are right-aligned in the grid)."""
+    span = mask.clone()
+    T = mask.shape[1]
+    for b, n in enumerate(lengths):
+        if n is not None:
+            start = T - int(mask[b].sum())
+            span[b, start + n:] = False
+    return span
 
 
 def grpo_backward(model, cfg, prompts, responses, advantages, pad_id, weight, device, timer):
@@ -925,7 +961,7 @@ def train(cfg):
     run_dir = prepare_run_dir(cfg)
     print(f"config ({os.path.join(run_dir, 'config.yaml')}): "
           + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
-    judge = make_judge(cfg, device) if cfg.context == "critique" or cfg.analysis_every else None
+    judge = make_judge(cfg, device) if cfg.context.startswith("critique") or cfg.analysis_every else None
     model, tokenizer = load_model(cfg, model_path, device)
     params = [p for p in model.parameters() if p.requires_grad]  # the LoRA factors only
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -966,11 +1002,14 @@ def train(cfg):
         # 2. judge: the teacher's context c for each sample
         valid, context_texts = [True] * len(texts), [None] * len(texts)
         with timer("critic"):
-            if cfg.context == "critique":
-                context_texts = judge([r["question"] for r in gold], texts,
-                                      [r.get("solution", "") for r in gold], [r["answer"] for r in gold])
+            if cfg.context.startswith("critique"):
+                critiques = judge([r["question"] for r in gold], texts,
+                                  [r.get("solution", "") for r in gold], [r["answer"] for r in gold])
                 valid = [c is not None and critic.validate_critique(t, c, r["answer"])[0]
-                         for t, c, r in zip(texts, context_texts, gold)]
+                         for t, c, r in zip(texts, critiques, gold)]
+                # the arm's form of each valid critique (the two controls rewrite it)
+                context_texts = [contexts.critique_form(cfg.context, t, c, toy_restyle(cfg)) if ok else c
+                                 for t, c, ok in zip(texts, critiques, valid)]
             elif cfg.context == "reference":
                 context_texts = [teacher_context(cfg, r) for r in gold]
         # 3-4. teacher and student on the same ŷ, loss, backward
@@ -983,7 +1022,9 @@ def train(cfg):
             with timer("critic"):  # prompt building belongs to the context phase
                 items = [(prompts[i], contexts.teacher_prompt_ids(
                     tokenizer, gold[i]["question"], context_texts[i], cfg.context, cfg.prompts,
-                    cfg.teacher_thinking, cfg.max_context_tokens), responses[i])
+                    cfg.teacher_thinking, cfg.max_context_tokens), responses[i],
+                    None if cfg.distill_span == "all" else 1 + contexts.departure_index(
+                        responses[i], tokenizer(critiques[i], add_special_tokens=False)["input_ids"]))
                     for i in range(len(texts)) if valid[i]]
             totals = distill_backward(model, cfg, items, pad_id, weight, device, timer, ema)
             zero_signal = 1 - len(items) / len(texts)
@@ -1019,7 +1060,7 @@ def train(cfg):
         if cfg.analysis_every and (step + 1) % cfg.analysis_every == 0:
             import eval as evaluation  # per-token advantage statistics on this step's rollouts
             rollouts = [{**gold[i], "response_ids": responses[i],
-                         **({"critique": context_texts[i]} if cfg.context == "critique" else {})}
+                         **({"critique": critiques[i]} if cfg.context.startswith("critique") else {})}
                         for i in range(len(gold))]
             with timer("analysis"):
                 record.update(evaluation.training_analysis(model, tokenizer, cfg, device, rollouts, judge))

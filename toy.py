@@ -45,8 +45,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from contexts import (build_rows, parse_steps, render_steps, student_prompt_ids,
-                      teacher_prompt_ids)
+from contexts import (ANSWER_TAG as ANSWER, build_rows, parse_steps, render_steps,
+                      student_prompt_ids, teacher_prompt_ids)
 
 # ---------------------------------------------------------------------------------------------
 # Problems. Difficulty knobs: operand range, allowed intermediate values, number of operations.
@@ -145,6 +145,21 @@ def parse_step(text):
         if m:
             return int(m["a"]), word_op or m["op"], int(m["b"]), int(m["r"]), style
     return None
+
+
+def restyle_step(text):
+    """One step rewritten in the reference-only surface form (same values), or None."""
+    step = parse_step(text)
+    return format_step(*step[:4], REFERENCE_STYLE) if step else None
+
+
+def budget(root=None):
+    """The toy world's one length budget: build.json's max_new_tokens (the default if unbuilt)."""
+    try:
+        with open(os.path.join(root or WORLD, "build.json")) as f:
+            return json.load(f)["settings"]["max_new_tokens"]
+    except (OSError, ValueError, KeyError):
+        return BuildSettings().max_new_tokens
 
 
 def solve(question, style):
@@ -309,6 +324,14 @@ class BuildSettings:
     decay: float = 0.25           # last share of the steps, lr decays linearly to lr / 10 (most of
                                   # the accuracy appears during this decay)
     mix: tuple = (0.5, 0.35, 0.15)  # shares of plain / critique / reference examples
+    styles: tuple = ("plain",)    # the solver's surface styles. v1 used all four of STYLES; their
+                                  # base accuracies differed (32 % vs 14 %), so GRPO could win by
+                                  # choosing a style. One style leaves arithmetic the only lever.
+    recovery: float = 0.3         # ASSUMPTION: share of critique examples whose response departs
+                                  # from the critique at one step (a wrong result, no loss on it)
+                                  # and continues correctly from its own state; 0 = v1's teacher,
+                                  # which only ever saw the critique copied and so pasted the
+                                  # critique's digits after a student's error
     copy_prob: float = 0.5        # ASSUMPTION: chance a reference-conditioned target copies it
     critique_min_ops: int = 3     # critique examples use chains of >= this many operations: the
                                   # filter keeps long chains, where copying a critique is hardest
@@ -316,16 +339,18 @@ class BuildSettings:
     n_test: int = 200
     samples: int = 16             # samples per problem for the difficulty filter (Avg@16)
     max_correct: int = 4          # keep problems with at most this many correct (Avg@16 < 5/16)
-    max_new_tokens: int = 96      # the longest trace (4 "words" steps) is ~85 tokens
+    max_new_tokens: int = 64      # THE length budget: filter, training and evaluation all use it
+                                  # (v1 filtered at 96 and trained at 64); a 4-step plain trace
+                                  # is ~46 tokens
     score_batch: int = 1024       # rows per generate() call when scoring
 
 
 # ---------------------------------------------------------------------------------------------
 # Pretraining mixture. The prompts come from contexts.py, so training later sees exactly them.
 
-def corrupted_attempt(rng, question):
+def corrupted_attempt(rng, question, styles=STYLES):
     """A rollout to critique: correct (A), a step dropped (B), truncated (C) or wrong (D)."""
-    style, steps = rng.choice(STYLES), chain_steps(question)
+    style, steps = rng.choice(styles), chain_steps(question)
     case = rng.choices("ABCD", weights=(0.15, 0.05, 0.2, 0.6))[0]
     if case == "B":
         texts = [format_step(*s, style) for s in steps]
@@ -346,17 +371,47 @@ def corrupted_attempt(rng, question):
     return solve(question, style)
 
 
+def departing_trace(rng, question, style):
+    """A response that follows the chain (the critique's route) up to a random step, writes a wrong
+    result there and then continues correctly *from its own wrong value*, as a solver that
+    slipped would: (text, (start, end)), the character span of the wrong result."""
+    steps = chain_steps(question)
+    bad = rng.randrange(len(steps))
+    texts, value, span = [], steps[0][0], None
+    for i, (_, op, b, r) in enumerate(steps):
+        result = apply(value, op, b)
+        if i == bad:
+            result = rng.choice([x for x in (result - 10, result - 2, result - 1, result + 1,
+                                             result + 2, result + 10) if x >= 0])
+        step = format_step(value, op, b, result, style)
+        if i == bad:  # where the wrong result sits inside the rendered trace
+            head = render_steps(texts + [step], "")[:-len(f" {ANSWER} ")]
+            m = re.fullmatch(STEP_PATTERNS[[p[0] for p in STEP_PATTERNS].index(style)][1], step)
+            span = (len(head) - len(step) + m.start("r"), len(head) - len(step) + m.end("r"))
+        texts.append(step)
+        value = result
+    return render_steps(texts, str(value)), span
+
+
 def training_example(rng, tok, settings):
-    """(prompt_ids, response_ids) for one example of the mixture; response ends with eos."""
+    """(prompt_ids, response_ids, no_loss): one example of the mixture; the response ends with
+    eos; no_loss is a (start, end) range of response tokens that carry no loss, or None."""
     kind = rng.choices(["plain", "critique", "reference"], weights=settings.mix)[0]
     question = random_question(rng, settings.critique_min_ops if kind == "critique" else MIN_OPS)
-    target = solve(question, rng.choice(STYLES))  # the model's own trace, unless replaced below
+    style = rng.choice(settings.styles)
+    target, no_loss = solve(question, style), None  # the model's own trace, unless replaced below
     if kind == "plain":
         prompt = student_prompt_ids(tok, question, prompts="toy", thinking=False)
     elif kind == "critique":
         gold = str(chain_steps(question)[-1][3])
-        target = rule_critique(question, corrupted_attempt(rng, question), gold)
-        prompt = teacher_prompt_ids(tok, question, target, "critique", prompts="toy",
+        critique = rule_critique(question, corrupted_attempt(rng, question, settings.styles), gold)
+        target = critique
+        if rng.random() < settings.recovery:  # the response leaves the critique at one step
+            critique_style = response_style(critique)
+            target, (start, end) = departing_trace(rng, question, critique_style)
+            count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
+            no_loss = (count(target[:start]), count(target[:end]))
+        prompt = teacher_prompt_ids(tok, question, critique, "critique", prompts="toy",
                                     thinking=False)
     else:  # mostly the default reference, sometimes the other knob settings
         order, phrasing = ("grouped", "other") if rng.random() < 0.7 else rng.choice(
@@ -366,7 +421,7 @@ def training_example(rng, tok, settings):
             target = reference
         prompt = teacher_prompt_ids(tok, question, reference, "reference", prompts="toy",
                                     thinking=False)
-    return prompt, tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    return prompt, tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id], no_loss
 
 
 def batches(rng, tok, settings, bucket=64):
@@ -380,13 +435,16 @@ def batches(rng, tok, settings, bucket=64):
 
 
 def response_loss(model, batch, pad_id):
-    """Mean cross-entropy over response tokens only (prompt and padding carry no loss)."""
-    rows = build_rows([p for p, _ in batch], [r for _, r in batch], pad_id)
+    """Mean cross-entropy over response tokens only (prompt, padding and no_loss spans carry none)."""
+    rows = build_rows([p for p, _, _ in batch], [r for _, r, _ in batch], pad_id)
     T = rows["response_mask"].shape[1]
     logits = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"],
                    position_ids=rows["position_ids"]).logits[:, -T - 1:-1]  # (B, T, V)
     targets = rows["input_ids"][:, -T:]                                        # (B, T)
-    mask = rows["response_mask"]
+    mask = rows["response_mask"].clone()
+    for b, (_, response, no_loss) in enumerate(batch):
+        if no_loss:  # responses are right-aligned in the (B, T) grid
+            mask[b, T - len(response) + no_loss[0]:T - len(response) + no_loss[1]] = False
     return torch.nn.functional.cross_entropy(logits[mask], targets[mask])
 
 
@@ -464,6 +522,97 @@ def response_style(text):
     return step[4] if step else "none"
 
 
+def trace_stats(texts, correct):
+    """What a toy response gets right, to attribute a change in accuracy (eval.py logs these):
+    step_arith: share of parsed steps whose written result is right for their written operands;
+    step_chain: share of steps after the first whose first operand is the previous written result;
+    answer_own: share of responses with steps and an answer whose answer is their last result;
+    styles: share of responses per style of the first step; style_accuracy: accuracy per style."""
+    arith, chain, own, styles, hits = [], [], [], Counter(), Counter()
+    for text, ok in zip(texts, correct):
+        style = response_style(text)
+        styles[style] += 1
+        hits[style] += bool(ok)
+        try:
+            steps, answer = parse_steps(text)
+        except ValueError:
+            continue
+        parsed = [parse_step(t) for t in steps]
+        for i, step in enumerate(parsed):
+            if step is None:
+                continue
+            arith.append(apply(*step[:3]) == step[3])
+            if i and parsed[i - 1]:
+                chain.append(step[0] == parsed[i - 1][3])
+        if answer is not None and parsed and parsed[-1]:
+            own.append(answer == str(parsed[-1][3]))
+    mean = lambda flags: sum(flags) / len(flags) if flags else None
+    return {"step_arith": mean(arith), "step_chain": mean(chain), "answer_own": mean(own),
+            "styles": {k: v / len(texts) for k, v in styles.most_common()},
+            "style_accuracy": {k: hits[k] / v for k, v in styles.most_common()}}
+
+
+def result_offset(text, k):
+    """Character offset of the result of step k (0-based) in a step-tagged text, or None."""
+    tags = list(re.finditer(r"<step_\d+>\s*", text))
+    if k >= len(tags):
+        return None
+    end = tags[k + 1].start() if k + 1 < len(tags) else text.find("<answer>", tags[k].end())
+    body = text[tags[k].end():end if end >= 0 else len(text)].rstrip()
+    for _, pattern, _ in STEP_PATTERNS:
+        m = re.fullmatch(pattern, body)
+        if m:
+            return tags[k].end() + m.start("r")
+    return None
+
+
+@torch.inference_mode()
+def after_error_mass(model, tok, rollouts, limit=600):
+    """How the critique-conditioned teacher reads a student's error. For wrong rollouts, at each
+    result after the first wrong step whose state-consistent value (right for the rollout's own
+    operands) and the critique's value start with different digits: the teacher's probability of
+    each first digit. v1's teacher put 0.89 on the critique's and 0.08 on the state's.
+    rollouts: (question, response text) pairs. Returns {n, state_mass, critique_mass}."""
+    probes = []  # (prompt ids + response prefix ids, state digit id, critique digit id)
+    for question, text in rollouts:
+        try:
+            steps = [parse_step(t) for t in parse_steps(text)[0]]
+        except ValueError:
+            continue
+        chain = chain_steps(question)
+        if not all(steps) or len(steps) > len(chain):
+            continue
+        first = next((i for i, st in enumerate(steps) if st[:4] != chain[i]), None)
+        if first is None:
+            continue
+        critique = rule_critique(question, text, str(chain[-1][3]))
+        prompt = teacher_prompt_ids(tok, question, critique, "critique", prompts="toy", thinking=False)
+        for k in range(first + 1, len(steps)):
+            state, told = str(apply(*steps[k][:3])), str(chain[k][3])
+            offset = result_offset(text, k)
+            if offset is None or state[0] == told[0]:
+                continue
+            prefix = tok(text[:offset], add_special_tokens=False)["input_ids"]
+            probes.append((prompt + prefix, tok.convert_tokens_to_ids(state[0]),
+                           tok.convert_tokens_to_ids(told[0])))
+        if len(probes) >= limit:
+            break
+    if not probes:
+        return {"n": 0, "state_mass": None, "critique_mass": None}
+    state_mass, critique_mass = [], []
+    for i in range(0, len(probes), 256):
+        part = probes[i:i + 256]
+        width = max(len(p) for p, _, _ in part)
+        ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p, _, _ in part])
+        mask = (ids != tok.pad_token_id).long()
+        probs = model(input_ids=ids, attention_mask=mask,
+                      position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1].softmax(-1)
+        state_mass += probs[torch.arange(len(part)), [s for _, s, _ in part]].tolist()
+        critique_mass += probs[torch.arange(len(part)), [c for _, _, c in part]].tolist()
+    return {"n": len(probes), "state_mass": sum(state_mass) / len(probes),
+            "critique_mass": sum(critique_mass) / len(probes)}
+
+
 def build_data(model, tok, settings, progress=True):
     """Score fresh problems until n_train + n_test pass the difficulty filter; measure the base."""
     from tqdm import tqdm
@@ -471,17 +620,19 @@ def build_data(model, tok, settings, progress=True):
     need = settings.n_train + settings.n_test
     per_call = max(1, min(settings.score_batch // settings.samples, need))  # problems per call
     pool = generate_problems(40 * need + per_call, settings.seed + 1)
-    kept, records, styles = [], [], Counter()  # records: (operations, share correct) per problem
+    kept, records, styles, hits = [], [], Counter(), Counter()  # records: (operations, share correct)
     bar = tqdm(total=need, desc="filter", disable=not progress)
     while len(kept) < need:
         chunk = pool[len(records):len(records) + per_call]
         if not chunk:
             raise RuntimeError(f"only {len(kept)} of {len(pool)} problems passed the filter")
         for problem, texts in zip(chunk, score(model, tok, chunk, settings)):
-            hits = sum(is_correct(t, problem["answer"]) for t in texts)
-            records.append((len(parse_question(problem["question"])[1]), hits / len(texts)))
-            styles.update(response_style(t) for t in texts)
-            if hits <= settings.max_correct and len(kept) < need:
+            flags = [is_correct(t, problem["answer"]) for t in texts]
+            records.append((len(parse_question(problem["question"])[1]), sum(flags) / len(texts)))
+            for t, ok in zip(texts, flags):
+                styles[response_style(t)] += 1
+                hits[response_style(t)] += ok
+            if sum(flags) <= settings.max_correct and len(kept) < need:
                 kept.append((problem, texts))
                 bar.update(1)
     bar.close()
@@ -493,6 +644,10 @@ def build_data(model, tok, settings, progress=True):
              "kept_by_ops": dict(sorted(Counter(str(len(parse_question(p["question"])[1]))
                                                for p, _ in kept).items())),
              "style_mix": {k: v / sum(styles.values()) for k, v in styles.most_common()},
+             "style_accuracy": {k: hits[k] / v for k, v in styles.most_common()},
+             "teacher_after_error": after_error_mass(
+                 model, tok, [(p["question"], t) for p, texts in kept for t in texts
+                              if not is_correct(t, p["answer"])]),
              **follow_rates(model, tok, kept, settings)}
     return [p for p, _ in kept[:settings.n_train]], [p for p, _ in kept[settings.n_train:]], stats
 
@@ -598,12 +753,39 @@ def summary(root):
             f"built in {info['seconds']['total']} s (pretraining {info['seconds']['pretrain']} s)")
 
 
+def probe(root=WORLD, samples=4, seed=0):
+    """Measure a built world's base model on its test set: trace statistics and how its teacher
+    reads a student's error (after_error_mass). Runs on the v1 world too."""
+    from transformers import AutoModelForCausalLM
+    info = json.load(open(os.path.join(root, "build.json")))
+    settings = BuildSettings(**{**asdict(BuildSettings()), **info["settings"], "samples": samples})
+    out = paths(root)
+    tok, model = make_tokenizer(), AutoModelForCausalLM.from_pretrained(out["model_dir"]).eval()
+    problems = [json.loads(line) for line in open(out["test"])]
+    torch.manual_seed(seed)
+    texts = score(model, tok, problems, settings)
+    flat = [(p, t) for p, group in zip(problems, texts) for t in group]
+    correct = [is_correct(t, p["answer"]) for p, t in flat]
+    stats = trace_stats([t for _, t in flat], correct)
+    stats["accuracy"] = sum(correct) / len(correct)
+    stats["teacher_after_error"] = after_error_mass(
+        model, tok, [(p["question"], t) for (p, t), ok in zip(flat, correct) if not ok])
+    return stats
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Build the toy world (base model + data).")
-    parser.add_argument("command", choices=["build"])
+    parser = argparse.ArgumentParser(description="Build the toy world (base model + data), or probe a built one.")
+    parser.add_argument("command", choices=["build", "probe"])
     parser.add_argument("--force", action="store_true", help="rebuild a complete folder too")
     parser.add_argument("--root", default=WORLD)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (one when the cores are busy)")
+    parser.add_argument("--recovery", type=float, help="build: share of departing critique examples "
+                        "(default %(default)s = BuildSettings; 0 = the v1 teacher)")
     args = parser.parse_args()
-    ensure_built(args.root, progress=True, force=args.force, threads=args.threads)
-    print(summary(args.root))
+    if args.command == "probe":
+        torch.set_num_threads(args.threads)
+        print(json.dumps(probe(args.root), indent=1))
+    else:
+        settings = BuildSettings(**({} if args.recovery is None else {"recovery": args.recovery}))
+        ensure_built(args.root, progress=True, force=args.force, settings=settings, threads=args.threads)
+        print(summary(args.root))

@@ -387,7 +387,8 @@ def fake_evaluation(monkeypatch):
     monkeypatch.setattr(selfdistill, "load_model", lambda cfg, path, device: (torch.nn.Linear(1, 1), None))
 
     def sample_answers(model, tokenizer, cfg, device, records, n, temperature, desc):
-        return [(["2"] * n, [r["answer"] == "2"] * n, [3] * n, [False] * n, r["answer"]) for r in records]
+        return [(["2"] * n, [r["answer"] == "2"] * n, [3] * n, [False] * n, r["answer"], ["<answer> 2"] * n)
+                for r in records]
     monkeypatch.setattr(ev, "sample_answers", sample_answers)
 
 
