@@ -9,6 +9,7 @@ step-aligned critique). Both score the *same* response tokens y, so a row is bui
 Padding is on the left only (never between prompt and response), so every response ends at the
 last column and response token t of row b sits at column L - len(y_b) + t in both rows.
 """
+import bisect
 import re
 
 import torch
@@ -221,3 +222,54 @@ def departure_index(response_ids, critique_ids):
     the verbatim prefix tokenises as the response did, up to a token at the boundary."""
     n = min(len(response_ids), len(critique_ids))
     return next((t for t in range(n) if response_ids[t] != critique_ids[t]), n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where each step sits among a response's tokens (for the per-token advantage A_t).
+
+def token_pieces(tokenizer, ids):
+    """The text each token adds to the decoded response (prefix decodes, so pieces join up)."""
+    prefixes = [tokenizer.decode(ids[:t], skip_special_tokens=False) for t in range(len(ids) + 1)]
+    return [prefixes[t + 1][len(prefixes[t]):] for t in range(len(ids))]
+
+
+def step_regions(pieces, wrong_step):
+    """Token indices where each tag starts, and the masks prefix / wrong step / after (or None
+    when the wrong step's tag is not found). The wrong step is its text after the tag, up to the
+    next tag; its tag counts as prefix (the critique has the same tag)."""
+    starts = [0]
+    for piece in pieces:
+        starts.append(starts[-1] + len(piece))
+    tags = [(m.group(1), bisect.bisect_right(starts, m.start()) - 1, bisect.bisect_left(starts, m.end()))
+            for m in re.finditer(r"<step_(\d+)>|<answer>", "".join(pieces))]
+    boundaries = [first for _, first, _ in tags]
+    wrong = next((i for i, (number, _, _) in enumerate(tags) if number == str(wrong_step + 1)), None)
+    if wrong is None:
+        return boundaries, None
+    body_start = tags[wrong][2]
+    body_end = tags[wrong + 1][1] if wrong + 1 < len(tags) else len(pieces)
+    position = torch.arange(len(pieces))
+    masks = (position < body_start, (position >= body_start) & (position < body_end), position >= body_end)
+    return boundaries, masks
+
+
+def advantage_stats(tokenizer, responses, advantages, texts, critiques):
+    """`analysis/*` for the training log: mean A_t = log π_T(ŷ_t) − log π_θ(ŷ_t) over all distilled
+    tokens, and over the wrong rollouts' correct prefix, first wrong step and the rest (the first
+    step where rollout and critique differ; rollouts whose step cannot be located are left out)."""
+    sums = {"prefix": [], "wrong": [], "after": []}
+    for ids, A, text, critique in zip(responses, advantages, texts, critiques):
+        wrong = first_differing_step(text, critique)
+        if wrong is None:
+            continue
+        _, masks = step_regions(token_pieces(tokenizer, ids), wrong)
+        if masks is None:
+            continue
+        for name, m in zip(sums, masks):
+            sums[name].append(A[m])
+    out = {"analysis/A_mean": torch.cat(advantages).mean().item() if advantages else None,
+           "analysis/rollouts": len(sums["wrong"])}
+    for name, parts in sums.items():
+        values = torch.cat(parts) if parts else torch.zeros(0)
+        out[f"analysis/A_{name}"] = values.mean().item() if values.numel() else None
+    return out

@@ -14,7 +14,7 @@ reproduce, condense, finish; D wrong → copy the correct steps verbatim up to t
 fix that step, finish. Every critic has one call, `critic(questions, responses, solutions,
 answers) -> list[str | None]` (None: the call failed), and a `check()` the trainer runs at start:
 
-    RuleCritic()                        the toy world's program (toy.rule_critique)
+    toy.RuleCritic()                    the toy world's program (toy.rule_critique)
     HFCritic(model_path, ...)           a local Hugging Face causal LM, greedy
     HTTPCritic(base_url, model, ...)    an OpenAI-compatible /chat/completions server, temperature 0
 
@@ -34,6 +34,8 @@ from fractions import Fraction
 
 import torch
 
+import common
+from common import UserError
 from contexts import check_chat_template, parse_steps, render_prompt
 
 log = logging.getLogger("critic")
@@ -220,18 +222,6 @@ def critic_prompt(question, response, solution, answer):
 # Critics
 
 
-class RuleCritic:
-    """The toy world's critic: a program that applies the four cases exactly."""
-
-    def check(self):
-        pass
-
-    def __call__(self, questions, responses, solutions, answers):
-        import toy  # lazily: only the toy world needs it
-        return [toy.rule_critique(q, r, a)
-                for q, r, a in zip(questions, responses, answers, strict=True)]
-
-
 class HFCritic:
     """A frozen local Hugging Face causal LM: eval mode, no grad, greedy, batched, left-padded."""
 
@@ -245,9 +235,8 @@ class HFCritic:
             dtype=dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype),
             trust_remote_code=trust_remote_code).to(device).eval().requires_grad_(False)
         self.device, self.max_new_tokens, self.batch_size = device, max_new_tokens, batch_size
-        self.pad_id = self.tokenizer.pad_token_id
-        if self.pad_id is None:
-            self.pad_id = self.tokenizer.eos_token_id
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
         eos = self.model.generation_config.eos_token_id
         self.stop_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
         self.stop_ids.discard(None)
@@ -255,23 +244,14 @@ class HFCritic:
     def check(self):
         pass
 
-    @torch.no_grad()
     def generate(self, prompts):
         """Greedy completions of a few prompts, decoded with special tokens kept (the think tags
         are special in some tokenizers and clean_critique needs them)."""
         ids = [render_prompt(self.tokenizer, p, thinking=True) for p in prompts]
-        L = max(len(x) for x in ids)
-        input_ids = torch.tensor([[self.pad_id] * (L - len(x)) + x for x in ids])
-        attention_mask = torch.tensor([[0] * (L - len(x)) + [1] * len(x) for x in ids])
-        out = self.model.generate(input_ids=input_ids.to(self.device),
-                                  attention_mask=attention_mask.to(self.device),
-                                  max_new_tokens=self.max_new_tokens, do_sample=False,
-                                  pad_token_id=self.pad_id)
-        texts = []
-        for row in out[:, L:].tolist():
-            stop = next((i for i, t in enumerate(row) if t in self.stop_ids), len(row))
-            texts.append(self.tokenizer.decode(row[:stop], skip_special_tokens=False))
-        return texts
+        out, truncated = common.generate(self.model, self.tokenizer, ids, self.max_new_tokens, temperature=0,
+                                         batch_size=len(ids), stop=self.stop_ids)
+        return [self.tokenizer.decode(row if cut else row[:-1], skip_special_tokens=False)
+                for row, cut in zip(out, truncated)]
 
     def __call__(self, questions, responses, solutions, answers):
         prompts = [critic_prompt(*item) for item in zip(questions, responses, solutions, answers,
@@ -382,7 +362,28 @@ class HTTPCritic:
 
 
 def make_critic(kind, **settings):
-    critics = {"rule": RuleCritic, "hf": HFCritic, "http": HTTPCritic}
+    critics = {"hf": HFCritic, "http": HTTPCritic}
     if kind not in critics:
         raise ValueError(f"unknown critic {kind!r}; expected one of {', '.join(critics)}")
     return critics[kind](**settings)
+
+
+def from_config(cfg, device):
+    """The frozen model critic (hf or http) of a run's config, checked once (one-line errors).
+    The toy world's rule critic is toy.RuleCritic."""
+    settings = {
+        "hf": dict(model_path=cfg.critic_model, device=str(device), dtype=cfg.dtype,
+                   max_new_tokens=cfg.critic_max_new_tokens, trust_remote_code=cfg.trust_remote_code),
+        "http": dict(base_url=cfg.critic_url, model=cfg.critic_model, api_key_env=cfg.critic_api_key_env,
+                     timeout=cfg.critic_timeout, retries=cfg.critic_retries,
+                     max_tokens=cfg.critic_max_new_tokens),
+    }[cfg.critic]
+    try:
+        judge = make_critic(cfg.critic, **settings)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the critic '{cfg.critic_model}': {str(e).splitlines()[0]}") from None
+    try:
+        judge.check()
+    except (ConnectionError, ValueError) as e:
+        raise UserError(str(e).splitlines()[0]) from None
+    return judge

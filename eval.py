@@ -46,10 +46,12 @@ from collections import Counter
 import torch
 import yaml
 
+import common
 import contexts
 import critic
-import selfdistill
-from selfdistill import UserError
+import selfdistill  # the method: Config, what the teacher sees
+import toy
+from common import UserError, read_jsonl
 
 METRICS = ("avg", "pass", "maj", "length", "unparseable", "truncated")
 
@@ -125,11 +127,11 @@ def load_run_config(run_dir):
         raise UserError(f"run folder {run_dir} does not exist")
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(path):
-        has = "checkpoints but" if selfdistill.checkpoint_dirs(run_dir) else "no checkpoints and"
+        has = "checkpoints but" if common.checkpoint_dirs(run_dir) else "no checkpoints and"
         raise UserError(f"{run_dir} has {has} no config.yaml: not a selfdistill run folder")
     with open(path) as f:
         try:
-            return selfdistill.Config(**(yaml.safe_load(f) or {}))
+            return selfdistill.Config(**(yaml.safe_load(f) or {}))  # a resolved config: nothing to derive
         except TypeError as e:
             raise UserError(f"{path} does not match selfdistill.Config: {e}") from None
 
@@ -149,7 +151,7 @@ def load_adapter(model, checkpoint):
 def checkpoint_steps(run_dir):
     """{step: checkpoint folder}, with step 0 = the base model (no folder)."""
     steps = {0: None}
-    for path in selfdistill.checkpoint_dirs(run_dir):
+    for path in common.checkpoint_dirs(run_dir):
         steps[int(os.path.basename(path).split("_")[1])] = path
     return steps
 
@@ -161,8 +163,8 @@ def sample_answers(model, tokenizer, cfg, device, records, n, temperature, desc)
                for r in records for _ in range(n)]
     responses, truncated = [], []
     for i in tqdm(range(0, len(prompts), cfg.generation_batch), desc=desc, leave=False):
-        ids, cut = selfdistill.generate(model, tokenizer, prompts[i:i + cfg.generation_batch], cfg,
-                                        device, temperature=temperature)
+        ids, cut = common.generate(model, tokenizer, prompts[i:i + cfg.generation_batch], cfg.max_new_tokens,
+                                   temperature, cfg.top_p, cfg.top_k, cfg.generation_batch)
         responses, truncated = responses + ids, truncated + cut
     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
     lengths = [len(r) - (not cut) for r, cut in zip(responses, truncated)]  # EOS not counted
@@ -206,13 +208,6 @@ def reusable_base_row(run_dir, key):
     return None
 
 
-def read_jsonl(path):
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def evaluate_run(run_dir, samples=None, questions=None, temperature=None, k=None, model=None,
                  tokenizer=None):
     """Evaluate step 0 and every checkpoint not yet in RUN_DIR/eval.jsonl with these settings;
@@ -224,8 +219,8 @@ def evaluate_run(run_dir, samples=None, questions=None, temperature=None, k=None
     if not 1 <= k <= n:
         raise UserError(f"k = {k} must lie in 1..samples ({n})")
     temperature = temperature or cfg.temperature
-    model_path, _, test_path = selfdistill.resolve_paths(cfg)
-    records = selfdistill.load_jsonl(test_path)
+    model_path, _, test_path = toy.resolve_paths(cfg)
+    records = common.load_jsonl(test_path, normalize=critic.normalize_answer)
     records = records[:questions or cfg.eval_questions or len(records)]
     setting = {"n": n, "k": k, "questions": len(records), "temperature": temperature}
     path = os.path.join(run_dir, "eval.jsonl")
@@ -234,15 +229,15 @@ def evaluate_run(run_dir, samples=None, questions=None, temperature=None, k=None
     if len(checkpoint_steps(run_dir)) == 1:
         print(f"{run_dir} has no checkpoints yet: step 0 (the base model) only")
     if todo:
-        device = next(model.parameters()).device if model is not None else selfdistill.pick_device(cfg)
+        device = next(model.parameters()).device if model is not None else common.pick_device(cfg)
     key = base_key(cfg, model_path, test_path, setting)
     for step, checkpoint in sorted(todo.items()):
         if step == 0 and (row := reusable_base_row(run_dir, key)):
             print(f"step 0: the base model's evaluation reused from {row['reused_from']} (same base_key)")
-            selfdistill.append_jsonl(path, row)
+            common.append_jsonl(path, row)
             continue
         if model is None:
-            model, tokenizer = selfdistill.load_model(cfg, model_path, device)
+            model, tokenizer = common.load_model(cfg, model_path, device)
         load_adapter(model, checkpoint)
         torch.manual_seed(cfg.seed)  # the same random numbers at every step (see docstring, 2)
         scored = sample_answers(model, tokenizer, cfg, device, records, n, temperature, f"step {step}")
@@ -251,7 +246,7 @@ def evaluate_run(run_dir, samples=None, questions=None, temperature=None, k=None
             row["toy"] = toy_instruments(scored)
         if step == 0:
             row["base_key"] = key
-        selfdistill.append_jsonl(path, row)
+        common.append_jsonl(path, row)
     rows = sorted((r for r in read_jsonl(path) if all(r.get(f) == v for f, v in setting.items())),
                   key=lambda r: r["step"])
     print_summary(rows, run_dir)
@@ -292,11 +287,11 @@ def load_compared_run(run_dir):
 
 
 def non_default(config):
-    """Settings that differ from the defaults of its context (derived defaults included)."""
-    defaults = dataclasses.asdict(selfdistill.Config(context=config["context"]))
-    defaults["samples_per_question"] = 8 if config["context"] == "grpo" else 1
+    """Settings that differ from the defaults of its arm (derived defaults included)."""
+    defaults = dataclasses.asdict(selfdistill.resolve(selfdistill.Config(
+        arm=config["arm"], model=config["model"], max_new_tokens=config["max_new_tokens"])))
     return {key: value for key, value in config.items()
-            if key not in SAME_ARM_IGNORES and key != "context" and value != defaults.get(key)}
+            if key not in SAME_ARM_IGNORES and key != "arm" and value != defaults.get(key)}
 
 
 def pool_arm(runs):
@@ -355,7 +350,7 @@ def compare_runs(run_dirs):
     shared = {k: v for k, v in extras[0].items() if all(e.get(k, object()) == v for e in extras)}
     result = []
     for runs, extra in zip(arms.values(), extras):
-        label = " ".join([runs[0][0]["context"]] + [f"{k}={v}" for k, v in extra.items() if k not in shared])
+        label = " ".join([runs[0][0]["arm"]] + [f"{k}={v}" for k, v in extra.items() if k not in shared])
         k = next(iter(runs[0][1].values()))["k"]
         result.append({"label": label, "seeds": sorted(c["seed"] for c, _ in runs), "k": k,
                        "rollouts_per_step": runs[0][0]["batch_size"] * runs[0][0]["samples_per_question"],
@@ -441,11 +436,9 @@ def response_logp(model, cfg, prompts, responses, pad_id, device):
         part = responses[i:i + cfg.micro_batch]
         rows = contexts.build_rows(prompts[i:i + cfg.micro_batch], part, pad_id)
         mask = rows["response_mask"].to(device)  # (B, T), responses right-aligned
-        hidden = selfdistill.response_hidden(model, rows, mask.shape[1], device)[mask]  # (N, d)
+        hidden = common.response_hidden(model, rows, mask.shape[1], device)[mask]  # (N, d)
         ids = rows["input_ids"][:, -mask.shape[1]:].to(device)[mask]  # (N,) the tokens ŷ_t
-        logp = torch.cat([(hidden[j:j + cfg.chunk_size] @ weight.T).float().div(cfg.logit_temperature)
-                          .log_softmax(-1).gather(-1, ids[j:j + cfg.chunk_size, None]).squeeze(-1)
-                          for j in range(0, len(ids), cfg.chunk_size)])  # (N,)
+        logp = common.token_log_probs(hidden, weight, ids, cfg.chunk_size, cfg.logit_temperature)  # (N,)
         out += list(logp.cpu().split([len(r) for r in part]))  # row-major: one piece per response
     return out
 
@@ -511,7 +504,8 @@ def wrong_rollouts(model, tokenizer, cfg, device, records, judge, limit):
         fresh = [i for i, r in enumerate(batch) if "response_ids" not in r]
         prompts = [contexts.student_prompt_ids(tokenizer, batch[i]["question"], cfg.prompts,
                                                cfg.student_thinking) for i in fresh]
-        sampled = dict(zip(fresh, selfdistill.generate(model, tokenizer, prompts, cfg, device)[0])) if fresh else {}
+        sampled = dict(zip(fresh, common.generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature,
+                                                  cfg.top_p, cfg.top_k, cfg.generation_batch)[0])) if fresh else {}
         for i, record in enumerate(batch):
             ids = record.get("response_ids") or sampled[i]
             text = tokenizer.decode(ids, skip_special_tokens=True)
@@ -532,44 +526,18 @@ def analysis_contexts(cfg, item, kinds):
     """The context text of each kind for one rollout: the reference, the critique and the paper's
     two controls (contexts.critique_form). In the toy world the no-prefix control rewrites every
     step in the reference-only surface form (same route and values, another phrasing)."""
-    reference_cfg = dataclasses.replace(cfg, context="reference")
+    reference_cfg = dataclasses.replace(cfg, arm="reference")
     texts = {"reference": lambda: selfdistill.teacher_context(reference_cfg, item)}
     restyle = selfdistill.toy_restyle(cfg)
     return {kind: texts[kind]() if kind == "reference" else
             contexts.critique_form(kind, item["text"], item["critique"], restyle) for kind in kinds}
 
 
-def token_pieces(tokenizer, ids):
-    """The text each token adds to the decoded response (prefix decodes, so pieces join up)."""
-    prefixes = [tokenizer.decode(ids[:t], skip_special_tokens=False) for t in range(len(ids) + 1)]
-    return [prefixes[t + 1][len(prefixes[t]):] for t in range(len(ids))]
-
-
-def step_regions(pieces, wrong_step):
-    """Token indices where each tag starts, and the masks prefix / wrong step / after (or None
-    when the wrong step's tag is not found). The wrong step is its text after the tag, up to the
-    next tag; its tag counts as prefix (the critique has the same tag)."""
-    starts = [0]
-    for piece in pieces:
-        starts.append(starts[-1] + len(piece))
-    tags = [(m.group(1), bisect.bisect_right(starts, m.start()) - 1, bisect.bisect_left(starts, m.end()))
-            for m in re.finditer(r"<step_(\d+)>|<answer>", "".join(pieces))]
-    boundaries = [first for _, first, _ in tags]
-    wrong = next((i for i, (number, _, _) in enumerate(tags) if number == str(wrong_step + 1)), None)
-    if wrong is None:
-        return boundaries, None
-    body_start = tags[wrong][2]
-    body_end = tags[wrong + 1][1] if wrong + 1 < len(tags) else len(pieces)
-    position = torch.arange(len(pieces))
-    masks = (position < body_start, (position >= body_start) & (position < body_end), position >= body_end)
-    return boundaries, masks
-
-
 def analyze_rollouts(model, tokenizer, cfg, device, items, kinds=KINDS):
     """A_t under every context for each rollout: JSON-ready dicts (tokens, A per kind, step
     boundaries, wrong span, summary per kind). Rollouts whose wrong step cannot be located are dropped."""
-    pieces = [token_pieces(tokenizer, it["response_ids"]) for it in items]
-    located = [(it, p, *step_regions(p, it["wrong_step"])) for it, p in zip(items, pieces)]
+    pieces = [contexts.token_pieces(tokenizer, it["response_ids"]) for it in items]
+    located = [(it, p, *contexts.step_regions(p, it["wrong_step"])) for it, p in zip(items, pieces)]
     located = [entry for entry in located if entry[3] is not None]
     if not located:
         return []
@@ -604,18 +572,6 @@ def summarize_contexts(results, kinds):
         out[kind]["focus_pooled"] = {
             "mean": abs(wrong) / scale if wrong is not None and scale else None,
             "median_per_rollout": statistics.median(ratios) if ratios else None, "n": len(ratios)}
-    return out
-
-
-def training_analysis(model, tokenizer, cfg, device, records, critic, kinds=None):
-    """`analysis/<kind>/<stat>` means for selfdistill's log, on the wrong rollouts among `records`
-    (pass the step's own rollouts as `response_ids` + `critique` to need forward passes only)."""
-    kinds = kinds or [k for k in KINDS if k != "reference" or all("solution" in r for r in records)]
-    items = wrong_rollouts(model, tokenizer, cfg, device, records, critic, limit=len(records))
-    results = analyze_rollouts(model, tokenizer, cfg, device, items, kinds)
-    out = {"analysis/rollouts": len(results)}
-    for kind, stats in summarize_contexts(results, kinds).items():
-        out.update({f"analysis/{kind}/{stat}": s["mean"] for stat, s in stats.items()})
     return out
 
 
@@ -696,22 +652,20 @@ def analysis_config(target, overrides):
     # A model folder other than the toy's is taken for a chat model: instruct prompts by default.
     cfg = load_run_config(target) if is_run else selfdistill.Config(
         model=target, prompts="toy" if target == "toy" else "instruct")
-    for item in overrides:
-        key, _, value = item.partition("=")
-        selfdistill.check_key(key)
-        setattr(cfg, key, selfdistill.coerce(key, value, from_text=True))
+    for key, value in common.parse_overrides(selfdistill.Config, selfdistill.CHOICES, overrides).items():
+        setattr(cfg, key, value)
     return cfg, (target if is_run else None)
 
 
 def analyze(target, overrides=(), step=0, rollouts=8, out=None):
     cfg, run_dir = analysis_config(target, overrides)
-    device = selfdistill.pick_device(cfg)
-    model_path, _, test_path = selfdistill.resolve_paths(cfg)
-    records = selfdistill.load_jsonl(test_path, need_solution=cfg.model != "toy")
+    device = common.pick_device(cfg)
+    model_path, _, test_path = toy.resolve_paths(cfg)
+    records = common.load_jsonl(test_path, need_solution=cfg.model != "toy", normalize=critic.normalize_answer)
     steps = checkpoint_steps(run_dir) if run_dir else {0: None}
     if step not in steps:
         raise UserError(f"no checkpoint for step {step}; available: {sorted(steps)}")
-    model, tokenizer = selfdistill.load_model(cfg, model_path, device)
+    model, tokenizer = common.load_model(cfg, model_path, device)
     load_adapter(model, steps[step])
     torch.manual_seed(cfg.seed)
     items = wrong_rollouts(model, tokenizer, cfg, device, records, selfdistill.make_judge(cfg, device), rollouts)
@@ -776,8 +730,8 @@ def prepare(input_path, overrides=(), out="data/omr", test_size=30, samples=16, 
     valid critique reaching the expected answer. Writes OUT/train.jsonl, OUT/test.jsonl, OUT/prepare.json."""
     records, skipped = read_openmath(input_path)
     cfg, _ = analysis_config(overrides[0] if overrides else "toy", overrides[1:])
-    device = selfdistill.pick_device(cfg)
-    model, tokenizer = selfdistill.load_model(cfg, selfdistill.resolve_paths(cfg)[0], device)
+    device = common.pick_device(cfg)
+    model, tokenizer = common.load_model(cfg, toy.resolve_paths(cfg)[0], device)
     judge = selfdistill.make_judge(cfg, device)
     torch.manual_seed(seed)
     counts = Counter(input=len(records) + skipped, missing_fields=skipped)
@@ -789,7 +743,8 @@ def prepare(input_path, overrides=(), out="data/omr", test_size=30, samples=16, 
             continue
         # a wrong rollout in the step format, critiqued by the critic (greedy: one call suffices)
         prompt = contexts.student_prompt_ids(tokenizer, record["question"], cfg.prompts, cfg.student_thinking)
-        ids, _ = selfdistill.generate(model, tokenizer, [prompt] * 4, cfg, device)
+        ids, _ = common.generate(model, tokenizer, [prompt] * 4, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                 cfg.top_k, cfg.generation_batch)
         texts = [tokenizer.decode(r, skip_special_tokens=True) for r in ids]
         wrong = [t for t in texts if critic.reward(t, record["answer"]) == 0 and contexts.STEP_TAG.search(t)]
         if not wrong:
@@ -839,7 +794,7 @@ def main(argv=None):
     parser.add_argument("--rollouts", type=int, default=8, help="--analyze: wrong rollouts to show")
     parser.add_argument("--out", help="--analyze: output folder (default RUN/analysis or ./analysis)")
     args = parser.parse_args(argv)
-    with selfdistill.user_errors():
+    with common.user_errors():
         for flag in ("samples", "questions", "k"):
             if getattr(args, flag) is not None and getattr(args, flag) < 1:
                 raise UserError(f"--{flag} must be at least 1")

@@ -45,6 +45,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+import common
+import critic
 from contexts import (ANSWER_TAG as ANSWER, build_rows, parse_steps, render_steps,
                       student_prompt_ids, teacher_prompt_ids)
 
@@ -106,7 +108,7 @@ def generate_problems(n, seed):
 # Surface styles. A solution writes all its steps in one style, so the solver's correct steps
 # have idiosyncratic phrasing, as a real model's do. "prose" is written by references only.
 
-STYLES = ("plain", "spaced", "flipped", "words")
+STYLES = ("plain", "spaced", "flipped", "words", "arrow")
 REFERENCE_STYLE = "prose"
 
 INT = r"(?:0|-?[1-9]\d*)"  # canonical integers only (no "07", no "-0"): parsing round-trips
@@ -116,6 +118,7 @@ STEP_PATTERNS = [  # (style, pattern, op when the pattern spells it in words)
     ("spaced", rf"(?P<a>{INT}) (?P<op>[+-]) (?P<b>{NAT}) = (?P<r>{INT})", None),
     ("flipped", rf"(?P<r>{INT})=(?P<a>{INT})(?P<op>[+-])(?P<b>{NAT})", None),
     ("words", rf"add (?P<b>{NAT}) to (?P<a>{INT}): (?P<r>{INT})", "+"),
+    ("arrow", rf"(?P<a>{INT})(?P<op>[+-])(?P<b>{NAT}) -> (?P<r>{INT})", None),
     ("words", rf"take (?P<b>{NAT}) from (?P<a>{INT}): (?P<r>{INT})", "-"),
     ("prose", rf"(?P<a>{INT}) plus (?P<b>{NAT}) is (?P<r>{INT})", "+"),
     ("prose", rf"(?P<a>{INT}) minus (?P<b>{NAT}) is (?P<r>{INT})", "-"),
@@ -131,6 +134,8 @@ def format_step(a, op, b, result, style):
         return f"{result}={a}{op}{b}"
     if style == "words":
         return f"add {b} to {a}: {result}" if op == "+" else f"take {b} from {a}: {result}"
+    if style == "arrow":
+        return f"{a}{op}{b} -> {result}"
     if style == "prose":
         return f"{a} {'plus' if op == '+' else 'minus'} {b} is {result}"
     raise ValueError(f"unknown style {style!r}")
@@ -269,6 +274,16 @@ def rule_critique(question, response, gold_answer):
     return critique_case(question, response, gold_answer)[1]
 
 
+class RuleCritic:
+    """The toy world's frozen critic, with the interface of critic.py's model critics."""
+
+    def check(self):
+        pass
+
+    def __call__(self, questions, responses, solutions, answers):
+        return [rule_critique(q, r, a) for q, r, a in zip(questions, responses, answers, strict=True)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Tokenizer: one token per character, plus single-token chat specials and step tags.
 
@@ -324,9 +339,12 @@ class BuildSettings:
     decay: float = 0.25           # last share of the steps, lr decays linearly to lr / 10 (most of
                                   # the accuracy appears during this decay)
     mix: tuple = (0.5, 0.35, 0.15)  # shares of plain / critique / reference examples
-    styles: tuple = ("plain",)    # the solver's surface styles. v1 used all four of STYLES; their
-                                  # base accuracies differed (32 % vs 14 %), so GRPO could win by
-                                  # choosing a style. One style leaves arithmetic the only lever.
+    styles: tuple = ("plain", "spaced", "words", "arrow")  # the solver's surface styles. v1 had
+                                  # "flipped" (9=2+7: the result before its operands) instead of
+                                  # "arrow"; it was the hard one (14 % vs 23-32 %), so GRPO could
+                                  # win by choosing a style. Operands-first styles are equally hard
+                                  # (measured in build.json); one style alone made the 1 M solver
+                                  # 98 % right, far above the filter's regime.
     recovery: float = 0.3         # ASSUMPTION: share of critique examples whose response departs
                                   # from the critique at one step (a wrong result, no loss on it)
                                   # and continues correctly from its own state; 0 = v1's teacher,
@@ -339,9 +357,9 @@ class BuildSettings:
     n_test: int = 200
     samples: int = 16             # samples per problem for the difficulty filter (Avg@16)
     max_correct: int = 4          # keep problems with at most this many correct (Avg@16 < 5/16)
-    max_new_tokens: int = 64      # THE length budget: filter, training and evaluation all use it
-                                  # (v1 filtered at 96 and trained at 64); a 4-step plain trace
-                                  # is ~46 tokens
+    max_new_tokens: int = 96      # THE length budget: filter, training and evaluation all use it
+                                  # (v1 filtered at 96 but trained at 64, cutting "words" traces);
+                                  # the longest trace (4 "words" steps) is ~85 tokens
     score_batch: int = 1024       # rows per generate() call when scoring
 
 
@@ -386,7 +404,8 @@ def departing_trace(rng, question, style):
         step = format_step(value, op, b, result, style)
         if i == bad:  # where the wrong result sits inside the rendered trace
             head = render_steps(texts + [step], "")[:-len(f" {ANSWER} ")]
-            m = re.fullmatch(STEP_PATTERNS[[p[0] for p in STEP_PATTERNS].index(style)][1], step)
+            m = next(m for name, pattern, _ in STEP_PATTERNS if name == style
+                     for m in [re.fullmatch(pattern, step)] if m)
             span = (len(head) - len(step) + m.start("r"), len(head) - len(step) + m.end("r"))
         texts.append(step)
         value = result
@@ -475,32 +494,17 @@ def pretrain(model, tok, settings, progress=True):
 # ---------------------------------------------------------------------------------------------
 # Sampling and the difficulty filter.
 
-@torch.inference_mode()
-def sample(model, tok, prompts, max_new_tokens=96, temperature=1.0, batch_size=1024):
-    """One sampled response (text, specials stripped) per prompt, in big left-padded batches."""
-    texts = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        width = max(len(p) for p in chunk)
-        input_ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in chunk])
-        attention_mask = (torch.arange(width) >= torch.tensor(
-            [width - len(p) for p in chunk])[:, None]).long()
-        # A static KV cache: the default dynamic cache's concatenations made batches of 1024
-        # rows 4x slower on CPU. Plain sampling: no top-k or top-p.
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
-                             temperature=temperature, top_k=0, top_p=1.0,
-                             max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id, cache_implementation="static")
-        texts += tok.batch_decode(out[:, width:], skip_special_tokens=True)
-    return texts
+def sample(model, tok, prompts, max_new_tokens=64, temperature=1.0, batch_size=1024):
+    """One sampled response (text, specials stripped) per prompt, in big left-padded batches with a
+    static KV cache (common.generate)."""
+    responses, _ = common.generate(model, tok, prompts, max_new_tokens, temperature, batch_size=batch_size,
+                                   static_cache=True)
+    return tok.batch_decode(responses, skip_special_tokens=True)
 
 
 def is_correct(response, answer):
-    """The toy reward: the text after <answer> equals the gold answer (well-formed tags only)."""
-    try:
-        return parse_steps(response)[1] == answer
-    except ValueError:
-        return False
+    """The toy reward: critic.reward, the same check training uses."""
+    return critic.reward(response, answer) == 1.0
 
 
 def score(model, tok, problems, settings):
@@ -683,13 +687,17 @@ def paths(root):
             "test": os.path.join(root, "test.jsonl")}
 
 
-def write_atomic(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)  # a reader never sees half a file
-
-
 WORLD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_world")  # beside this file
+
+
+def resolve_paths(cfg):
+    """A run's model folder and data files; "toy" and empty paths mean the toy world (built if needed)."""
+    model, train, test = cfg.model, cfg.train_file, cfg.test_file
+    if model == "toy" or not train or not test:
+        built = ensure_built()
+        model = built["model_dir"] if model == "toy" else model
+        train, test = train or built["train"], test or built["test"]
+    return model, train, test
 
 
 def ensure_built(root=WORLD, progress=True, force=False, settings=None, threads=2):
@@ -731,7 +739,7 @@ def build(root, out, settings, progress, threads):
     train, test, stats = build_data(model, tok, settings, progress)
     assert not {p["question"] for p in train} & {p["question"] for p in test}
     for split, problems in [("train", train), ("test", test)]:
-        write_atomic(out[split], "".join(json.dumps(p) + "\n" for p in problems))
+        common.write_atomic(out[split], "".join(json.dumps(p) + "\n" for p in problems))
     info = {"settings": asdict(settings), "final_loss": round(final_loss, 4),
             "parameters": sum(p.numel() for p in model.parameters()),
             "seconds": {"pretrain": round(pretrain_s), "total": round(time.time() - start),
@@ -739,7 +747,7 @@ def build(root, out, settings, progress, threads):
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
             "threads": threads,
             "n_train": len(train), "n_test": len(test), **stats}
-    write_atomic(os.path.join(root, "build.json"), json.dumps(info, indent=1))  # last: complete
+    common.write_atomic(os.path.join(root, "build.json"), json.dumps(info, indent=1))  # last: complete
 
 
 def summary(root):

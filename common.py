@@ -1,0 +1,625 @@
+"""Plumbing every script needs and no reader of the method needs to see: user errors, config
+parsing and checking, device / model / tokenizer / data loading, the one `generate`, forward passes
+at response positions, run folders, checkpoints and resume, atomic writes, signals and timers.
+
+Imports flow one way: contexts ← common ← critic ← toy ← selfdistill ← eval (each file imports only
+files to its left); this file imports only contexts.py (prompts and rows) from the project.
+"""
+import argparse
+import contextlib
+import dataclasses
+import difflib
+import inspect
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import time
+
+import torch
+import yaml
+
+import contexts
+
+
+class UserError(Exception):
+    """A mistake in the user's input: printed as one line, no traceback."""
+
+
+@contextlib.contextmanager
+def user_errors():
+    """A user's mistake (or an unreachable critic) becomes one line on stderr and exit code 2;
+    SELFDISTILL_DEBUG=1 shows the traceback instead."""
+    try:
+        yield
+    except (UserError, ConnectionError) as e:
+        if os.environ.get("SELFDISTILL_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config: a dataclass of defaults (selfdistill.Config), overridden by YAML then key=value.
+
+TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def fields_of(cls):
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def field_help(cls):
+    """Each field's trailing comment, read from the class source (one source of truth)."""
+    out, fields = {}, fields_of(cls)
+    for line in inspect.getsource(cls).splitlines():
+        name, sep, rest = line.strip().partition(":")
+        if sep and name in fields and "#" in rest:
+            out[name] = rest.split("#", 1)[1].strip()
+    return out
+
+
+def check_key(cls, key):
+    if key not in fields_of(cls):
+        near = difflib.get_close_matches(key, fields_of(cls), n=1, cutoff=0.5)
+        hint = f" (did you mean '{near[0]}'?)" if near else " (see --help)"
+        raise UserError(f"unknown config key '{key}'{hint}")
+
+
+def coerce(cls, choices, key, value, from_text):
+    """Check (and, for command-line text, convert) one value against the field's type."""
+    kind = fields_of(cls)[key].type
+    kind = {"str": str, "int": int, "float": float, "bool": bool}.get(kind, kind)
+    if kind is float and isinstance(value, str):
+        from_text = True  # YAML reads 1e-3 (no dot) as a string; it is still a number
+    if from_text:
+        try:
+            if kind is bool:
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                value = value.lower() in ("true", "1", "yes")
+            else:
+                value = kind(value)
+        except ValueError:
+            raise UserError(f"config key '{key}' wants {TYPE_NAMES[kind]}, got '{value}'") from None
+    elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise UserError(f"config key '{key}' wants {TYPE_NAMES[kind]}, got {value!r} "
+                        f"({type(value).__name__})")
+    if key in choices and value not in choices[key]:
+        raise UserError(f"config key '{key}' must be one of {'|'.join(choices[key])}, got '{value}'")
+    return value
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice is an error instead of the last one winning."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if keys.count(key) > 1:
+                raise UserError(f"config key '{key}' is given twice (line {key_node.start_mark.line + 1})")
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml_config(path):
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path} not found")
+    try:
+        with open(path) as f:
+            loaded = yaml.load(f, Loader=UniqueKeyLoader) or {}
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise UserError(f"config file {path} is not valid YAML{line}") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"config file {path} must be a mapping of key: value")
+    return loaded
+
+
+def parse_overrides(cls, choices, items):
+    """key=value strings → {key: value}, each checked against the dataclass."""
+    values = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"expected key=value, got '{item}'")
+        check_key(cls, key)
+        values[key] = coerce(cls, choices, key, value, from_text=True)
+    return values
+
+
+def parse_command_line(cls, choices, argv, description):
+    """--config FILE.yaml, then --context/--run, then key=value overrides → {key: value}, checked."""
+    help_text, fields = field_help(cls), fields_of(cls)
+    epilog = "config fields (key=value):\n" + "\n".join(
+        f"  {name:<24} {fields[name].default!r:<12} {help_text.get(name, '')}" for name in fields)
+    parser = argparse.ArgumentParser(description=description, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--context", choices=choices["context"], help="the arm: what the teacher sees")
+    parser.add_argument("--config", help="YAML file of overrides")
+    parser.add_argument("--run", help="run name (rerun the same name to resume)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_intermixed_args(argv)  # key=value may come before and after the options
+    values = {}
+    if args.config:
+        for key, value in read_yaml_config(args.config).items():
+            check_key(cls, key)
+            values[key] = coerce(cls, choices, key, value, from_text=False)
+    values.update(parse_overrides(cls, choices, args.overrides))
+    values.update({k: v for k, v in (("context", args.context), ("run", args.run)) if v})
+    return values
+
+
+def check_consistency(cfg):
+    """Settings that are out of range, or each valid but contradicting one another."""
+    for key in ("batch_size", "micro_batch", "max_new_tokens", "chunk_size", "generation_batch",
+                "lora_r", "eval_samples", "samples_per_question", "checkpoint_every"):
+        if getattr(cfg, key) < 1:
+            raise UserError(f"config key '{key}' must be at least 1")
+    for key in ("max_steps", "weight_decay", "grad_clip", "top_k", "warmup_steps"):
+        if getattr(cfg, key) < 0:
+            raise UserError(f"config key '{key}' must be at least 0 (0 = off)")
+    if not cfg.lr > 0:
+        raise UserError("config key 'lr' must be positive")
+    if cfg.max_steps == 0 and not cfg.epochs > 0:
+        raise UserError("config key 'epochs' must be positive (or set max_steps)")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise UserError("config key 'lora_dropout' must lie in [0, 1)")
+    if not 0 < cfg.top_p <= 1:
+        raise UserError("config key 'top_p' must lie in (0, 1] (1 = off)")
+    if cfg.support == "topk" and cfg.topk < 1:
+        raise UserError("config key 'topk' must be at least 1 with support=topk")
+    if cfg.model != "toy" and (cfg.toy_order, cfg.toy_phrasing) != ("grouped", "other"):
+        raise UserError("config keys 'toy_order' and 'toy_phrasing' apply to model=toy only")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
+        raise UserError(f"config key 'device' must be auto, cpu, mps, cuda or cuda:N, got '{cfg.device}'")
+    G = cfg.samples_per_question
+    if cfg.arm == "grpo" and G < 2:
+        raise UserError("grpo needs samples_per_question >= 2 (the advantage is relative to the group)")
+    if (cfg.batch_size * G) % min(cfg.micro_batch, cfg.batch_size * G):
+        raise UserError(f"batch_size·samples_per_question = {cfg.batch_size * G} is not divisible "
+                        f"by micro_batch = {cfg.micro_batch}")
+    if not 0.0 <= cfg.jsd_alpha <= 1.0:
+        raise UserError("jsd_alpha must lie in [0, 1]")
+    if not 0.0 < cfg.ema_rate <= 1.0:
+        raise UserError("ema_rate must lie in (0, 1]")
+    if cfg.temperature <= 0 or cfg.logit_temperature <= 0:
+        raise UserError("temperature and logit_temperature must be positive")
+    if cfg.distill_span != "all" and not cfg.arm.startswith("critique"):
+        raise UserError("distill_span=through_first_divergence needs a critique arm (the span ends "
+                        "where the response leaves the critique's verbatim prefix)")
+    if cfg.support == "sampled" and cfg.divergence != "reverse":
+        raise UserError("support=sampled estimates reverse KL only; set divergence=reverse")
+    if cfg.critic == "http" and not cfg.critic_url and cfg.arm.startswith("critique"):
+        raise UserError("critic=http needs critic_url (e.g. http://127.0.0.1:8000/v1)")
+    if cfg.critic == "hf" and not cfg.critic_model and cfg.arm.startswith("critique"):
+        raise UserError("critic=hf needs critic_model (a folder or hub id)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Device, tokenizer, model (+ a fresh LoRA adapter), data.
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(cfg):
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={cfg.device} but no CUDA device is available; use device=cpu")
+    return torch.device(cfg.device)
+
+
+def load_tokenizer(path, trust_remote_code=False):
+    from transformers import AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a tokenizer from '{path}': not a model folder, and not "
+                        f"reachable on the hub ({type(e).__name__})") from None
+    try:
+        contexts.check_chat_template(tokenizer, path)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_model(cfg, path, device):
+    """The student: a causal LM with a fresh LoRA adapter (the only trainable weights)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    tokenizer = load_tokenizer(path, cfg.trust_remote_code)
+    try:
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype],
+                                                    trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a causal LM from '{path}': {str(e).splitlines()[0]}") from None
+    base.to(device)
+    torch.manual_seed(cfg.seed)  # LoRA init
+    targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+    names = [name for name, _ in base.named_modules()]
+    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unknown:
+        raise UserError(f"lora_targets: {', '.join(unknown)} match no module of {path}")
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        model = get_peft_model(base, lora)
+    except ValueError as e:
+        raise UserError(f"lora_targets={cfg.lora_targets!r} do not match the model's modules: "
+                        f"{str(e).splitlines()[0]}") from None
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    check_plain_head(model, device)
+    return model, tokenizer
+
+
+@torch.no_grad()
+def check_plain_head(model, device):
+    """We apply the LM head ourselves (hidden @ W^T); refuse models whose logits are anything else
+    (soft-capping, scaling, a bias), rather than train on a silently wrong distribution."""
+    ids = torch.arange(4, device=device)[None] % model.config.vocab_size
+    body = model.get_base_model().get_decoder()
+    hidden = body(input_ids=ids, use_cache=False).last_hidden_state
+    head = model.get_base_model().get_output_embeddings()
+    ours = hidden @ head.weight.T
+    theirs = model(input_ids=ids).logits
+    if head.bias is not None or not torch.allclose(ours.float(), theirs.float(), atol=1e-3, rtol=1e-3):
+        raise UserError("this model's logits are not a plain linear head of its last hidden state; "
+                        "selfdistill does not support it")
+
+
+def load_jsonl(path, need_solution=False, normalize=None):
+    """Records with question, answer, optional solution and id. A bad line is an error naming it;
+    so is a gold answer that `normalize` (critic.normalize_answer) turns into nothing."""
+    if not os.path.isfile(path):
+        raise UserError(f"dataset file {path} not found")
+    records = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); give a JSONL file, "
+                        f"one JSON object per line") from None
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("question"), str) \
+                or not record["question"].strip() or record.get("answer") in (None, ""):
+            raise UserError(f"{path}:{lineno}: each line needs a non-empty 'question' and 'answer'")
+        if need_solution and not isinstance(record.get("solution"), str):
+            raise UserError(f"{path}:{lineno}: context=reference needs a 'solution' on every line")
+        record["answer"] = str(record["answer"])
+        if normalize and normalize(record["answer"]) == "":
+            raise UserError(f"{path}:{lineno}: answer {record['answer']!r} is empty once LaTeX and "
+                            f"spaces are stripped; no response could ever match it")
+        record.setdefault("id", f"{os.path.basename(path)}:{lineno}")
+        records.append(record)
+    if not records:
+        raise UserError(f"dataset file {path} has no records")
+    return records
+
+
+def batch_for_step(n_records, batch_size, step, seed):
+    """Indices of the questions of one step: epochs are fresh permutations laid end to end, so the
+    data position is a function of (seed, step) and resuming needs no saved iterator."""
+    out = []
+    for position in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(position, n_records)
+        order = torch.randperm(n_records, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        out.append(int(order[offset]))
+    return out
+
+
+def step_seed(cfg, step):
+    """The torch seed of one step's sampling: a function of (seed, step), so resuming repeats it."""
+    return cfg.seed * 1_000_003 + step
+
+
+def lr_lambda(cfg, total_steps):
+    def factor(step):
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return {"constant": 1.0, "linear": 1.0 - progress,
+                "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[cfg.schedule]
+    return factor
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation: the one sampler (training rollouts, evaluation, the toy build, the HF critic).
+
+def eos_ids(model, tokenizer):
+    eos = model.generation_config.eos_token_id
+    eos = eos if eos is not None else tokenizer.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos])
+
+
+def sampling_config(tokenizer, stop, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+                    static_cache=False):
+    """temperature 0 = greedy. A static KV cache helps big batches of a tiny model on CPU (the
+    default dynamic cache's concatenations made batches of 1024 rows 4x slower there)."""
+    from transformers import GenerationConfig
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) \
+        if temperature > 0 else dict(do_sample=False)
+    return GenerationConfig(**sampling, max_new_tokens=max_new_tokens,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(stop),
+                            use_cache=True, remove_invalid_values=True,
+                            **({"cache_implementation": "static"} if static_cache else {}))
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+             batch_size=256, static_cache=False, stop=None):
+    """Sample one response per prompt (lists of ids): KV cache on, left padding, eval mode.
+    Returns (responses, truncated): ids up to and including the first stop id; truncated = none."""
+    stop = stop or eos_ids(model, tokenizer)
+    gen = sampling_config(tokenizer, stop, max_new_tokens, temperature, top_p, top_k, static_cache)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    responses, truncated = [], []
+    for i in range(0, len(prompts), batch_size):
+        batch = prompts[i:i + batch_size]
+        L = max(len(p) for p in batch)
+        input_ids = torch.full((len(batch), L), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), L), dtype=torch.long)
+        for b, p in enumerate(batch):
+            input_ids[b, L - len(p):] = torch.tensor(p)
+            attention_mask[b, L - len(p):] = 1
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                             generation_config=gen)
+        batch_responses, batch_truncated = cut_at_stop(out[:, L:], stop)
+        responses += batch_responses
+        truncated += batch_truncated
+    model.train(was_training)
+    return responses, truncated
+
+
+def cut_at_stop(new_ids, stop):
+    """Rows of sampled ids (B, T), padded after an early EOS → (ids up to and including the first
+    stop id, truncated = no stop id at all)."""
+    is_stop = torch.isin(new_ids, torch.tensor(sorted(stop), device=new_ids.device))  # (B, T)
+    ended = is_stop.any(-1)  # (B,)
+    lengths = torch.where(ended, is_stop.int().argmax(-1) + 1, new_ids.shape[1])  # (B,)
+    return ([row[:n] for row, n in zip(new_ids.tolist(), lengths.tolist())],
+            [not done for done in ended.tolist()])
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward passes at the response positions only (the LM head is applied by the caller).
+
+def response_hidden(model, rows, T, device):
+    """The transformer body's final hidden states at the T positions that predict the response
+    tokens: (B, T, d). The LM head is applied later, chunk by chunk (never to prompt positions)."""
+    body = model.get_base_model().get_decoder()
+    out = body(input_ids=rows["input_ids"].to(device), attention_mask=rows["attention_mask"].to(device),
+               position_ids=rows["position_ids"].to(device), use_cache=False)
+    return out.last_hidden_state[:, -T - 1:-1]
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Eval mode inside the block (no dropout), the previous mode after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def token_log_probs(hidden, weight, ids, chunk_size, temperature=1.0):
+    """log softmax(h·Wᵀ / temperature)[ŷ_t] for each position: hidden (N, d), ids (N,) → (N,),
+    `chunk_size` positions at a time, so no (N, V) tensor is held (DESIGN.md, memory rule)."""
+    return torch.cat([(hidden[j:j + chunk_size] @ weight.T).float().div(temperature).log_softmax(-1)
+                      .gather(-1, ids[j:j + chunk_size, None]).squeeze(-1)
+                      for j in range(0, len(ids), chunk_size)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folder: config, logs, checkpoints. Every file is written to a temporary name and renamed,
+# so a kill never leaves half of one.
+
+def write_atomic(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)  # a reader never sees half a file
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path):
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def keep_lines_up_to(path, step):
+    """On resume, drop log lines written after the checkpoint (they will be written again)."""
+    if os.path.isfile(path):
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in read_jsonl(path) if r.get("step", 0) <= step))
+
+
+def prepare_run_dir(cfg):
+    """Create runs/NAME and save the resolved config; a rerun must use the same settings."""
+    run_dir = os.path.join(cfg.out_dir, cfg.run)
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, "config.yaml")
+    resolved = dataclasses.asdict(cfg)
+    if os.path.isfile(path) and checkpoint_dirs(run_dir):  # nothing to resume: nothing to refuse
+        with open(path) as f:
+            saved = yaml.safe_load(f) or {}
+        changed = [k for k in resolved if k != "eval_at_end" and saved.get(k) != resolved[k]]
+        if changed:
+            k = changed[0]
+            raise UserError(f"run '{cfg.run}' exists with {k}={saved.get(k)!r} (now {resolved[k]!r}); "
+                            f"resume with the same settings or choose another --run")
+    write_atomic(path, yaml.safe_dump(resolved, sort_keys=False))
+    return run_dir
+
+
+def checkpoint_dirs(run_dir):
+    root = os.path.join(run_dir, "checkpoints")
+    names = sorted(n for n in os.listdir(root) if n.startswith("step_")) if os.path.isdir(root) else []
+    return [os.path.join(root, n) for n in names]
+
+
+def save_checkpoint(run_dir, step, model, optimizer, scheduler, state):
+    final = os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
+    if os.path.isdir(final):
+        return final
+    tmp = os.path.join(run_dir, "checkpoints", f".tmp_step_{step:06d}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)  # the adapter only; PeftModel.from_pretrained(base, tmp) loads it
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng_torch": torch.get_rng_state(), "rng_python": random.getstate(), **state},
+               os.path.join(tmp, "trainer_state.pt"))
+    os.replace(tmp, final)
+    return final
+
+
+def load_checkpoint(path, model, optimizer, scheduler):
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    set_peft_model_state_dict(model, load_file(os.path.join(path, "adapter_model.safetensors")))
+    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng_torch"])
+    random.setstate(state["rng_python"])
+    return state
+
+
+def resume(run_dir, model, optimizer, scheduler):
+    """Load the newest checkpoint (if any) and trim the logs to it: {"step", "ema", "nonfinite"}."""
+    state = {"step": 0, "ema": {}, "nonfinite": 0}
+    if checkpoint_dirs(run_dir):
+        state = load_checkpoint(checkpoint_dirs(run_dir)[-1], model, optimizer, scheduler)
+        print(f"resuming {run_dir} after step {state['step']}")
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        keep_lines_up_to(os.path.join(run_dir, name), state["step"])
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals, timers, monitoring.
+
+def handle_signals():
+    """SIGINT/SIGTERM finish the current step and write a checkpoint; a second one quits at once."""
+    stop = {"signal": None}
+
+    def handler(signum, frame):
+        if stop["signal"]:
+            raise KeyboardInterrupt
+        stop["signal"] = signum
+        print(f"\nsignal {signum}: finishing this step, then saving a checkpoint", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return stop
+
+
+def default_signals():
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # evaluation: Ctrl-C stops at once
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+class Timer:
+    """Seconds per phase; on a GPU it waits for queued kernels at each phase's edges (so a phase is
+    not billed for the one before it) and keeps each phase's peak allocated memory in GiB."""
+    def __init__(self, device):
+        self.device = device if device.type == "cuda" else None
+        self.seconds, self.peak_gib = {}, {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase):
+        if self.device:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        yield
+        if self.device:
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+            self.peak_gib[phase] = max(self.peak_gib.get(phase, 0.0), peak)
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def record(self):
+        return {**{f"time/{k}": round(v, 3) for k, v in self.seconds.items()},
+                **{f"memory/{k}": round(v, 2) for k, v in self.peak_gib.items()}}
+
+
+def leak_rate(texts, prompts_kind):
+    """Share of responses that mention the teacher's privileged prompt (a context-leakage sign)."""
+    markers = ("ref:", "fix:") if prompts_kind == "toy" else ("reference solution", "reviewer")
+    return sum(any(m in t for m in markers) for t in texts) / max(len(texts), 1)
+
+
+def ngram_overlap(response, context, n=4):
+    """Share of the response's token n-grams that also occur in the context (copying the context)."""
+    grams = {tuple(response[i:i + n]) for i in range(len(response) - n + 1)}
+    if not grams:
+        return 0.0
+    seen = {tuple(context[i:i + n]) for i in range(len(context) - n + 1)}
+    return len(grams & seen) / len(grams)
+
+
+def context_overlap(tokenizer, responses, context_texts):
+    """Mean over responses of ngram_overlap with its own teacher context (0 where it has none)."""
+    return sum(ngram_overlap(r, tokenizer(c, add_special_tokens=False)["input_ids"])
+               for r, c in zip(responses, context_texts) if c) / max(len(responses), 1)
+
+
+def log_step(run_dir, record, total_steps, finite, sample_every, gold, texts, rewards, context_texts,
+             valid, truncated):
+    """One metrics line, one printed line, and every `sample_every` steps the samples with their
+    teacher contexts (reading them is how self-distillation is debugged)."""
+    from tqdm import tqdm
+    step = record["step"]
+    append_jsonl(os.path.join(run_dir, "metrics.jsonl"), record)
+    kl_text = f" | kl {record['train/kl']:.4f}" if "train/kl" in record else ""
+    tqdm.write(f"step {step}/{total_steps} | loss {record['train/loss']:.4f}{kl_text}"
+               f" | reward {record['train/reward']:.3f} | len {record['train/response_len']:.1f}"
+               f" | invalid {record['train/critique_invalid']} | {record['time/step']:.1f}s"
+               + ("" if finite else " | update skipped (non-finite)"))
+    if sample_every and step % sample_every == 0 or step == 1:
+        for i, r in enumerate(gold):
+            append_jsonl(os.path.join(run_dir, "samples.jsonl"),
+                         {"step": step, "id": r["id"], "question": r["question"], "response": texts[i],
+                          "reward": rewards[i].item(), "context": context_texts[i], "valid": valid[i],
+                          "truncated": truncated[i]})
+
+
+def stop_if_asked(stop, give_up, nonfinite, step):
+    """After the step's checkpoint: stop on too many non-finite steps, or on a signal."""
+    if give_up:
+        raise UserError(f"stopping: {nonfinite} steps in a row had a non-finite loss or gradient "
+                        f"(last at step {step}); lower lr or check the data")
+    if stop["signal"]:
+        print(f"stopped by signal {stop['signal']} after step {step}; checkpoint saved, "
+              f"rerun the same command to resume")
+        sys.exit(128 + stop["signal"])
