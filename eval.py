@@ -18,10 +18,15 @@ Choices the paper leaves open (ours):
     the base, the default), one per test question, and kept when the critic marks them wrong at
     a step we can locate (see first_wrong_step). The two controls are built from the critique
     (see analysis_contexts). Step 0's student is the base itself (a zero adapter).
+ 6. Step 0 is the same model on the same questions with the same sampling in every arm: its row is
+    computed once and copied to the other runs of the same out_dir whose `base_key` (model, test
+    set digest, samples, temperature, seed, length, sampling and thread settings) is equal.
 
 Outputs: RUN/eval.jsonl, one line per (step, setting): step, n, k, questions, temperature, avg,
 pass, maj, length (tokens, EOS excluded), unparseable, truncated, ci {metric: [lo, hi]}; rates are
-fractions. --analyze writes advantage_step_S.{html,json}[,png] to RUN/analysis/ (or ./analysis/).
+fractions. Step 0 also has base_key (and reused_from when copied). In the toy world each row has
+`toy`: toy.trace_stats of all samples (per-step arithmetic, chaining, answer = own last result,
+style mix and per-style accuracy), which --compare shows in a second table. --analyze writes advantage_step_S.{html,json}[,png] to RUN/analysis/ (or ./analysis/).
 
 Commands:
     python eval.py runs/critique-s0 [--samples 12] [--questions 30] [--temperature 1.1] [--k 12]
