@@ -6,13 +6,16 @@ Imports flow one way: contexts ← common ← critic ← toy ← selfdistill ←
 files to its left); this file imports only contexts.py (prompts and rows) from the project.
 """
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import difflib
+import errno
 import inspect
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -41,6 +44,16 @@ def user_errors():
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # the user's disk or paths: full, read-only, not permitted
+        if os.environ.get("SELFDISTILL_DEBUG") or e.errno not in DISK_ERRORS:
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        print(f"error: cannot write{where}: {e.strerror}; free space or choose a writable out_dir",
+              file=sys.stderr)
+        sys.exit(2)
+
+
+DISK_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,8 +125,10 @@ def read_yaml_config(path):
     if not os.path.isfile(path):
         raise UserError(f"config file {path} not found")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             loaded = yaml.load(f, Loader=UniqueKeyLoader) or {}
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {path} is not UTF-8 text (bad byte at offset {e.start})") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""
@@ -157,8 +172,39 @@ def parse_command_line(cls, choices, argv, description):
     return values
 
 
+INT_LIMIT = 2 ** 31 - 1  # larger integers overflow torch's and the tokenizers' index types
+
+
+def check_numbers(cfg):
+    """Every float finite (a NaN passes `x < 0` checks and poisons the optimizer), every integer in
+    0..INT_LIMIT; then the per-field ranges in check_consistency."""
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"config key '{field.name}' must be a finite number, got {value}")
+        if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= INT_LIMIT:
+            raise UserError(f"config key '{field.name}' must lie in 0..{INT_LIMIT}, got {value}")
+
+
+def check_names(cfg):
+    """The run name is one plain folder under out_dir; the key variable is a variable's name."""
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.=+-]*", cfg.run) or cfg.run in (".", ".."):
+        raise UserError(f"run name {cfg.run!r} must be a plain folder name (letters, digits, _ . = + -; "
+                        f"no '/', no leading '.'); use out_dir=... to put runs elsewhere")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", cfg.critic_api_key_env):
+        raise UserError("config key 'critic_api_key_env' must be the NAME of an environment variable "
+                        "(e.g. OPENAI_API_KEY) that holds the key, not the key itself; it was not saved")
+
+
 def check_consistency(cfg):
     """Settings that are out of range, or each valid but contradicting one another."""
+    check_numbers(cfg)
+    check_names(cfg)
+    for key in ("token_clip", "epochs"):
+        if getattr(cfg, key) < 0:
+            raise UserError(f"config key '{key}' must be at least 0")
+    if not cfg.critic_timeout > 0:
+        raise UserError("config key 'critic_timeout' must be positive (seconds)")
     for key in ("batch_size", "micro_batch", "max_new_tokens", "chunk_size", "generation_batch",
                 "lora_r", "eval_samples", "samples_per_question", "checkpoint_every"):
         if getattr(cfg, key) < 1:
@@ -319,6 +365,19 @@ def load_jsonl(path, need_solution=False, normalize=None):
     return records
 
 
+def check_fits(model, tokenizer, cfg, records):
+    """Every student prompt plus max_new_tokens must fit the model's context window."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if not limit:
+        return
+    too_long = [r for r in records if len(contexts.student_prompt_ids(
+        tokenizer, r["question"], cfg.prompts, cfg.student_thinking)) + cfg.max_new_tokens > limit]
+    if too_long:
+        raise UserError(f"{len(too_long)} question(s) (first: id {too_long[0]['id']}) do not fit the model's "
+                        f"context of {limit} tokens with max_new_tokens={cfg.max_new_tokens}; shorten or "
+                        f"drop them, or lower max_new_tokens")
+
+
 def batch_for_step(n_records, batch_size, step, seed):
     """Indices of the questions of one step: epochs are fresh permutations laid end to end, so the
     data position is a function of (seed, step) and resuming needs no saved iterator."""
@@ -447,15 +506,44 @@ def write_atomic(path, text):
 
 
 def append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """One line, written with a single write: a kill leaves at most one partial last line, which
+    the next append (or read) drops."""
+    line = (json.dumps(record) + "\n").encode()
+    with open(path, "a+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        if end:
+            f.seek(end - 1)
+            if f.read(1) != b"\n":  # a partial line from a killed writer: cut it off
+                drop_partial_last_line(f, path)
+        f.write(line)
+
+
+def drop_partial_last_line(f, path):
+    f.seek(0)
+    data = f.read()
+    f.truncate(data.rfind(b"\n") + 1)
+    print(f"warning: dropped a truncated last line of {path} (a write was interrupted)", file=sys.stderr)
 
 
 def read_jsonl(path):
+    """The records of a JSONL log; a truncated last line (an interrupted write) is dropped with a
+    warning, a damaged line elsewhere is a one-line error naming it."""
     if not os.path.isfile(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    records = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            if lineno == len(lines):  # no newline after it: the last write was cut short
+                print(f"warning: ignoring a truncated last line of {path}", file=sys.stderr)
+                continue
+            raise UserError(f"{path}:{lineno} is damaged (not JSON); remove that line or the file") from None
+    return records
 
 
 def keep_lines_up_to(path, step):
@@ -464,15 +552,76 @@ def keep_lines_up_to(path, step):
         write_atomic(path, "".join(json.dumps(r) + "\n" for r in read_jsonl(path) if r.get("step", 0) <= step))
 
 
-def prepare_run_dir(cfg):
-    """Create runs/NAME and save the resolved config; a rerun must use the same settings."""
+def run_folder(cfg):
+    """runs/NAME, created (the run name is checked to be one plain folder: check_names)."""
     run_dir = os.path.join(cfg.out_dir, cfg.run)
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise UserError(f"{run_dir} exists and is not a folder; choose another --run or out_dir")
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise UserError(f"out_dir {cfg.out_dir} exists and is not a folder")
     os.makedirs(run_dir, exist_ok=True)
+    return run_dir
+
+
+class RunLock:
+    """One writer per run folder: RUN/.lock holds the writer's pid. A lock whose process is gone is
+    stale and taken over; one held by a live process is a one-line error. Released on release()
+    or at exit; a process may take its own lock again (an in-process rerun after an error)."""
+
+    def __init__(self, run_dir, what):
+        self.path = os.path.join(run_dir, ".lock")
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = self.holder()
+                if holder is not None and holder != os.getpid() and alive(holder):
+                    raise UserError(f"run folder {run_dir} is in use by process {holder}; wait for it to "
+                                    f"finish (or stop it) before {what} there") from None
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.path)  # stale: its process is gone
+                continue
+            os.write(fd, f"{os.getpid()}\n".encode())
+            os.close(fd)
+            atexit.register(self.release)
+            return
+        raise UserError(f"cannot take the lock {self.path}; remove it if no process uses the run")
+
+    def holder(self):
+        try:
+            with open(self.path) as f:
+                return int(f.read().strip() or 0) or None
+        except (OSError, ValueError):
+            return None
+
+    def release(self):
+        if self.holder() == os.getpid():
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+
+
+def alive(pid):
+    """True when process `pid` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): trust kill(pid, 0)
+
+
+def prepare_run_dir(cfg):
+    """Save the resolved config in runs/NAME; a rerun must use the same settings."""
+    run_dir = run_folder(cfg)
     path = os.path.join(run_dir, "config.yaml")
     resolved = dataclasses.asdict(cfg)
     if os.path.isfile(path) and checkpoint_dirs(run_dir):  # nothing to resume: nothing to refuse
-        with open(path) as f:
-            saved = yaml.safe_load(f) or {}
+        saved = read_yaml_config(path)
         changed = [k for k in resolved if k != "eval_at_end" and saved.get(k) != resolved[k]]
         if changed:
             k = changed[0]
@@ -483,8 +632,10 @@ def prepare_run_dir(cfg):
 
 
 def checkpoint_dirs(run_dir):
+    """The checkpoint folders step_NNNNNN, oldest first; any other name under checkpoints/ is ignored."""
     root = os.path.join(run_dir, "checkpoints")
-    names = sorted(n for n in os.listdir(root) if n.startswith("step_")) if os.path.isdir(root) else []
+    names = sorted(n for n in os.listdir(root) if re.fullmatch(r"step_\d{6}", n)
+                   and os.path.isdir(os.path.join(root, n))) if os.path.isdir(root) else []
     return [os.path.join(root, n) for n in names]
 
 
@@ -492,6 +643,9 @@ def save_checkpoint(run_dir, step, model, optimizer, scheduler, state):
     final = os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
     if os.path.isdir(final):
         return final
+    if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+        raise UserError(f"the adapter has non-finite weights after step {step}; no checkpoint written "
+                        f"(the newest one is intact); lower lr or check the data")
     tmp = os.path.join(run_dir, "checkpoints", f".tmp_step_{step:06d}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)  # the adapter only; PeftModel.from_pretrained(base, tmp) loads it
@@ -503,10 +657,15 @@ def save_checkpoint(run_dir, step, model, optimizer, scheduler, state):
 
 
 def load_checkpoint(path, model, optimizer, scheduler):
+    """Read both files first, then apply them: a damaged checkpoint changes nothing."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
-    set_peft_model_state_dict(model, load_file(os.path.join(path, "adapter_model.safetensors")))
+    adapter = load_file(os.path.join(path, "adapter_model.safetensors"))
     state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
+    missing = {"optimizer", "scheduler", "rng_torch", "rng_python", "step"} - set(state)
+    if missing:
+        raise KeyError(f"trainer_state.pt lacks {sorted(missing)}")
+    set_peft_model_state_dict(model, adapter)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng_torch"])
@@ -514,12 +673,27 @@ def load_checkpoint(path, model, optimizer, scheduler):
     return state
 
 
+DAMAGED = (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError)  # + safetensors'
+
+
 def resume(run_dir, model, optimizer, scheduler):
-    """Load the newest checkpoint (if any) and trim the logs to it: {"step", "ema", "nonfinite"}."""
+    """Load the newest checkpoint that loads (a damaged one is skipped with a warning naming it) and
+    trim the logs to it: {"step", "ema", "nonfinite"}."""
+    from safetensors import SafetensorError
     state = {"step": 0, "ema": {}, "nonfinite": 0}
-    if checkpoint_dirs(run_dir):
-        state = load_checkpoint(checkpoint_dirs(run_dir)[-1], model, optimizer, scheduler)
+    for path in reversed(checkpoint_dirs(run_dir)):
+        try:
+            state = load_checkpoint(path, model, optimizer, scheduler)
+        except (*DAMAGED, SafetensorError) as e:
+            aside = path + ".damaged"  # out of the step_NNNNNN names, so it is rewritten, not reused
+            while os.path.exists(aside):
+                aside += "_"
+            os.replace(path, aside)
+            print(f"warning: the checkpoint {path} does not load ({type(e).__name__}); moved it to "
+                  f"{os.path.basename(aside)} and resuming from the one before it", file=sys.stderr)
+            continue
         print(f"resuming {run_dir} after step {state['step']}")
+        break
     for name in ("metrics.jsonl", "samples.jsonl"):
         keep_lines_up_to(os.path.join(run_dir, name), state["step"])
     return state

@@ -46,10 +46,12 @@ import os
 import random
 import re
 import statistics
+import sys
 from collections import Counter
 
 import torch
 import yaml
+from safetensors import SafetensorError
 
 import common
 import contexts
@@ -127,18 +129,28 @@ def summarize(per_question, seed=0):
 # Evaluating a run: the base model (step 0) and every checkpoint.
 
 
-def load_run_config(run_dir):
+def load_run_config(run_dir, trust_remote_code=False):
+    """A run folder's config.yaml through the same strict checks as training: it is data, not code.
+    trust_remote_code is never taken from the file, only from this process's command line."""
     if not os.path.isdir(run_dir):
-        raise UserError(f"run folder {run_dir} does not exist")
+        raise UserError(f"run folder {run_dir} does not exist" + (" (it is a file)" if os.path.exists(run_dir) else ""))
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(path):
         has = "checkpoints but" if common.checkpoint_dirs(run_dir) else "no checkpoints and"
         raise UserError(f"{run_dir} has {has} no config.yaml: not a selfdistill run folder")
-    with open(path) as f:
+    values = {}
+    for key, value in common.read_yaml_config(path).items():
         try:
-            return selfdistill.Config(**(yaml.safe_load(f) or {}))  # a resolved config: nothing to derive
-        except TypeError as e:
-            raise UserError(f"{path} does not match selfdistill.Config: {e}") from None
+            common.check_key(selfdistill.Config, key)
+            values[key] = common.coerce(selfdistill.Config, selfdistill.CHOICES, key, value, from_text=False)
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
+    cfg = selfdistill.Config(**{**values, "trust_remote_code": trust_remote_code})
+    try:
+        common.check_consistency(cfg)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    return cfg
 
 
 def load_adapter(model, checkpoint):
@@ -214,11 +226,20 @@ def reusable_base_row(run_dir, key):
 
 
 def evaluate_run(run_dir, samples=None, questions=None, temperature=None, k=None, model=None,
-                 tokenizer=None):
+                 tokenizer=None, trust_remote_code=False):
     """Evaluate step 0 and every checkpoint not yet in RUN_DIR/eval.jsonl with these settings;
     append one line per step and return all rows of these settings. Pass `model`/`tokenizer` (a
-    peft model of this run) to reuse a loaded model; its adapter is overwritten."""
-    cfg = load_run_config(run_dir)
+    peft model of this run) to reuse a loaded model; its adapter is overwritten. Holds the run's
+    lock while it writes (a training process on the same run is refused, and vice versa)."""
+    cfg = load_run_config(run_dir, trust_remote_code)
+    lock = common.RunLock(run_dir, "evaluating")
+    try:
+        return evaluate_steps(run_dir, cfg, samples, questions, temperature, k, model, tokenizer)
+    finally:
+        lock.release()
+
+
+def evaluate_steps(run_dir, cfg, samples, questions, temperature, k, model, tokenizer):
     n = samples or cfg.eval_samples
     k = k or n
     if not 1 <= k <= n:
@@ -243,7 +264,11 @@ def evaluate_run(run_dir, samples=None, questions=None, temperature=None, k=None
             continue
         if model is None:
             model, tokenizer = common.load_model(cfg, model_path, device)
-        load_adapter(model, checkpoint)
+        try:
+            load_adapter(model, checkpoint)
+        except (*common.DAMAGED, SafetensorError) as e:
+            print(f"warning: skipping the damaged checkpoint {checkpoint} ({type(e).__name__})", file=sys.stderr)
+            continue
         torch.manual_seed(cfg.seed)  # the same random numbers at every step (see docstring, 2)
         scored = sample_answers(model, tokenizer, cfg, device, records, n, temperature, f"step {step}")
         row = {"step": step, **setting, **summarize([question_scores(*s[:5], k) for s in scored])}
@@ -282,13 +307,15 @@ TOY_STATS = ("step_arith", "step_chain", "answer_own")  # toy.trace_stats, shown
 def load_compared_run(run_dir):
     """(config dict, {step: row}) using the latest evaluation setting of the run."""
     load_run_config(run_dir)  # the same checks and errors as evaluation
-    with open(os.path.join(run_dir, "config.yaml")) as f:
-        config = yaml.safe_load(f)
+    config = common.read_yaml_config(os.path.join(run_dir, "config.yaml"))
     rows = read_jsonl(os.path.join(run_dir, "eval.jsonl"))
     if not rows:
         raise UserError(f"{run_dir} has no eval.jsonl yet; run: python eval.py {run_dir}")
-    setting = {f: rows[-1][f] for f in ("n", "k", "questions", "temperature")}
-    return config, {r["step"]: r for r in rows if all(r[f] == v for f, v in setting.items())}
+    setting = {f: rows[-1][f] for f in EVAL_SETTING}
+    return config, {r["step"]: r for r in rows if all(r[f] == v for f, v in setting.items())}, setting
+
+
+EVAL_SETTING = ("n", "k", "questions", "temperature")  # runs compared must share these
 
 
 def non_default(config):
@@ -342,13 +369,18 @@ def equal_rollouts(arms):
 
 def compare_runs(run_dirs):
     """Arms (runs equal up to SAME_ARM_IGNORES), each pooled: a list of dicts, plus common notes."""
-    arms, seen = {}, {}
+    arms, seen, first = {}, {}, None
     for run_dir in run_dirs:
         real = os.path.realpath(run_dir)
         if real in seen:
             raise UserError(f"{run_dir} is given twice (also as {seen[real]}); each run counts once")
         seen[real] = run_dir
-        config, rows = load_compared_run(run_dir)
+        config, rows, setting = load_compared_run(run_dir)
+        first = first or (run_dir, setting)
+        if setting != first[1]:
+            differ = ", ".join(f"{f} {first[1][f]} vs {setting[f]}" for f in EVAL_SETTING if setting[f] != first[1][f])
+            raise UserError(f"{run_dir} was evaluated with other settings than {first[0]} ({differ}); "
+                            f"evaluate them alike (python eval.py RUN --samples N --questions Q --temperature T)")
         key = json.dumps({k: v for k, v in config.items() if k not in SAME_ARM_IGNORES}, sort_keys=True)
         arms.setdefault(key, []).append((config, rows))
     extras = [non_default(runs[0][0]) for runs in arms.values()]
@@ -797,6 +829,8 @@ def main(argv=None):
     parser.add_argument("--k", type=int, help="k of the @k metrics (default: samples)")
     parser.add_argument("--step", type=int, default=0, help="--analyze: checkpoint step (0 = base)")
     parser.add_argument("--rollouts", type=int, default=8, help="--analyze: wrong rollouts to show")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the "
+                        "model folder (never taken from a run's config.yaml)")
     parser.add_argument("--out", help="--analyze: output folder (default RUN/analysis or ./analysis)")
     args = parser.parse_args(argv)
     with common.user_errors():
@@ -813,7 +847,8 @@ def main(argv=None):
             analyze(args.paths[0], args.paths[1:], args.step, args.rollouts, args.out)
         else:
             for run_dir in args.paths:
-                evaluate_run(run_dir, args.samples, args.questions, args.temperature, args.k)
+                evaluate_run(run_dir, args.samples, args.questions, args.temperature, args.k,
+                             trust_remote_code=args.trust_remote_code)
 
 
 if __name__ == "__main__":

@@ -413,12 +413,16 @@ def train(cfg):
     records = common.load_jsonl(train_path, cfg.arm == "reference" and not toy_dial(cfg), critic.normalize_answer)
     if cfg.eval_at_end:
         common.load_jsonl(test_path, normalize=critic.normalize_answer)  # a typo must not cost the whole run
+    lock = common.RunLock(common.run_folder(cfg), "training")  # one writer per run folder
     run_dir = common.prepare_run_dir(cfg)
     print(f"config ({os.path.join(run_dir, 'config.yaml')}): "
           + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
     is_critique = cfg.arm.startswith("critique")
+    if cfg.critic == "rule" and (is_critique or cfg.analysis_every):
+        toy.check_rule_critic(records)  # the rule critic reads toy chains only
     judge = make_judge(cfg, device) if is_critique or cfg.analysis_every else None  # frozen
     model, tokenizer = common.load_model(cfg, model_path, device)
+    common.check_fits(model, tokenizer, cfg, records)
     params = [p for p in model.parameters() if p.requires_grad]  # the LoRA factors only
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(records) / cfg.batch_size))
@@ -534,6 +538,7 @@ def train(cfg):
                                    {"step": step + 1, "ema": ema, "nonfinite": state["nonfinite"]})
         common.stop_if_asked(stop, give_up, state["nonfinite"], step + 1)
     common.default_signals()
+    lock.release()
     return run_dir, model
 
 
@@ -558,7 +563,8 @@ def main(argv=None):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         here = os.path.dirname(os.path.abspath(__file__))
-        sys.exit(subprocess.run([sys.executable, os.path.join(here, "eval.py"), run_dir]).returncode)
+        trust = ["--trust-remote-code"] if cfg.trust_remote_code else []  # given on this command line
+        sys.exit(subprocess.run([sys.executable, os.path.join(here, "eval.py"), run_dir, *trust]).returncode)
 
 
 if __name__ == "__main__":

@@ -7,29 +7,44 @@ Task: left-to-right integer chains such as `2+7+5-9`, solved in the paper's step
   2. the solver's surface styles (one per solution) and the step parser;
   3. reference solutions: a different route (added terms, taken terms, difference) in a phrasing
      the solver never uses; the knobs `order` and `phrasing` turn that alignment dial;
-  4. the frozen rule-based critic: the paper's four cases A-D;
+  4. the frozen rule-based critic: the paper's four cases A-D (`RuleCritic`);
   5. a character tokenizer with a chat template, a tiny Llama base model (1.08 M parameters)
-     pretrained here from scratch, and difficulty-filtered train/test sets (Avg@16 < 5/16).
+     pretrained here from scratch, and difficulty-filtered train/test sets (Avg@16 < 5/16);
+  6. instruments: `trace_stats` (what a response gets right: per-step arithmetic, chaining, answer
+     = own last result, style mix) and `after_error_mass` (how the critique-conditioned teacher
+     reads a student's error).
 
-`ensure_built()` builds 5 once, deterministically from a seed (on two threads), into toy_world/,
-which ships in the repository so the quickstart starts at once; build.json records the settings,
-timings and the base model's measured accuracies. Rebuild (8.4 minutes on 2 cores):
+`ensure_built()` builds 5 once, deterministically from a seed, into toy_world/, which ships in the
+repository so the quickstart starts at once; build.json records the settings, timings and the base
+model's measured accuracies (overall, per style, with a critique, with the reference). Rebuild:
 
-    python toy.py build --force
+    python toy.py build --force            # --recovery 0 builds v1's teacher (see 2 below)
+    python toy.py probe                    # trace stats and the teacher's after-error mass
 
 Prompts (contexts.PROMPTS["toy"] through the chat template; each tag and special is one token):
     student  <|user|>2+7+5-9<|end|><|assistant|>
     teacher  <|user|>2+7+5-9\nfix: <critique><|end|><|assistant|>    (or "\nref: <reference>")
     response <step_1> 2+7=9 ... <answer> 5<|end|>
 
+World v2 (v1's comparison was decided by the world, not the method; see the README):
+  - arithmetic is the only lever: four solver styles that put the operands first (a+b=r,
+    a + b = r, add b to a: r, a+b -> r), measured equally hard (build.json style_accuracy); v1's
+    result-first style (r=a+b) was the hard one, and GRPO won by avoiding it;
+  - one length budget (BuildSettings.max_new_tokens, 96): the filter, training and evaluation all
+    use it (selfdistill.resolve reads it from build.json).
+
 Choices built into the base model (they shape the comparison; say so next to any result):
   1. It is pretrained to follow critiques: after `fix: <critique>` the target is the critique's
      trace. A real instruct model follows feedback only as well as it happens to.
-  2. ASSUMPTION: after `ref: <reference>` the target copies the reference with probability
+  2. ASSUMPTION (`recovery`, v2): a share of the critique examples departs from the critique at one
+     step (a wrong result, which carries no loss) and continues correctly from its own wrong value,
+     so after a student's error the teacher follows the student's state, as a model reading its
+     own work would, instead of pasting the critique's digits (v1's teacher did, and taught wrong
+     arithmetic after every error).
+  3. ASSUMPTION: after `ref: <reference>` the target copies the reference with probability
      `copy_prob` (0.5) and is the model's own chain trace otherwise, so in-context use of a
-     reference is partial by construction. In practice the built model rarely copies a
-     reference exactly (see build.json) but uses it to get the answer right far more often.
-  3. Critique examples use chains of 3-4 operations (`critique_min_ops`): the filter keeps long
+     reference is partial by construction.
+  4. Critique examples use chains of 3-4 operations (`critique_min_ops`): the filter keeps long
      chains, and copying a long critique is what the model learns last.
 """
 import argparse
@@ -39,6 +54,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -272,6 +288,15 @@ def critique_case(question, response, gold_answer):
 def rule_critique(question, response, gold_answer):
     """The step-aligned critique of `response` (a step-tagged string); see critique_case."""
     return critique_case(question, response, gold_answer)[1]
+
+
+def check_rule_critic(records):
+    """critic=rule reads toy chains only: a one-line error for data it cannot critique."""
+    for r in records:
+        if not re.fullmatch(r"\d+([+-]\d+)+", r["question"].strip()) or \
+                str(chain_steps(r["question"])[-1][3]) != str(r["answer"]).strip():
+            raise common.UserError(f"critic=rule critiques toy arithmetic chains only, and question id {r['id']} is "
+                            f"not one (or its answer does not fit it); use critic=hf or critic=http")
 
 
 class RuleCritic:
@@ -709,6 +734,9 @@ def ensure_built(root=WORLD, progress=True, force=False, settings=None, threads=
     on the same cores, one thread is faster (two spin-wait on each other)."""
     out = paths(root)
     done = all(map(os.path.exists, [os.path.join(root, "build.json"), *out.values()]))
+    if not done and progress:
+        print(f"the toy world is missing or incomplete in {root}; building it now (about 10 minutes on "
+              f"2 CPU cores; `python toy.py build` does the same)", file=sys.stderr)
     if force or not done:
         previous = torch.get_num_threads()
         threads = min(threads, os.cpu_count() or 1)
