@@ -438,42 +438,47 @@ def train(cfg):
         timer, step_start = common.Timer(device), time.perf_counter()
         torch.manual_seed(common.step_seed(cfg, step))  # per step, so a resumed run samples the same
         batch = [records[i] for i in common.batch_for_step(len(records), cfg.batch_size, step, cfg.seed)]
-        gold = [r for r in batch for _ in range(G)]  # each question repeated G times
+        per_rollout = [r for r in batch for _ in range(G)]  # the record of each rollout: G per question
         # 1. sample ŷ ~ π_θ(· | x): the student sees the question only
         with timer("generate"):
-            prompts = [contexts.student_prompt_ids(tokenizer, r["question"], cfg.prompts, cfg.student_thinking)
-                       for r in gold]
-            responses, truncated = common.generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature,
+            prompt_ids = [contexts.student_prompt_ids(tokenizer, r["question"], cfg.prompts, cfg.student_thinking)
+                          for r in per_rollout]
+            responses, truncated = common.generate(model, tokenizer, prompt_ids, cfg.max_new_tokens, cfg.temperature,
                                                    cfg.top_p, cfg.top_k, cfg.generation_batch)
             texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-        rewards = torch.tensor([critic.reward(t, r["answer"]) for t, r in zip(texts, gold)])
-        # 2. judge: the teacher's context c for each sample (an invalid critique drops its sample)
+        rewards = torch.tensor([critic.reward(t, r["answer"]) for t, r in zip(texts, per_rollout)])
+        # 2. judge: the teacher's context c for each rollout (an invalid critique drops its rollout)
         analyse = cfg.analysis_every > 0 and (step + 1) % cfg.analysis_every == 0 and cfg.arm != "grpo"
+        n = len(per_rollout)
+        critiques, valid, context_texts = [None] * n, [True] * n, [None] * n
         with timer("critic"):
-            critiques = judge([r["question"] for r in gold], texts, [r.get("solution", "") for r in gold],
-                              [r["answer"] for r in gold]) if is_critique or analyse else [None] * len(gold)
-            valid = [c is not None and critic.validate_critique(t, c, r["answer"])[0]
-                     for t, c, r in zip(texts, critiques, gold)] if is_critique else [True] * len(gold)
-            context_texts = [contexts.critique_form(cfg.arm, t, c, toy_restyle(cfg)) if ok else c
-                             for t, c, ok in zip(texts, critiques, valid)] if is_critique else \
-                [teacher_context(cfg, r) for r in gold] if cfg.arm == "reference" else [None] * len(gold)
+            if is_critique or analyse:
+                critiques = judge([r["question"] for r in per_rollout], texts,
+                                  [r.get("solution", "") for r in per_rollout], [r["answer"] for r in per_rollout])
+            if is_critique:  # the arm's form of each valid critique (the two controls rewrite it)
+                valid = [c is not None and critic.validate_critique(t, c, r["answer"])[0]
+                         for t, c, r in zip(texts, critiques, per_rollout)]
+                context_texts = [contexts.critique_form(cfg.arm, t, c, toy_restyle(cfg)) if ok else c
+                                 for t, c, ok in zip(texts, critiques, valid)]
+            elif cfg.arm == "reference":
+                context_texts = [teacher_context(cfg, r) for r in per_rollout]
         # 3-5. teacher and student on the same ŷ; the loss's gradient accumulates over micro-batches
         totals, keep = {"loss": 0.0, "divergence": 0.0, "entropy": 0.0, "tokens": 0}, []
         if cfg.arm == "grpo":
             advantages, flat_groups = grpo_advantages(rewards.view(-1, G))
             advantages = advantages.view(-1)
-            keep = [i for i in range(len(gold)) if advantages[i] != 0]  # A_i = 0: no signal
+            keep = [i for i in range(n) if advantages[i] != 0]  # A_i = 0: no signal
             n_tokens, zero_signal = sum(len(responses[i]) for i in keep), flat_groups / len(batch)
         else:
-            keep = [i for i in range(len(gold)) if valid[i]]
-            zero_signal = 1 - len(keep) / len(gold)
+            keep = [i for i in range(n) if valid[i]]
+            zero_signal = 1 - len(keep) / n
         for start in range(0, len(keep), cfg.micro_batch):
             part = keep[start:start + cfg.micro_batch]
             if cfg.arm == "grpo":  # −A_i · log π_θ(ŷ_t), token mean over the batch's kept samples
-                rows = contexts.build_rows([prompts[i] for i in part], [responses[i] for i in part], pad)
+                rows = contexts.build_rows([prompt_ids[i] for i in part], [responses[i] for i in part], pad)
             else:  # [student prompt ‖ ŷ] and [teacher prompt(c) ‖ ŷ]: the same ŷ ids (asserted)
-                rows, teacher_rows = contexts.build_pair([prompts[i] for i in part], [contexts.teacher_prompt_ids(
-                    tokenizer, gold[i]["question"], context_texts[i], cfg.arm, cfg.prompts, cfg.teacher_thinking,
+                rows, teacher_rows = contexts.build_pair([prompt_ids[i] for i in part], [contexts.teacher_prompt_ids(
+                    tokenizer, per_rollout[i]["question"], context_texts[i], cfg.arm, cfg.prompts, cfg.teacher_thinking,
                     cfg.max_context_tokens) for i in part], [responses[i] for i in part], pad)
             mask = rows["response_mask"].to(device)  # (B, T): ŷ's tokens, right-aligned
             sampled_ids = rows["input_ids"][:, -mask.shape[1]:].to(device)[mask]  # (N,) the tokens ŷ_t
@@ -529,7 +534,7 @@ def train(cfg):
             record.update(contexts.advantage_stats(tokenizer, [responses[i] for i in keep], totals["A"],
                                                    [texts[i] for i in keep], [critiques[i] for i in keep]))
         record["time/step"] = round(time.perf_counter() - step_start, 3)  # all of it up to this line
-        common.log_step(run_dir, record, total_steps, finite, cfg.sample_every, gold, texts, rewards,
+        common.log_step(run_dir, record, total_steps, finite, cfg.sample_every, per_rollout, texts, rewards,
                         context_texts, valid, truncated)
         # 8. checkpoint
         give_up = not finite and state["nonfinite"] >= cfg.max_nonfinite

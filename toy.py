@@ -364,12 +364,15 @@ class BuildSettings:
     decay: float = 0.25           # last share of the steps, lr decays linearly to lr / 10 (most of
                                   # the accuracy appears during this decay)
     mix: tuple = (0.5, 0.35, 0.15)  # shares of plain / critique / reference examples
-    styles: tuple = ("plain", "spaced", "words", "arrow")  # the solver's surface styles. v1 had
-                                  # "flipped" (9=2+7: the result before its operands) instead of
-                                  # "arrow"; it was the hard one (14 % vs 23-32 %), so GRPO could
-                                  # win by choosing a style. Operands-first styles are equally hard
-                                  # (measured in build.json); one style alone made the 1 M solver
-                                  # 98 % right, far above the filter's regime.
+    styles: tuple = ("plain",)    # the solver's surface styles. v1 had four, unequally hard
+                                  # (plain 32 %, flipped 14 %), so GRPO could win by choosing a
+                                  # style. One style leaves arithmetic the only lever.
+    slip_rate: float = 0.25       # ASSUMPTION: in the plain examples each step's result is wrong
+                                  # with this probability, and the trace goes on from it. Without
+                                  # slips one style made the 1 M solver 98 % right (four v2 styles:
+                                  # 78 %), far above the filter's regime; v1's errors came from
+                                  # styles interfering. A real model's mass on wrong digits is
+                                  # what this stands for; it is the one lever left to learn.
     recovery: float = 0.3         # ASSUMPTION: share of critique examples whose response departs
                                   # from the critique at one step (a wrong result, no loss on it)
                                   # and continues correctly from its own state; 0 = v1's teacher,
@@ -382,9 +385,9 @@ class BuildSettings:
     n_test: int = 200
     samples: int = 16             # samples per problem for the difficulty filter (Avg@16)
     max_correct: int = 4          # keep problems with at most this many correct (Avg@16 < 5/16)
-    max_new_tokens: int = 96      # THE length budget: filter, training and evaluation all use it
-                                  # (v1 filtered at 96 but trained at 64, cutting "words" traces);
-                                  # the longest trace (4 "words" steps) is ~85 tokens
+    max_new_tokens: int = 64      # THE length budget: filter, training and evaluation all use it
+                                  # (v1 filtered at 96 but trained at 64, cutting its "words"
+                                  # traces); a 4-step plain trace is about 46 tokens
     score_batch: int = 1024       # rows per generate() call when scoring
 
 
@@ -437,6 +440,20 @@ def departing_trace(rng, question, style):
     return render_steps(texts, str(value)), span
 
 
+def slipping_trace(rng, question, style, rate):
+    """The chain trace written by a solver that slips: each step's result is wrong with probability
+    `rate` (off by ±1, ±2 or ±10), and the next step goes on from the written value."""
+    texts, value = [], parse_question(question)[0]
+    for _, op, b, _ in chain_steps(question):
+        result = apply(value, op, b)
+        if rng.random() < rate:
+            result = rng.choice([x for x in (result - 10, result - 2, result - 1, result + 1,
+                                             result + 2, result + 10) if x >= 0])
+        texts.append(format_step(value, op, b, result, style))
+        value = result
+    return render_steps(texts, str(value))
+
+
 def training_example(rng, tok, settings):
     """(prompt_ids, response_ids, no_loss): one example of the mixture; the response ends with
     eos; no_loss is a (start, end) range of response tokens that carry no loss, or None."""
@@ -444,7 +461,8 @@ def training_example(rng, tok, settings):
     question = random_question(rng, settings.critique_min_ops if kind == "critique" else MIN_OPS)
     style = rng.choice(settings.styles)
     target, no_loss = solve(question, style), None  # the model's own trace, unless replaced below
-    if kind == "plain":
+    if kind == "plain":  # the solver's own work: it slips at slip_rate per step
+        target = slipping_trace(rng, question, style, settings.slip_rate)
         prompt = student_prompt_ids(tok, question, prompts="toy", thinking=False)
     elif kind == "critique":
         gold = str(chain_steps(question)[-1][3])

@@ -1,15 +1,18 @@
 """Protects the toy world v2's levers and instruments: the departing critique examples (the
 wrong result carries no loss, the rest continues from the response's own state), the trace
 statistics eval.py logs, the teacher's after-error probe, the critique forms used as training
-arms, the distilled span of `distill_span=through_first_divergence`, and the one length budget."""
+arms, the distilled span of `distill_span=through_first_divergence`, the one length budget, and
+the toy reward being training's (critic.reward)."""
 import random
 
 import pytest
 import torch
 
 import contexts
+import critic
 import selfdistill
 import toy
+from common import UserError
 from contexts import parse_steps
 
 
@@ -113,7 +116,7 @@ def test_departure_index_and_distilled_span():
 
 
 def test_through_first_divergence_is_refused_without_a_critique():
-    with pytest.raises(selfdistill.UserError, match="critique arm"):
+    with pytest.raises(UserError, match="critique arm"):
         selfdistill.load_config(["--context", "reference", "distill_span=through_first_divergence"])
     selfdistill.load_config(["--context", "critique_quoting", "distill_span=through_first_divergence"])
 
@@ -123,3 +126,28 @@ def test_toy_runs_take_the_worlds_length_budget(capsys):
     selfdistill.load_config([f"max_new_tokens={toy.budget() + 1}"])
     assert "differs from the toy world's budget" in capsys.readouterr().err
     assert selfdistill.load_config(["model=some/model", "prompts=instruct"]).max_new_tokens == 512
+
+
+@pytest.mark.parametrize("text, answer", [
+    ("<step_1> 2+7=9 <answer> 9", "9"), ("<step_1> 2+7=9 <answer> 8", "9"), ("<answer>9", "9"),
+    ("\\boxed{9}", "9"), ("<step_1> 2+7=9", "9"), ("", "9"), ("<answer> 09", "9")])
+def test_toy_reward_is_trainings(text, answer):
+    assert toy.is_correct(text, answer) is (critic.reward(text, answer) == 1.0)
+
+
+def test_slipping_trace_slips_at_its_rate_and_goes_on_from_the_slip():
+    rng = random.Random(7)
+    slips = steps_seen = 0
+    for _ in range(2000):
+        q = toy.random_question(rng)
+        steps = [toy.parse_step(s) for s in parse_steps(toy.slipping_trace(rng, q, "plain", 0.25))[0]]
+        chain = toy.chain_steps(q)
+        assert [s[1:3] for s in steps] == [c[1:3] for c in chain]  # the question's operations
+        assert steps[0][0] == chain[0][0]
+        for i, step in enumerate(steps):
+            slips += step[3] != toy.apply(*step[:3])
+            steps_seen += 1
+            if i:
+                assert step[0] == steps[i - 1][3]  # always from its own written value
+    assert abs(slips / steps_seen - 0.25) < 0.02
+    assert toy.slipping_trace(rng, "2+7+5-9", "plain", 0.0) == toy.solve("2+7+5-9", "plain")
