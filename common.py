@@ -768,8 +768,8 @@ def context_overlap(tokenizer, responses, context_texts):
                for r, c in zip(responses, context_texts) if c) / max(len(responses), 1)
 
 
-def log_step(run_dir, record, total_steps, finite, sample_every, gold, texts, rewards, context_texts,
-             valid, truncated):
+def log_step(run_dir, record, total_steps, finite, sample_every, sample_records, texts, rewards,
+             context_texts, valid, truncated):
     """One metrics line, one printed line, and every `sample_every` steps the samples with their
     teacher contexts (reading them is how self-distillation is debugged)."""
     from tqdm import tqdm
@@ -781,7 +781,7 @@ def log_step(run_dir, record, total_steps, finite, sample_every, gold, texts, re
                f" | invalid {record['train/critique_invalid']} | {record['time/step']:.1f}s"
                + ("" if finite else " | update skipped (non-finite)"))
     if sample_every and step % sample_every == 0 or step == 1:
-        for i, r in enumerate(gold):
+        for i, r in enumerate(sample_records):
             append_jsonl(os.path.join(run_dir, "samples.jsonl"),
                          {"step": step, "id": r["id"], "question": r["question"], "response": texts[i],
                           "reward": rewards[i].item(), "context": context_texts[i], "valid": valid[i],

@@ -367,12 +367,13 @@ class BuildSettings:
     styles: tuple = ("plain",)    # the solver's surface styles. v1 had four, unequally hard
                                   # (plain 32 %, flipped 14 %), so GRPO could win by choosing a
                                   # style. One style leaves arithmetic the only lever.
-    slip_rate: float = 0.25       # ASSUMPTION: in the plain examples each step's result is wrong
-                                  # with this probability, and the trace goes on from it. Without
-                                  # slips one style made the 1 M solver 98 % right (four v2 styles:
-                                  # 78 %), far above the filter's regime; v1's errors came from
-                                  # styles interfering. A real model's mass on wrong digits is
-                                  # what this stands for; it is the one lever left to learn.
+    faulty_share: float = 0.3     # ASSUMPTION: the solver's misconceptions. This share of the step
+    fault_rate: float = 0.8       # facts (a, op, b) has one wrong result, which the solver's own
+                                  # traces write at this rate (faulty_facts). Without them one style
+                                  # made the 1 M solver 98 % right (four v2 styles: 78 %), far above
+                                  # the filter's regime (v1's errors came from its styles
+                                  # interfering). Random slips instead (25 % per step, tried) were
+                                  # unlearned by every arm in 5 steps: noise, not knowledge.
     recovery: float = 0.3         # ASSUMPTION: share of critique examples whose response departs
                                   # from the critique at one step (a wrong result, no loss on it)
                                   # and continues correctly from its own state; 0 = v1's teacher,
@@ -440,29 +441,43 @@ def departing_trace(rng, question, style):
     return render_steps(texts, str(value)), span
 
 
-def slipping_trace(rng, question, style, rate):
-    """The chain trace written by a solver that slips: each step's result is wrong with probability
-    `rate` (off by ±1, ±2 or ±10), and the next step goes on from the written value."""
+def faulty_facts(seed, share):
+    """The solver's misconceptions: a fixed random `share` of the step facts (a, op, b) within the
+    world's ranges, each mapped to one wrong result (off by 1 or 2), deterministic per seed."""
+    rng, faults = random.Random(f"facts-{seed}"), {}
+    for a in range(MIN_VALUE, MAX_VALUE + 1):
+        for op in "+-":
+            for b in OPERANDS:
+                right = apply(a, op, b)
+                if MIN_VALUE <= right <= MAX_VALUE and rng.random() < share:
+                    faults[(a, op, b)] = rng.choice([x for x in (right - 2, right - 1, right + 1, right + 2)
+                                                     if x >= 0])
+    return faults
+
+
+def solver_trace(rng, question, style, faults, rate):
+    """The chain trace as the solver writes it: at a faulty fact it writes the fact's wrong result
+    with probability `rate`, and the next step goes on from the written value."""
     texts, value = [], parse_question(question)[0]
     for _, op, b, _ in chain_steps(question):
         result = apply(value, op, b)
-        if rng.random() < rate:
-            result = rng.choice([x for x in (result - 10, result - 2, result - 1, result + 1,
-                                             result + 2, result + 10) if x >= 0])
+        if (value, op, b) in faults and rng.random() < rate:
+            result = faults[(value, op, b)]
         texts.append(format_step(value, op, b, result, style))
         value = result
     return render_steps(texts, str(value))
 
 
-def training_example(rng, tok, settings):
+def training_example(rng, tok, settings, faults):
     """(prompt_ids, response_ids, no_loss): one example of the mixture; the response ends with
-    eos; no_loss is a (start, end) range of response tokens that carry no loss, or None."""
+    eos; no_loss is a (start, end) range of response tokens that carry no loss, or None. `faults`
+    are the solver's misconceptions (faulty_facts)."""
     kind = rng.choices(["plain", "critique", "reference"], weights=settings.mix)[0]
     question = random_question(rng, settings.critique_min_ops if kind == "critique" else MIN_OPS)
     style = rng.choice(settings.styles)
     target, no_loss = solve(question, style), None  # the model's own trace, unless replaced below
-    if kind == "plain":  # the solver's own work: it slips at slip_rate per step
-        target = slipping_trace(rng, question, style, settings.slip_rate)
+    if kind == "plain":  # the solver's own work, misconceptions included
+        target = solver_trace(rng, question, style, faults, settings.fault_rate)
         prompt = student_prompt_ids(tok, question, prompts="toy", thinking=False)
     elif kind == "critique":
         gold = str(chain_steps(question)[-1][3])
@@ -481,6 +496,8 @@ def training_example(rng, tok, settings):
         reference = reference_solution(question, order, phrasing)
         if rng.random() < settings.copy_prob:
             target = reference
+        else:  # its own work beside the reference: its misconceptions are still its own
+            target = solver_trace(rng, question, style, faults, settings.fault_rate)
         prompt = teacher_prompt_ids(tok, question, reference, "reference", prompts="toy",
                                     thinking=False)
     return prompt, tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id], no_loss
@@ -488,8 +505,9 @@ def training_example(rng, tok, settings):
 
 def batches(rng, tok, settings, bucket=64):
     """Length-bucketed batches: sort `bucket` batches' worth of examples by length, cut, shuffle."""
+    faults = faulty_facts(settings.seed, settings.faulty_share)
     while True:
-        pool = [training_example(rng, tok, settings) for _ in range(bucket * settings.batch_size)]
+        pool = [training_example(rng, tok, settings, faults) for _ in range(bucket * settings.batch_size)]
         pool.sort(key=lambda ex: len(ex[0]) + len(ex[1]))
         chunks = [pool[i:i + settings.batch_size] for i in range(0, len(pool), settings.batch_size)]
         rng.shuffle(chunks)

@@ -38,14 +38,14 @@ def test_training_examples_mask_only_the_wrong_result():
     rng, tok = random.Random(0), toy.make_tokenizer()
     settings = toy.BuildSettings(mix=(0, 1, 0), recovery=1.0)
     for _ in range(50):
-        prompt, response, no_loss = toy.training_example(rng, tok, settings)
+        prompt, response, no_loss = toy.training_example(rng, tok, settings, {})
         text = tok.decode(response[:-1])
         masked = tok.decode(response[no_loss[0]:no_loss[1]])
         steps = [toy.parse_step(s) for s in parse_steps(text)[0]]
         slip = next(p for p in steps if p[3] != toy.apply(*p[:3]))
         assert masked == str(slip[3])
     old = toy.BuildSettings(mix=(0, 1, 0), recovery=0.0)  # the v1 teacher: always the critique
-    assert all(toy.training_example(rng, tok, old)[2] is None for _ in range(50))
+    assert all(toy.training_example(rng, tok, old, {})[2] is None for _ in range(50))
 
 
 def test_trace_stats_counts_arithmetic_chaining_and_own_answer():
@@ -135,19 +135,24 @@ def test_toy_reward_is_trainings(text, answer):
     assert toy.is_correct(text, answer) is (critic.reward(text, answer) == 1.0)
 
 
-def test_slipping_trace_slips_at_its_rate_and_goes_on_from_the_slip():
-    rng = random.Random(7)
-    slips = steps_seen = 0
+def test_the_solvers_misconceptions_are_fixed_facts_written_at_their_rate():
+    faults = toy.faulty_facts(0, 0.3)
+    assert faults == toy.faulty_facts(0, 0.3) != toy.faulty_facts(1, 0.3)  # deterministic per seed
+    facts = [(a, op, b) for a in range(toy.MIN_VALUE, toy.MAX_VALUE + 1) for op in "+-" for b in toy.OPERANDS
+             if toy.MIN_VALUE <= toy.apply(a, op, b) <= toy.MAX_VALUE]
+    assert abs(len(faults) / len(facts) - 0.3) < 0.05
+    assert all(0 < abs(wrong - toy.apply(*fact)) <= 2 for fact, wrong in faults.items())
+    rng, written, wrong = random.Random(7), 0, 0
     for _ in range(2000):
         q = toy.random_question(rng)
-        steps = [toy.parse_step(s) for s in parse_steps(toy.slipping_trace(rng, q, "plain", 0.25))[0]]
-        chain = toy.chain_steps(q)
-        assert [s[1:3] for s in steps] == [c[1:3] for c in chain]  # the question's operations
-        assert steps[0][0] == chain[0][0]
+        steps = [toy.parse_step(s) for s in parse_steps(toy.solver_trace(rng, q, "plain", faults, 0.8))[0]]
         for i, step in enumerate(steps):
-            slips += step[3] != toy.apply(*step[:3])
-            steps_seen += 1
             if i:
                 assert step[0] == steps[i - 1][3]  # always from its own written value
-    assert abs(slips / steps_seen - 0.25) < 0.02
-    assert toy.slipping_trace(rng, "2+7+5-9", "plain", 0.0) == toy.solve("2+7+5-9", "plain")
+            if step[:3] in faults:
+                written += 1
+                wrong += step[3] == faults[step[:3]]
+            else:
+                assert step[3] == toy.apply(*step[:3])  # a sound fact is never wrong
+    assert abs(wrong / written - 0.8) < 0.03
+    assert toy.solver_trace(rng, "2+7+5-9", "plain", faults, 0.0) == toy.solve("2+7+5-9", "plain")
