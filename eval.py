@@ -320,8 +320,7 @@ EVAL_SETTING = ("n", "k", "questions", "temperature")  # runs compared must shar
 
 def non_default(config):
     """Settings that differ from the defaults of its arm (derived defaults included)."""
-    defaults = dataclasses.asdict(selfdistill.resolve(selfdistill.Config(
-        arm=config["arm"], model=config["model"], max_new_tokens=config["max_new_tokens"])))
+    defaults = dataclasses.asdict(selfdistill.resolve(selfdistill.Config(arm=config["arm"], model=config["model"])))
     return {key: value for key, value in config.items()
             if key not in SAME_ARM_IGNORES and key != "arm" and value != defaults.get(key)}
 
@@ -687,11 +686,15 @@ def analysis_config(target, overrides):
     if not is_run and target != "toy" and not os.path.isdir(target) and not hub_id:
         raise UserError(f"{target} is neither a run folder (no config.yaml) nor a model folder")
     # A model folder other than the toy's is taken for a chat model: instruct prompts by default.
-    cfg = load_run_config(target) if is_run else selfdistill.Config(
-        model=target, prompts="toy" if target == "toy" else "instruct")
-    for key, value in common.parse_overrides(selfdistill.Config, selfdistill.CHOICES, overrides).items():
+    values = common.parse_overrides(selfdistill.Config, selfdistill.CHOICES, overrides)
+    if not is_run:  # a model: the derived values a run of it would have (G, length budget)
+        defaults = {"model": target, "prompts": "toy" if target == "toy" else "instruct"}
+        return selfdistill.resolve(selfdistill.Config(**{**defaults, **values})), None
+    cfg = load_run_config(target, trust_remote_code=values.get("trust_remote_code", False))
+    for key, value in values.items():
         setattr(cfg, key, value)
-    return cfg, (target if is_run else None)
+    common.check_consistency(cfg)
+    return cfg, target
 
 
 def analyze(target, overrides=(), step=0, rollouts=8, out=None):

@@ -6,8 +6,8 @@ Two ways to do it:
          token_divergence over all of them, mean, backward through autograd.
   ours   selfdistill.ChunkedHead: the LM head and token_divergence run over chunks of positions,
          the teacher's chunk logits under no_grad, each chunk's gradient taken on the spot
-         (exactly the per-token function selfdistill.distill_backward passes, minus its entropy
-         metric; --entropy also times it with the metric).
+         (the per-token function selfdistill.sd_loss passes, minus its entropy metric and its
+         optional A_t; --entropy also times it with the metric, as every training step runs it).
 
 Each run is its own subprocess, naive and ours alternating, so each peak is clean: peak extra
 memory = the process's peak resident set (VmHWM, reset after the inputs exist) minus its resident

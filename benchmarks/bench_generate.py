@@ -1,8 +1,9 @@
 """Does sampling get faster than a plain `generate`? Three ways to draw the same rollouts from the
 toy world's base model (with its fresh LoRA adapter, as in training), timed in rotating order:
 
-  dynamic  `model.generate` with the default dynamic KV cache (what selfdistill.generate does)
-  static   the same call with `cache_implementation="static"` (a preallocated cache)
+  dynamic  `model.generate` with the default dynamic KV cache (what common.generate does in training)
+  static   the same call with `cache_implementation="static"` (a preallocated cache; what
+           common.generate does with static_cache=True, as the toy build samples)
   loop     a hand-written decoding loop: one forward per token on the dynamic cache, multinomial
            sampling at T = 1, no logits processors or stopping criteria; EOS is ignored
 
@@ -22,6 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
 import contexts  # noqa: E402
 import selfdistill  # noqa: E402
 import toy  # noqa: E402
@@ -52,23 +54,24 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
-    cfg = selfdistill.load_config([f"threads={args.threads}", f"max_new_tokens={args.new_tokens}"])
-    device = selfdistill.pick_device(cfg)
+    cfg = selfdistill.load_config([f"threads={args.threads}"])  # sampling settings: the run's defaults
+    device = common.pick_device(cfg)
     built = toy.ensure_built()
-    model, tokenizer = selfdistill.load_model(cfg, built["model_dir"], device)
+    model, tokenizer = common.load_model(cfg, built["model_dir"], device)
     model.eval()
-    questions = [r["question"] for r in selfdistill.load_jsonl(built["test"])]
-    stop = selfdistill.eos_ids(model, tokenizer)
+    questions = [r["question"] for r in common.load_jsonl(built["test"])]
+    stop = common.eos_ids(model, tokenizer)
     print(f"{time.strftime('%Y-%m-%d')} | torch {torch.__version__}, {torch.get_num_threads()} threads "
           f"| toy model + LoRA | {args.new_tokens} new tokens per row")
     for n in args.rows:
         prompts = [contexts.student_prompt_ids(tokenizer, questions[i % len(questions)], "toy")
                    for i in range(n)]
         rows = contexts.build_rows(prompts, [[] for _ in prompts], tokenizer.pad_token_id)
-        dynamic = selfdistill.sampling_config(cfg, tokenizer, stop)
+        settings = (tokenizer, stop, args.new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
+        dynamic = common.sampling_config(*settings)
         dynamic.min_new_tokens = args.new_tokens  # no early stop: every way does the same work
-        static = selfdistill.sampling_config(cfg, tokenizer, stop)
-        static.min_new_tokens, static.cache_implementation = args.new_tokens, "static"
+        static = common.sampling_config(*settings, static_cache=True)
+        static.min_new_tokens = args.new_tokens
         ways = {
             "dynamic": lambda: model.generate(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"],
                                               generation_config=dynamic),

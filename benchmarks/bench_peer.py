@@ -96,14 +96,15 @@ def run_trl(args, out_dir):
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
+    import common
     import contexts
-    import selfdistill
+    import toy
     cfg = our_config(args, out_dir)
     torch.set_num_threads(cfg.threads)
-    model_dir, train_path, _ = selfdistill.resolve_paths(cfg)
-    records = selfdistill.load_jsonl(train_path, need_solution=True)
+    model_dir, train_path, _ = toy.resolve_paths(cfg)
+    records = common.load_jsonl(train_path, need_solution=True)
     order = [i for step in range(cfg.max_steps)  # our questions, step by step, in our order
-             for i in selfdistill.batch_for_step(len(records), cfg.batch_size, step, cfg.seed)]
+             for i in common.batch_for_step(len(records), cfg.batch_size, step, cfg.seed)]
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": records[i]["question"]}],
                                   "privileged_context": records[i]["solution"]} for i in order])
     template = contexts.PROMPTS[cfg.prompts]["reference"].format(question="{prompt}",

@@ -39,6 +39,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
 import contexts  # noqa: E402
 import selfdistill  # noqa: E402
 import toy  # noqa: E402
@@ -68,7 +69,7 @@ def build_random_model(name, folder, dtype):
                                   max_position_embeddings=8192, pad_token_id=tokenizer.pad_token_id,
                                   eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=selfdistill.DTYPES[dtype])
+    model = AutoModelForCausalLM.from_config(config, dtype=common.DTYPES[dtype])
     model.generation_config.update(do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                                    pad_token_id=tokenizer.pad_token_id,
                                    eos_token_id=tokenizer.eos_token_id)
@@ -85,22 +86,23 @@ def free(device):
 
 def bare_parts(cfg, model_path, train_path, device, samples):
     """The step's parts written the plain way, on its batch: ({phase: s}, {phase: GiB}, same)."""
-    timer = selfdistill.Timer(device)
-    model, tokenizer = selfdistill.load_model(cfg, model_path, device)
-    records = selfdistill.load_jsonl(train_path)
-    batch = [records[i] for i in selfdistill.batch_for_step(len(records), cfg.batch_size, 0, cfg.seed)]
+    timer = common.Timer(device)
+    model, tokenizer = common.load_model(cfg, model_path, device)
+    records = common.load_jsonl(train_path)
+    batch = [records[i] for i in common.batch_for_step(len(records), cfg.batch_size, 0, cfg.seed)]
     gold = [r for r in batch for _ in range(cfg.samples_per_question)]
     prompts = [contexts.student_prompt_ids(tokenizer, r["question"], cfg.prompts, cfg.student_thinking)
                for r in gold]
-    stop, pad = selfdistill.eos_ids(model, tokenizer), tokenizer.pad_token_id
+    stop, pad = common.eos_ids(model, tokenizer), tokenizer.pad_token_id
     rows = contexts.build_rows(prompts, [[] for _ in prompts], pad)  # left-padded prompts alone
-    torch.manual_seed(selfdistill.step_seed(cfg, 0))
+    torch.manual_seed(common.step_seed(cfg, 0))
     model.eval()
     with timer("generate"), torch.no_grad():
         out = model.generate(input_ids=rows["input_ids"].to(device),
                              attention_mask=rows["attention_mask"].to(device),
-                             generation_config=selfdistill.sampling_config(cfg, tokenizer, stop))
-    responses, _ = selfdistill.cut_at_stop(out[:, rows["input_ids"].shape[1]:], stop)
+                             generation_config=common.sampling_config(tokenizer, stop, cfg.max_new_tokens,
+                                                                      cfg.temperature, cfg.top_p, cfg.top_k))
+    responses, _ = common.cut_at_stop(out[:, rows["input_ids"].shape[1]:], stop)
     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
     same = texts == [s["response"] for s in samples]
     # the step's rows: its own contexts and validity, as samples.jsonl recorded them
@@ -108,8 +110,8 @@ def bare_parts(cfg, model_path, train_path, device, samples):
     parts = [keep[j:j + cfg.micro_batch] for j in range(0, len(keep), cfg.micro_batch)]
     students = [contexts.build_rows([prompts[i] for i in part], [responses[i] for i in part], pad)
                 for part in parts]
-    teachers = [] if cfg.context == "grpo" else [contexts.build_rows(
-        [contexts.teacher_prompt_ids(tokenizer, gold[i]["question"], samples[i]["context"], cfg.context,
+    teachers = [] if cfg.arm == "grpo" else [contexts.build_rows(
+        [contexts.teacher_prompt_ids(tokenizer, gold[i]["question"], samples[i]["context"], cfg.arm,
                                      cfg.prompts, cfg.teacher_thinking, cfg.max_context_tokens)
          for i in part], [responses[i] for i in part], pad) for part in parts]
 
@@ -175,7 +177,7 @@ def bench(model_name, args, folder):
     steps, bares = [], []
     for r in range(args.repeats + 1):  # repeat 0 warms up
         cfg = step_config(args, model_name, model_path, train_path, context, r, folder)
-        device = selfdistill.pick_device(cfg)
+        device = common.pick_device(cfg)
         record, samples = one_step(cfg, device)
         seconds, peaks, same = bare_parts(cfg, model_path, train_path, device, samples)
         free(device)  # the bare parts' model is gone once they return
@@ -212,7 +214,7 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["toy", *SHAPES], action="append",
                         help="repeatable; default: toy and 20m")
-    parser.add_argument("--context", choices=["grpo", "reference", "critique"],
+    parser.add_argument("--context", choices=selfdistill.ARMS,
                         help="default: critique for toy, reference for the random models")
     parser.add_argument("--prompts", type=int, default=32, help="questions per step (paper: 32)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up")
@@ -225,10 +227,10 @@ def main():
     print(f"{time.strftime('%Y-%m-%d')} | {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs | torch {torch.__version__}"
           + (f" | {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
-    with tempfile.TemporaryDirectory() as tmp, selfdistill.user_errors():
+    with tempfile.TemporaryDirectory() as tmp, common.user_errors():
         folder = args.keep or tmp
         # bad settings or a missing GPU fail here, before a model is built
-        selfdistill.pick_device(step_config(args, "check", "toy", "", "reference", 1, folder))
+        common.pick_device(step_config(args, "check", "toy", "", "reference", 1, folder))
         for name in args.model or ["toy", "20m"]:
             bench(name, args, folder)
 

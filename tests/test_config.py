@@ -7,8 +7,10 @@ import sys
 
 import pytest
 
+import common
 import selfdistill
-from selfdistill import UserError, load_config
+from common import UserError
+from selfdistill import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,9 +25,12 @@ def error_of(argv):
 
 def test_defaults_and_derived_values():
     cfg = load_config([])
-    assert cfg.context == "critique" and cfg.samples_per_question == 1 and cfg.run == "critique-s0"
+    assert cfg.arm == "critique" and cfg.samples_per_question == 1 and cfg.run == "critique-s0"
     cfg = load_config(["--context", "grpo", "seed=3"])
-    assert cfg.samples_per_question == 8 and cfg.run == "grpo-s3"
+    assert cfg.arm == "grpo" and cfg.samples_per_question == 8 and cfg.run == "grpo-s3"
+    # --context NAME sets the field `arm`; as key=value the field is written arm=NAME
+    cfg = load_config(["arm=reference"])
+    assert cfg.arm == "reference" and cfg.run == "reference-s0"
 
 
 def test_yaml_then_command_line_overrides(tmp_path):
@@ -96,8 +101,8 @@ def test_contradictory_settings(argv, fragment):
 def test_help_lists_every_field_with_its_comment():
     out = subprocess.run([sys.executable, "selfdistill.py", "--help"], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout
-    comments = selfdistill.field_help()
-    for name in selfdistill.FIELDS:
+    comments = common.field_help(selfdistill.Config)
+    for name in common.fields_of(selfdistill.Config):
         assert name in out and comments[name][:20] in out, name
 
 

@@ -5,17 +5,21 @@ the validity rules that decide which critiques enter the loss (verbatim prefix k
 and malformed critiques dropped); think-block removal; the local HF critic on a tiny model; the
 HTTP critic's contract against a local OpenAI-compatible server (the key is sent but never shown,
 timeouts and garbage become None after bounded retries, 5xx is retried, other 4xx is not, an
-unreachable server fails at startup with one line)."""
+unreachable server fails at startup with one line); which critic a config builds (critic=rule:
+the toy world's toy.RuleCritic through selfdistill.make_judge; critic.make_critic and
+critic.from_config build the model critics, hf and http, only)."""
 import json
 import socket
-import sys
 import time
-import types
 
 import pytest
 
-from critic import (HFCritic, HTTPCritic, RuleCritic, answers_match, clean_critique, critic_prompt,
-                    extract_answer, make_critic, reward, validate_critique)
+import selfdistill
+import toy
+from common import UserError
+from critic import (HFCritic, HTTPCritic, answers_match, clean_critique, critic_prompt, extract_answer,
+                    from_config, make_critic, reward, validate_critique)
+from toy import RuleCritic
 
 # ---------------------------------------------------------------------------------------------
 # Answers
@@ -206,10 +210,30 @@ def test_http_check_unreachable():
 
 
 def test_make_critic_and_rule_critic(monkeypatch):
-    fake_toy = types.SimpleNamespace(rule_critique=lambda q, r, a: f"{q}|{r}|{a}")
-    monkeypatch.setitem(sys.modules, "toy", fake_toy)
-    rule = make_critic("rule")
-    assert isinstance(rule, RuleCritic) and rule(*ARGS) == [f"{ARGS[0][0]}|{ARGS[1][0]}|14"]
+    # the rule critic is the toy world's program, called once per sample with (q, response, gold)
+    assert RuleCritic()(*ARGS) == [GOOD]
+    monkeypatch.setattr(toy, "rule_critique", lambda q, r, a: f"{q}|{r}|{a}")
+    rule = RuleCritic()
+    assert rule(*ARGS) == [f"{ARGS[0][0]}|{ARGS[1][0]}|14"]
+    rule.check()  # nothing to check, and no error
+    # make_critic builds the model critics only; "rule" is no longer one of its kinds
     assert isinstance(make_critic("http", base_url="http://x/v1", model="m"), HTTPCritic)
     with pytest.raises(ValueError, match="unknown critic 'gpt'"):
         make_critic("gpt")
+    with pytest.raises(ValueError, match="unknown critic 'rule'"):
+        make_critic("rule")
+
+
+def test_make_judge_and_from_config(server):
+    judge = selfdistill.make_judge(selfdistill.Config(critic="rule"), "cpu")
+    assert isinstance(judge, RuleCritic)
+    cfg = selfdistill.Config(critic="http", critic_url=server.url, critic_model="critic-model",
+                             critic_timeout=5)
+    judge = selfdistill.make_judge(cfg, "cpu")
+    assert isinstance(judge, HTTPCritic) and judge.base_url == server.url and judge.model == "critic-model"
+    assert judge(*ARGS) == [GOOD]
+    assert isinstance(from_config(cfg, "cpu"), HTTPCritic)
+    cfg.critic_model = "other-model"  # checked once, at construction: a one-line user error
+    with pytest.raises(UserError, match="does not serve 'other-model'") as e:
+        from_config(cfg, "cpu")
+    assert "\n" not in str(e.value)

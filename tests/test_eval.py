@@ -4,7 +4,9 @@ Protects: Avg@k, Pass@k and Maj@k (strict tie rule) on hand-computed cases, and 
 Pass@k estimator against brute-force enumeration of k-subsets; the bootstrap CI (seeded,
 contains the estimate); A_t = log π_T(y_t|x,c,y<t) − log π_θ(y_t|x,y<t) against a plain full
 forward of each unpadded row (teacher = LoRA off, student = a non-zero LoRA), in a padded batch;
-the step / first-error masks and the four analysis contexts; HTML escaping of hostile tokens;
+the step / first-error masks and the four analysis contexts; the training log's advantage
+statistics (contexts.advantage_stats, logged every `analysis_every` steps) on hand-computed A values
+and regions; HTML escaping of hostile tokens;
 --compare pooling seeds into mean ± std with the best step and the final value; evaluate_run on
 a tiny run (eval.jsonl written, steps skipped on rerun) and its one-line errors."""
 import itertools
@@ -17,10 +19,11 @@ import pytest
 import torch
 import yaml
 
+import common
 import contexts
 import eval as ev
 import selfdistill
-from selfdistill import UserError
+from common import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,7 +89,7 @@ def test_bootstrap_ci_contains_estimate_and_is_seeded():
 @pytest.fixture(scope="module")
 def lora_model(tiny_model_dir):
     cfg = selfdistill.Config(model=tiny_model_dir, prompts="toy", lora_r=4, chunk_size=5, micro_batch=8)
-    model, tok = selfdistill.load_model(cfg, tiny_model_dir, torch.device("cpu"))
+    model, tok = common.load_model(cfg, tiny_model_dir, torch.device("cpu"))
     torch.manual_seed(1)
     for name, p in model.named_parameters():
         if "lora_B" in name:
@@ -160,20 +163,64 @@ def test_first_wrong_step(response, critique, expected):
     assert ev.first_wrong_step(response, critique) == expected
 
 
-def test_training_analysis_on_given_rollouts(lora_model):
-    toy = pytest.importorskip("toy")
-    import critic
-    cfg, model, tok = lora_model
-    model.train()
-    records = [{"question": q, "answer": a, "solution": toy.reference_solution(q),
-                "response_ids": tok(r)["input_ids"] + [tok.eos_token_id]}
-               for q, a, r in [("2+7+5", "14", "<step_1> 2+7=9 <step_2> 9+5=15 <answer> 15"),
-                               ("3+4", "7", "<step_1> 3+4=7 <answer> 7"),       # right: skipped
-                               ("5-2+1", "4", "<step_1> 5-2=4 <step_2> 4+1=5 <answer> 5")]]
-    out = ev.training_analysis(model, tok, cfg, "cpu", records, critic.RuleCritic())
-    assert out["analysis/rollouts"] == 2 and model.training
-    assert {f"analysis/{k}/{s}" for k in ev.KINDS for s in ("prefix", "wrong", "after", "focus")} <= set(out)
-    model.eval()
+def test_advantage_stats_by_hand(tiny):
+    """contexts.advantage_stats, what `analysis_every` logs: the mean A_t over every distilled token,
+    and over the wrong rollouts' correct prefix, first wrong step and the rest. The regions are
+    written here by hand in characters (the tiny tokenizer has one token per character; a tag is 8
+    tokens, EOS one more); rollouts with no differing step, no critique, or a wrong step whose tag
+    is not among its tokens are left out of the regions but not of A_mean."""
+    _, tok = tiny
+    eos = [tok.eos_token_id]
+
+    def ids(text):
+        return tok(text, add_special_tokens=False)["input_ids"] + eos
+
+    # 1: wrong at step 2 (0-based 1). <step_1> 0-7, " 2+7=9 " 8-14, <step_2> 15-22 (tag: prefix),
+    #    " 9+5=15 " 23-30 (the wrong step), <answer> 31-38, " 15" 39-41, EOS 42 (after)
+    wrong_second = "<step_1> 2+7=9 <step_2> 9+5=15 <answer> 15"
+    # 2: right, the critique reproduces it: no differing step
+    right = "<step_1> 3+4=7 <answer> 7"
+    # 3: the critic failed (None)
+    failed = "<step_1> 1+1=3 <answer> 3"
+    # 4: wrong at step 1 (0-based 0). <step_1> 0-7 (prefix), " 5-2=4 " 8-14 (wrong), the rest 15-40
+    wrong_first = "<step_1> 5-2=4 <step_2> 4+1=5 <answer> 5"
+    # 5: its text and critique differ at step 2, but its tokens hold no <step_2>: not located
+    unlocated_text = "<step_1> 1+1=2 <step_2> 2+1=4 <answer> 4"
+    responses = [ids(wrong_second), ids(right), ids(failed), ids(wrong_first), ids("<step_1> 1+1=2")]
+    texts = [wrong_second, right, failed, wrong_first, unlocated_text]
+    critiques = ["<step_1> 2+7=9 <step_2> 9+5=14 <answer> 14", right, None,
+                 "<step_1> 5-2=3 <step_2> 3+1=4 <answer> 4", "<step_1> 1+1=2 <step_2> 2+1=3 <answer> 3"]
+    assert [len(r) for r in responses] == [43, 26, 26, 41, 15]
+    A = [torch.arange(43.0), torch.full((26,), 7.0), torch.full((26,), -9.0),
+         torch.ones(41), torch.full((15,), 100.0)]
+    A[3][8:15] = -4.0  # rollout 4's wrong step
+    out = contexts.advantage_stats(tok, responses, A, texts, critiques)
+    assert set(out) == {"analysis/A_mean", "analysis/rollouts", "analysis/A_prefix", "analysis/A_wrong",
+                        "analysis/A_after"}
+    assert out["analysis/rollouts"] == 2
+    total = sum(range(43)) + 26 * 7.0 - 26 * 9.0 + (41 - 7) - 7 * 4.0 + 15 * 100.0
+    assert out["analysis/A_mean"] == pytest.approx(total / (43 + 26 + 26 + 41 + 15))
+    assert out["analysis/A_prefix"] == pytest.approx((sum(range(0, 23)) + 8 * 1.0) / (23 + 8))
+    assert out["analysis/A_wrong"] == pytest.approx((sum(range(23, 31)) + 7 * -4.0) / (8 + 7))
+    assert out["analysis/A_after"] == pytest.approx((sum(range(31, 43)) + 26 * 1.0) / (12 + 26))
+    # the regions the statistics used, from the tokens
+    _, masks = contexts.step_regions(contexts.token_pieces(tok, responses[0]), 1)
+    assert [m.nonzero().flatten().tolist() for m in masks] == [
+        list(range(0, 23)), list(range(23, 31)), list(range(31, 43))]
+    # nothing to locate: no region statistics; no rollouts at all: no mean either
+    none = contexts.advantage_stats(tok, responses[1:3], A[1:3], texts[1:3], critiques[1:3])
+    assert none["analysis/rollouts"] == 0 and none["analysis/A_mean"] == pytest.approx(-1.0)
+    assert none["analysis/A_prefix"] is none["analysis/A_wrong"] is none["analysis/A_after"] is None
+    empty = contexts.advantage_stats(tok, [], [], [], [])
+    assert empty["analysis/A_mean"] is None and empty["analysis/rollouts"] == 0
+
+
+def test_analysis_config_of_a_model_is_resolved(tiny_model_dir):
+    """--analyze / --prepare on a model (not a run) get the derived values a run would have."""
+    import toy
+    for target, budget in (("toy", toy.budget()), (tiny_model_dir, 512)):
+        cfg, run_dir = ev.analysis_config(target, ["threads=1"])
+        assert run_dir is None and cfg.max_new_tokens == budget and cfg.samples_per_question == 1
 
 
 def test_load_adapter_round_trip(lora_model, tmp_path):
@@ -231,8 +278,8 @@ def fake_run(root, name, seed, values, **config):
     """A run folder with config.yaml and eval.jsonl; values: {step: avg} (other metrics derived)."""
     run_dir = os.path.join(root, name)
     os.makedirs(run_dir)
-    cfg = {**vars(selfdistill.Config(context="critique", seed=seed, run=name)), "samples_per_question": 1,
-           **config}
+    # a resolved config, as training writes it
+    cfg = vars(selfdistill.resolve(selfdistill.Config(**{"arm": "critique", "seed": seed, "run": name, **config})))
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(cfg, f)
     with open(os.path.join(run_dir, "eval.jsonl"), "w") as f:
@@ -248,7 +295,7 @@ def fake_run(root, name, seed, values, **config):
 def test_compare_pools_seeds(tmp_path):
     runs = [fake_run(tmp_path, "c0", 0, {0: 0.1, 10: 0.3, 20: 0.5, 30: 0.4}),
             fake_run(tmp_path, "c1", 1, {0: 0.1, 10: 0.5, 20: 0.5, 30: 0.2}),
-            fake_run(tmp_path, "r0", 0, {0: 0.1, 10: 0.2, 20: 0.1}, context="reference", lr=1e-3)]
+            fake_run(tmp_path, "r0", 0, {0: 0.1, 10: 0.2, 20: 0.1}, arm="reference", lr=1e-3)]
     arms, shared = ev.compare_runs(runs)
     critique, reference = arms
     assert critique["label"] == "critique" and critique["seeds"] == [0, 1]
@@ -263,6 +310,34 @@ def test_compare_pools_seeds(tmp_path):
     assert table.splitlines()[0].startswith("| arm | seeds | Pass@4 best | Pass@4 final")
     assert "50.00 ± 0.00 (step 20)" in table and "30.00 ± 14.14 (step 30)" in table
     assert "20.00 [10.0, 30.0] (step 10)" in table
+
+
+def test_compare_labels_runs_that_differ_in_length_budget_apart(tmp_path, capsys):
+    """A toy run at its world's budget is the default; one at another budget says so (quietly)."""
+    import toy
+    runs = [fake_run(tmp_path, "a", 0, {0: 0.1, 10: 0.3}),
+            fake_run(tmp_path, "b", 0, {0: 0.1, 10: 0.3}, max_new_tokens=toy.budget() + 8)]
+    capsys.readouterr()
+    labels = [arm["label"] for arm in ev.compare_runs(runs)[0]]
+    assert labels == ["critique", f"critique max_new_tokens={toy.budget() + 8}"]
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_toy_table_shows_what_moved(tmp_path):
+    """--compare's second table: per-step arithmetic etc. at the base, the best and the final step."""
+    run = fake_run(tmp_path, "t", 0, {0: 0.1, 10: 0.3, 20: 0.2})
+    rows = [json.loads(line) for line in open(os.path.join(run, "eval.jsonl"))]
+    with open(os.path.join(run, "eval.jsonl"), "w") as f:
+        for row, arith in zip(rows, (0.5, 0.9, 0.8)):
+            row["toy"] = {"step_arith": arith, "step_chain": 1.0, "answer_own": 0.99,
+                          "styles": {"plain": 1.0}, "style_accuracy": {"plain": row["avg"]}}
+            f.write(json.dumps(row) + "\n")
+    arms, shared = ev.compare_runs([run])
+    assert arms[0]["toy"]["base"]["step_arith"] == 0.5 and arms[0]["toy"]["best"]["step_arith"] == 0.9
+    assert arms[0]["toy"]["final"]["step_arith"] == 0.8
+    table = ev.comparison_table(arms, shared, markdown=True)
+    assert "| step_arith base | step_arith best | step_arith final |" in table
+    assert "| critique | 50.0 | 90.0 | 80.0 |" in table and "plain 100" in table
 
 
 def test_compare_needs_eval_jsonl(tmp_path):
@@ -290,14 +365,14 @@ def test_evaluate_run_tiny(tmp_path, tiny_model_dir, capsys):
     test_file = tmp_path / "test.jsonl"
     test_file.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n"
                                  for q, a in [("1+1", "2"), ("2+3", "5"), ("4-1", "3")]))
-    cfg = selfdistill.Config(model=tiny_model_dir, prompts="toy", test_file=str(test_file),
-                             train_file=str(test_file), max_new_tokens=6, eval_samples=3, lora_r=2,
-                             run="tiny", out_dir=str(tmp_path))
+    cfg = selfdistill.resolve(selfdistill.Config(
+        model=tiny_model_dir, prompts="toy", test_file=str(test_file), train_file=str(test_file),
+        max_new_tokens=6, eval_samples=3, lora_r=2, run="tiny", out_dir=str(tmp_path)))
     run_dir = tmp_path / "tiny"
     os.makedirs(run_dir)
     with open(run_dir / "config.yaml", "w") as f:
         yaml.safe_dump(vars(cfg), f)
-    model, _ = selfdistill.load_model(cfg, tiny_model_dir, torch.device("cpu"))
+    model, _ = common.load_model(cfg, tiny_model_dir, torch.device("cpu"))
     model.save_pretrained(str(run_dir / "checkpoints" / "step_000005"))
     rows = ev.evaluate_run(str(run_dir), questions=2)
     assert [r["step"] for r in rows] == [0, 5]
@@ -311,6 +386,26 @@ def test_evaluate_run_tiny(tmp_path, tiny_model_dir, capsys):
     assert again == rows and len((run_dir / "eval.jsonl").read_text().splitlines()) == 2
 
 
+def test_step_zero_is_evaluated_once_per_base_key(tmp_path, tiny_model_dir, capsys):
+    """Another arm of the same base, test set and sampling reuses step 0 (bit-identical anyway);
+    a changed key (here the seed) recomputes it."""
+    test_file = tmp_path / "test.jsonl"
+    test_file.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n"
+                                 for q, a in [("1+1", "2"), ("2+3", "5")]))
+    rows = {}
+    for name, arm, seed in (("a", "critique", 0), ("b", "reference", 0), ("c", "critique", 1)):
+        cfg = selfdistill.resolve(selfdistill.Config(
+            arm=arm, seed=seed, model=tiny_model_dir, prompts="toy", test_file=str(test_file),
+            train_file=str(test_file), max_new_tokens=5, eval_samples=2, run=name, out_dir=str(tmp_path)))
+        os.makedirs(tmp_path / name)
+        yaml.safe_dump(vars(cfg), open(tmp_path / name / "config.yaml", "w"))
+        rows[name] = ev.evaluate_run(str(tmp_path / name))[0]
+    assert "reused_from" not in rows["a"] and rows["b"]["reused_from"] == "a"
+    assert {k: v for k, v in rows["b"].items() if k != "reused_from"} == rows["a"]
+    assert "reused_from" not in rows["c"] and rows["c"]["base_key"]["seed"] == 1
+    assert "reused from a" in capsys.readouterr().out
+
+
 def test_analyze_writes_html_and_json(tmp_path, tiny_model_dir, monkeypatch):
     toy = pytest.importorskip("toy")
     problems = [("2+7+5", "<step_1> 2+7=9 <step_2> 9+5=15 <answer> 15"),
@@ -321,16 +416,16 @@ def test_analyze_writes_html_and_json(tmp_path, tiny_model_dir, monkeypatch):
                                  for q, _ in problems))
     run_dir = tmp_path / "run"
     os.makedirs(run_dir)
-    cfg = selfdistill.Config(model=tiny_model_dir, prompts="toy", test_file=str(test_file),
-                             train_file=str(test_file), lora_r=2)
+    cfg = selfdistill.resolve(selfdistill.Config(model=tiny_model_dir, prompts="toy", test_file=str(test_file),
+                                                 train_file=str(test_file), lora_r=2))
     with open(run_dir / "config.yaml", "w") as f:
         yaml.safe_dump(vars(cfg), f)
 
-    def fake_generate(model, tokenizer, prompts, cfg, device, temperature=None):  # scripted rollouts
+    def fake_generate(model, tokenizer, prompts, max_new_tokens, *args, **kwargs):  # scripted rollouts
         texts = [t for _, t in problems][:len(prompts)]
         return [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts], [False] * len(texts)
 
-    monkeypatch.setattr(selfdistill, "generate", fake_generate)
+    monkeypatch.setattr(common, "generate", fake_generate)
     summary = ev.analyze(str(run_dir), rollouts=5)
     assert summary["critique"]["wrong"]["n"] == 2  # the right rollout is not analysed
     saved = json.loads((run_dir / "analysis" / "advantage_step_000000.json").read_text())
@@ -346,7 +441,7 @@ def test_compare_adds_a_column_at_equal_rollouts(tmp_path):
     # critique: 32 rollouts per step, 30 steps = 960; grpo: 8 × 32 = 256 per step, so step 4
     # (1,024 rollouts) is closer to 960 than step 2 (512) or step 30 (7,680)
     runs = [fake_run(tmp_path, "c0", 0, {0: 0.1, 10: 0.3, 20: 0.5, 30: 0.4}),
-            fake_run(tmp_path, "g0", 0, {0: 0.1, 2: 0.15, 4: 0.2, 30: 0.6}, context="grpo",
+            fake_run(tmp_path, "g0", 0, {0: 0.1, 2: 0.15, 4: 0.2, 30: 0.6}, arm="grpo",
                      samples_per_question=8)]
     arms, shared = ev.compare_runs(runs)
     table = ev.comparison_table(arms, shared, markdown=True)

@@ -6,9 +6,10 @@ checkpoint, and kill + resume (several times) ends at bit-identical adapter weig
 samples to an uninterrupted run. Plus two crash windows at start-up: the log truncation on resume
 and the rewrite of config.yaml are atomic (temporary file, then rename).
 
-Non-finite steps are made in-process, without editing the code: `selfdistill.token_divergence` is
-wrapped to return NaN (a non-finite loss) or a finite value whose gradient is NaN (finite loss,
-non-finite gradient) on chosen steps. Signals and kills need a real process: those tests run
+Non-finite steps are made in-process, without editing the code: `selfdistill.token_divergence` (what
+sd_loss calls) is wrapped to return NaN (a non-finite loss) or a finite value whose gradient is NaN
+(finite loss, non-finite gradient) on chosen steps; the steps are counted by wrapping
+`common.generate` (one call per training step). Signals and kills need a real process: those tests run
 `selfdistill.py` as a subprocess on the tiny model from conftest.py (the SIGKILL test starts six,
 about 25 s)."""
 import contextlib
@@ -27,6 +28,7 @@ import time
 import pytest
 import torch
 
+import common
 import selfdistill
 from conftest import run_main, run_settings
 
@@ -70,21 +72,21 @@ def poison(monkeypatch, mode, bad_steps):
     loss: the per-token values are NaN. gradient: the values stay finite, their gradient is NaN
     (0·√u at u = 0 has value 0 and gradient 0·∞)."""
     calls = {"generate": 0}
-    real_generate, real_divergence = selfdistill.generate, selfdistill.token_divergence
+    real_generate, real_divergence = common.generate, selfdistill.token_divergence
 
     def generate(*args, **kwargs):
         calls["generate"] += 1
         return real_generate(*args, **kwargs)
 
-    def divergence(student_logits, teacher_logits, **kwargs):
-        values = real_divergence(student_logits, teacher_logits, **kwargs)
+    def divergence(student_logits, teacher_logits, *args, **kwargs):
+        values = real_divergence(student_logits, teacher_logits, *args, **kwargs)
         if calls["generate"] not in bad_steps:
             return values
         if mode == "loss":
             return values * float("nan")
         return values + 0.0 * (student_logits - student_logits.detach()).sqrt().sum(-1)
 
-    monkeypatch.setattr(selfdistill, "generate", generate)
+    monkeypatch.setattr(common, "generate", generate)
     monkeypatch.setattr(selfdistill, "token_divergence", divergence)
 
 
@@ -203,7 +205,7 @@ def test_signal_writes_a_final_checkpoint_and_the_same_command_resumes(signum, t
     assert stopped[0] == (f"stopped by signal {int(signum)} after step {step}; checkpoint saved, "
                           f"rerun the same command to resume")
     assert 1 <= step < 4, "the signal came too late to test stopping early"
-    assert [os.path.basename(p) for p in selfdistill.checkpoint_dirs(run_dir)] == [f"step_{step:06d}"]
+    assert [os.path.basename(p) for p in common.checkpoint_dirs(run_dir)] == [f"step_{step:06d}"]
     assert trainer_state(run_dir, step)["step"] == step
     # rerun the same command: resumes after that step and finishes
     code, out, err = run_main(args, capsys)
@@ -233,7 +235,7 @@ def check_checkpoints(run_dir, base):
     from safetensors.torch import load_file
     root = os.path.join(run_dir, "checkpoints")
     names = sorted(os.listdir(root)) if os.path.isdir(root) else []
-    listed = [os.path.basename(p) for p in selfdistill.checkpoint_dirs(run_dir)]
+    listed = [os.path.basename(p) for p in common.checkpoint_dirs(run_dir)]
     steps = [n for n in names if n.startswith("step_")]
     assert listed == steps and all(n[len("step_"):].isdigit() and len(n) == 11 for n in steps), names
     assert set(names) <= set(steps) | {n for n in names if n.startswith(".tmp_step_")}, names
@@ -252,7 +254,7 @@ def check_checkpoints(run_dir, base):
 
 
 def newest_step(run_dir):
-    done = selfdistill.checkpoint_dirs(run_dir)
+    done = common.checkpoint_dirs(run_dir)
     return int(os.path.basename(done[-1])[len("step_"):]) if done else 0
 
 
@@ -386,7 +388,7 @@ def crash_inside_writes_to(monkeypatch, name):
             f.write = f.writelines = die
         return f
 
-    monkeypatch.setattr(selfdistill, "open", fake_open, raising=False)
+    monkeypatch.setattr(common, "open", fake_open, raising=False)
 
 
 def test_a_kill_while_trimming_the_log_on_resume_loses_no_lines(tmp_path, monkeypatch):
@@ -395,16 +397,16 @@ def test_a_kill_while_trimming_the_log_on_resume_loses_no_lines(tmp_path, monkey
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     crash_inside_writes_to(monkeypatch, "metrics.jsonl")
     with contextlib.suppress(Crash):
-        selfdistill.keep_lines_up_to(str(path), 2)  # a resume after step 2, killed while trimming
+        common.keep_lines_up_to(str(path), 2)  # a resume after step 2, killed while trimming
     monkeypatch.undo()
     assert read_jsonl(path) in (rows, rows[:2])
 
 
 def test_a_kill_while_a_resume_rewrites_config_yaml_does_not_lock_the_run(tmp_path, monkeypatch):
     cfg = selfdistill.load_config(["--run", "r", f"out_dir={tmp_path}"])
-    selfdistill.prepare_run_dir(cfg)  # the first start
+    common.prepare_run_dir(cfg)  # the first start
     crash_inside_writes_to(monkeypatch, "config.yaml")
     with contextlib.suppress(Crash):
-        selfdistill.prepare_run_dir(cfg)  # a resume, killed while it writes config.yaml
+        common.prepare_run_dir(cfg)  # a resume, killed while it writes config.yaml
     monkeypatch.undo()
-    selfdistill.prepare_run_dir(cfg)  # the next resume with the very same settings
+    common.prepare_run_dir(cfg)  # the next resume with the very same settings

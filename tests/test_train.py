@@ -1,7 +1,9 @@
-"""Protects the training loop end to end on tiny offline models: each context runs and writes the
-files of the command-line contract; only LoRA weights train and the base weights stay
-bit-identical; the base teacher is exactly the pristine model; a killed run resumes to the same
-adapter and metrics as an uninterrupted one."""
+"""Protects the training loop end to end on tiny offline models: each arm runs and writes the
+files of the command-line contract (eval.jsonl from the `eval.py RUN` that `selfdistill.py` runs
+after training); only LoRA weights train and the base weights stay bit-identical; the base teacher
+is exactly the pristine model, and each of teacher_weights' teachers (base, ema, live) is the model
+it says; a killed run resumes to the same adapter and metrics as an uninterrupted one; generate
+cuts at the first stop token; gradient checkpointing changes neither the loss nor the gradient."""
 import functools
 import hashlib
 import json
@@ -13,8 +15,12 @@ import time
 
 import pytest
 import torch
+import yaml
 
+import common
+import contexts
 import selfdistill
+from common import UserError
 from conftest import run_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +34,7 @@ def run_cli(args, **kwargs):
                           text=True, **kwargs)
 
 
-@pytest.mark.parametrize("context", ["grpo", "reference", "critique"])
+@pytest.mark.parametrize("context", selfdistill.ARMS)
 def test_each_context_runs_two_steps_and_writes_the_contract(context, tiny_model_dir, data, tmp_path):
     result = run_cli(["--context", context, "--config", "configs/smoke.yaml", "--run", "smoke",
                       *overrides(tiny_model_dir, data, tmp_path, batch_size=2, micro_batch=4,
@@ -49,6 +55,7 @@ def test_each_context_runs_two_steps_and_writes_the_contract(context, tiny_model
         ckpt = run / "checkpoints" / f"step_{step:06d}"
         assert (ckpt / "adapter_model.safetensors").is_file() and (ckpt / "trainer_state.pt").is_file()
     assert "step 2/2" in result.stdout
+    assert yaml.safe_load((run / "config.yaml").read_text())["arm"] == context
     evaluated = [json.loads(l) for l in (run / "eval.jsonl").read_text().splitlines()]
     assert sorted(e["step"] for e in evaluated) == [0, 1, 2]
 
@@ -147,24 +154,24 @@ def test_bad_dataset_files_are_one_line_errors(problem, fragment, tmp_path, tiny
                "empty": "\n", "no_answer": '{"question": "1+1"}\n'}[problem]
     if content is not None:
         path.write_text(content)
-    with pytest.raises(selfdistill.UserError) as e:
-        selfdistill.load_jsonl(str(path))
+    with pytest.raises(UserError) as e:
+        common.load_jsonl(str(path))
     assert fragment in str(e.value) and "\n" not in str(e.value)
 
 
 def test_reference_context_needs_solutions(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"question": "1+1", "answer": 2}\n')
-    with pytest.raises(selfdistill.UserError, match="needs a 'solution'"):
-        selfdistill.load_jsonl(str(path), need_solution=True)
+    with pytest.raises(UserError, match="needs a 'solution'"):
+        common.load_jsonl(str(path), need_solution=True)
 
 
 def test_model_without_chat_template_and_unknown_folder(no_template_model_dir, data, tmp_path):
     result = run_cli(["--context", "grpo", *overrides(no_template_model_dir, data, tmp_path)])
     assert result.returncode == 2 and "no chat template" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-    with pytest.raises(selfdistill.UserError, match="cannot load"):
-        selfdistill.load_tokenizer(str(tmp_path / "no_such_model"))
+    with pytest.raises(UserError, match="cannot load"):
+        common.load_tokenizer(str(tmp_path / "no_such_model"))
 
 
 def test_unreachable_critic_url_is_a_one_line_error(tiny_model_dir, data, tmp_path):
@@ -185,10 +192,9 @@ def test_generate_cuts_each_response_at_its_first_stop_token(tiny):
     model = copy.deepcopy(model)  # the session's model keeps its own EOS
     stop = list(range(4, 10))  # several stop ids: some rows end early, some run to the limit
     model.generation_config.eos_token_id = stop
-    cfg = selfdistill.load_config(["max_new_tokens=6", "generation_batch=5", "temperature=1.0"])
     prompts = [tok("1+2=")["input_ids"], tok("9+9=")["input_ids"][:2]] * 6  # two lengths: left padding
     torch.manual_seed(0)
-    responses, truncated = selfdistill.generate(model, tok, prompts, cfg, torch.device("cpu"))
+    responses, truncated = common.generate(model, tok, prompts, 6, temperature=1.0, batch_size=5)
     # brute force: the same sampling, raw rows cut by a Python scan
     torch.manual_seed(0)
     expected = []
@@ -197,8 +203,8 @@ def test_generate_cuts_each_response_at_its_first_stop_token(tiny):
         L = max(map(len, batch))
         ids = torch.tensor([[tok.pad_token_id] * (L - len(p)) + p for p in batch])
         out = model.generate(input_ids=ids, attention_mask=(torch.arange(L) >= L - torch.tensor(
-            [len(p) for p in batch])[:, None]).long(), generation_config=selfdistill.sampling_config(
-            cfg, tok, set(stop)))
+            [len(p) for p in batch])[:, None]).long(), generation_config=common.sampling_config(
+            tok, set(stop), 6, temperature=1.0))
         for row in out[:, L:].tolist():
             end = next((j for j, t in enumerate(row) if t in stop), None)
             expected.append((row if end is None else row[:end + 1], end is None))
@@ -209,33 +215,90 @@ def test_generate_cuts_each_response_at_its_first_stop_token(tiny):
         assert t == (r[-1] not in stop) and (not t or len(r) == 6)
 
 
+def distill_backward(model, cfg, items, pad_id, device, ema=None):
+    """The loop's steps 3-5 on given (student prompt ids, teacher prompt ids, response ids): per
+    micro-batch the teacher's hidden states (no grad, eval mode, teacher_weights), the student's
+    (with grad), sd_loss over every response token, backward. Returns the summed loss."""
+    weight = model.get_base_model().get_output_embeddings().weight  # (V, d)
+    total = 0.0
+    for start in range(0, len(items), cfg.micro_batch):
+        part = items[start:start + cfg.micro_batch]
+        rows, teacher_rows = contexts.build_pair([p[0] for p in part], [p[1] for p in part],
+                                                 [p[2] for p in part], pad_id)
+        mask = rows["response_mask"].to(device)  # (B, T)
+        sampled_ids = rows["input_ids"][:, -mask.shape[1]:].to(device)[mask]  # (N,)
+        with torch.no_grad(), common.eval_mode(model), selfdistill.teacher_weights(model, cfg.teacher, ema or {}):
+            teacher_h = common.response_hidden(model, teacher_rows, mask.shape[1], device)[mask]
+        student_h = common.response_hidden(model, rows, mask.shape[1], device)[mask]
+        loss, _ = selfdistill.sd_loss(student_h, teacher_h, weight, sampled_ids, mask, mask, len(items), cfg)
+        loss.backward()
+        total += loss.item()
+    return total
+
+
+def random_adapter(model, seed=1):
+    """A nonzero adapter, so the student differs from the base teacher."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(seed)) * 0.1)
+
+
 def test_gradient_checkpointing_gives_the_same_loss_and_gradient(tiny_model_dir, monkeypatch):
     """Recomputing activations in the backward must not change the step (it only saves memory)."""
     items = [([5, 9, 14], [5, 20, 21, 22, 9, 14], [30, 31, 7, 8]), ([6, 9], [6, 40, 41, 9], [33, 7])]
     results = []
     for checkpointing in (False, True):
         cfg = selfdistill.load_config([f"gradient_checkpointing={checkpointing}", "lora_r=4", "micro_batch=1"])
-        model, tok = selfdistill.load_model(cfg, tiny_model_dir, torch.device("cpu"))
-        with torch.no_grad():  # a nonzero adapter, so the student differs from the base teacher
-            for name, param in model.named_parameters():
-                if "lora_B" in name:
-                    param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+        model, tok = common.load_model(cfg, tiny_model_dir, torch.device("cpu"))
+        random_adapter(model)
         model.train()
         # count the MLP runs of one layer (a module hook would miss the recomputation)
         mlp = model.get_base_model().get_decoder().layers[0].mlp
         calls, forward = [], type(mlp).forward
         monkeypatch.setattr(type(mlp), "forward", lambda self, x: calls.append(self is mlp) or forward(self, x))
-        weight = model.get_base_model().get_output_embeddings().weight
-        totals = selfdistill.distill_backward(model, cfg, items, tok.pad_token_id, weight,
-                                              torch.device("cpu"), selfdistill.Timer(torch.device("cpu")), {})
+        loss = distill_backward(model, cfg, items, tok.pad_token_id, torch.device("cpu"))
         monkeypatch.undo()
         # per micro-batch: teacher (no grad) and student forwards, plus the recomputation if on
         assert calls.count(True) == len(items) * (3 if checkpointing else 2)
+        assert model.training  # eval_mode restored the student's mode
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        results.append((totals["loss"], grads))
+        results.append((loss, grads))
     (loss_plain, grads_plain), (loss_checkpointed, grads_checkpointed) = results
     assert loss_plain > 0 and loss_checkpointed == pytest.approx(loss_plain, rel=1e-6)
     assert grads_plain.keys() == grads_checkpointed.keys()
     for name in grads_plain:
         torch.testing.assert_close(grads_checkpointed[name], grads_plain[name], rtol=1e-5, atol=1e-7)
     assert any(g.abs().sum() > 0 for g in grads_plain.values())
+
+
+@torch.no_grad()
+def test_teacher_weights_are_the_models_they_name(tiny_model_dir):
+    """base: the pristine model (adapter off); live: the student as it is; ema: the base plus x·ΔW_Tᵀ
+    in each adapted layer, so an EMA holding exactly the current ΔW is the student, an empty one the
+    base, and half of it lies between. The hooks are gone after the block."""
+    from transformers import AutoModelForCausalLM
+    pristine = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    cfg = selfdistill.load_config(["lora_r=4"])
+    model, _ = common.load_model(cfg, tiny_model_dir, torch.device("cpu"))
+    random_adapter(model)
+    model.eval()
+    ids = torch.tensor([[5, 9, 14, 30, 31, 7]])
+    base, student = pristine(input_ids=ids).logits, model(input_ids=ids).logits
+    assert not torch.allclose(base, student)
+    with selfdistill.teacher_weights(model, "base", {}):
+        assert torch.equal(model(input_ids=ids).logits, base)
+    with selfdistill.teacher_weights(model, "live", {}):
+        assert torch.equal(model(input_ids=ids).logits, student)
+    ema = {}
+    selfdistill.ema_update(ema, model, rate=1.0)  # ΔW_T = ΔW_θ
+    assert len(ema) == len(selfdistill.lora_modules(model)) > 0
+    with selfdistill.teacher_weights(model, "ema", ema):
+        torch.testing.assert_close(model(input_ids=ids).logits, student, rtol=1e-5, atol=1e-5)
+    with selfdistill.teacher_weights(model, "ema", {}):
+        assert torch.equal(model(input_ids=ids).logits, base)
+    half = {name: delta / 2 for name, delta in ema.items()}
+    with selfdistill.teacher_weights(model, "ema", half):
+        between = model(input_ids=ids).logits
+    assert not torch.allclose(between, base) and not torch.allclose(between, student)
+    assert torch.equal(model(input_ids=ids).logits, student)  # adapter back on, no hook left
