@@ -835,7 +835,7 @@ def main(argv=None):
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the "
                         "model folder (never taken from a run's config.yaml)")
     parser.add_argument("--out", help="--analyze: output folder (default RUN/analysis or ./analysis)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value may follow the options
     with common.user_errors():
         for flag in ("samples", "questions", "k"):
             if getattr(args, flag) is not None and getattr(args, flag) < 1:
