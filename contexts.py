@@ -173,6 +173,18 @@ def render_steps(steps, answer):
     return f"{text} {ANSWER_TAG} {answer}" if text else f"{ANSWER_TAG} {answer}"
 
 
+def distilled_span(mask, lengths):
+    """(B, T) the response tokens that enter the loss: all (length None) or the first `length`
+    of each response (responses are right-aligned in the grid)."""
+    span = mask.clone()
+    T = mask.shape[1]
+    for b, n in enumerate(lengths):
+        if n is not None:
+            start = T - int(mask[b].sum())
+            span[b, start + n:] = False
+    return span
+
+
 # ---------------------------------------------------------------------------------------------
 # Critique forms (PAPER.md §4): the aligned critique and the paper's two controls, as texts.
 

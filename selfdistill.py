@@ -496,7 +496,7 @@ def train(cfg):
                 # 4. student π_θ(·|x, ŷ<t): the question only, LoRA on, with gradient
                 with timer("student"):
                     student_h = common.response_hidden(model, rows, mask.shape[1], device)[mask]  # (N, d)
-                    span = distilled_span(mask, [None if cfg.distill_span == "all" else 1 + contexts.departure_index(
+                    span = contexts.distilled_span(mask, [None if cfg.distill_span == "all" else 1 + contexts.departure_index(
                         responses[i], tokenizer(critiques[i], add_special_tokens=False)["input_ids"]) for i in part])
                     loss, stats = sd_loss(student_h, teacher_h, weight, sampled_ids, mask, span, len(keep), cfg,
                                           with_advantage=analyse)
@@ -545,18 +545,6 @@ def train(cfg):
     common.default_signals()
     lock.release()
     return run_dir, model
-
-
-def distilled_span(mask, lengths):
-    """(B, T) the response tokens that enter the loss: all (length None) or the first `length`
-    of each response (responses are right-aligned in the grid)."""
-    span = mask.clone()
-    T = mask.shape[1]
-    for b, n in enumerate(lengths):
-        if n is not None:
-            start = T - int(mask[b].sum())
-            span[b, start + n:] = False
-    return span
 
 
 def main(argv=None):

@@ -19,6 +19,7 @@ import math
 import pytest
 import torch
 
+import contexts
 import selfdistill
 from selfdistill import (ChunkedHead, Config, grpo_advantages, policy_gradient_loss, sd_loss,
                          token_divergence)
@@ -442,7 +443,7 @@ def test_sd_loss_reduction_by_hand(monkeypatch):
         ([None, None, None, 1], 8, (2.5 + 8.5 + 0.5 / 3) / 8,
          [[0, 1 / 2, 1 / 2], [0, 0, 0], [0, 1 / 2, 1 / 2], [1 / 3, 0, 0]]),
     ]:
-        span = selfdistill.distilled_span(mask, lengths)
+        span = contexts.distilled_span(mask, lengths)
         for chunk_size in (1, 3, 64):
             hidden = torch.zeros(N, V, requires_grad=True)
             cfg = Config(chunk_size=chunk_size)
@@ -476,7 +477,7 @@ def test_sd_loss_matches_brute_force(case, chunk_size):
     g = torch.Generator().manual_seed(17)
     d, V, n_sequences = 6, 11, 6
     mask = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 1, 1]], dtype=torch.bool)
-    span = selfdistill.distilled_span(mask, [2, None, 4, None])
+    span = contexts.distilled_span(mask, [2, None, 4, None])
     N = int(mask.sum())
     student_h = torch.randn(N, d, generator=g) * 2
     teacher_h = torch.randn(N, d, generator=g) * 2

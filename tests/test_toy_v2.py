@@ -111,7 +111,7 @@ def test_departure_index_and_distilled_span():
     assert contexts.departure_index([1, 2, 4, 5], [1, 2, 3, 4]) == 2
     assert contexts.departure_index([7], [1]) == 0
     mask = torch.tensor([[False, True, True, True], [True, True, True, True]])
-    span = selfdistill.distilled_span(mask, [2, None])  # row 0: its first 2 of 3 tokens
+    span = contexts.distilled_span(mask, [2, None])  # row 0: its first 2 of 3 tokens
     assert span.tolist() == [[False, True, True, False], [True, True, True, True]]
 
 
