@@ -235,12 +235,23 @@ def test_own_data_with_the_rule_critic(tiny_model_dir, tmp_path, capsys):
     one_line_error(code, err, "critic=rule critiques toy arithmetic chains only")
 
 
-def test_a_full_disk_is_one_line(tiny_model_dir, data, tmp_path, capsys, monkeypatch):
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "r" / "config.yaml.tmp"))
-    monkeypatch.setattr(common, "write_atomic", full)
+@pytest.mark.parametrize("code_, text", [(errno.ENOSPC, "No space left on device"),
+                                         (errno.EROFS, "Read-only file system"), (errno.EACCES, "Permission denied")])
+def test_a_full_or_read_only_disk_is_one_line(code_, text, tiny_model_dir, data, tmp_path, capsys, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError(code_, text, str(tmp_path / "r" / "config.yaml.tmp"))
+    monkeypatch.setattr(common, "write_atomic", refuse)
     code, _, err = run_main(settings(tiny_model_dir, data, tmp_path) + ["--run", "r"], capsys)
-    one_line_error(code, err, "No space left on device")
+    one_line_error(code, err, text)
+
+
+def test_a_missing_toy_world_says_it_is_built_and_how_long(tmp_path, capsys):
+    import toy
+    settings_ = toy.BuildSettings(steps=2, n_train=2, n_test=1, samples=2, max_correct=2, score_batch=8)
+    toy.ensure_built(str(tmp_path / "world"), progress=True, settings=settings_)
+    assert "toy world is missing or incomplete" in capsys.readouterr().err
+    toy.ensure_built(str(tmp_path / "world"), progress=True, settings=settings_)
+    assert "missing" not in capsys.readouterr().err  # complete now: said once, built once
 
 
 def test_compare_refuses_runs_evaluated_differently(tmp_path, capsys):
