@@ -415,12 +415,7 @@ def comparison_table(arms, shared, markdown=False):
             + [format_cell(a["length"][w], len(a["seeds"]), 1) for w in ("best", "final")]
             + ([format_cell(a["avg"]["equal"], len(a["seeds"]), 100)] if budget is not None else [])
             for a in arms]
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(row) + " |" for row in body]
-    else:
-        widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + body]
+    lines = table_lines(header, body, markdown)
     notes = ["", "Values in %, length in tokens; ± = std over seeds, [lo, hi] = "
              "95% bootstrap CI (one seed). 'best' picks a checkpoint on the test set and flatters."]
     if shared:
@@ -432,6 +427,15 @@ def comparison_table(arms, shared, markdown=False):
     if len({a["k"] for a in arms}) > 1:
         notes.append("WARNING: the runs were evaluated with different k")
     return "\n".join(lines + notes + toy_table(arms, markdown))
+
+
+def table_lines(header, body, markdown):
+    """Rows as a markdown table, or as aligned plain-text columns."""
+    if markdown:
+        return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+            ["| " + " | ".join(row) + " |" for row in body]
+    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + body]
 
 
 def toy_table(arms, markdown):
@@ -447,12 +451,7 @@ def toy_table(arms, markdown):
             + [" ".join(f"{k} {100 * v:.0f}" for k, v in sorted(a["toy_styles"].get("final", {}).items(),
                                                                  key=lambda kv: -kv[1]) if v >= 0.005)]
             for a in arms]
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(row) + " |" for row in body]
-    else:
-        widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + body]
+    lines = table_lines(header, body, markdown)
     return ["", "Toy world, what moved (toy.trace_stats, % of parsed steps / responses; seed means):"] + lines
 
 
