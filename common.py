@@ -315,17 +315,30 @@ def load_model(cfg, path, device):
     return model, tokenizer
 
 
+# Config fields by which a causal LM says its logits are more than hidden @ Wᵀ (Gemma-2's soft-capping,
+# Cohere's logit_scale, Granite's logits_scaling, MiniCPM-style output scaling).
+HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_softcapping", "logit_scale", "logits_scaling",
+                   "output_multiplier_scale", "dim_model_base")
+
+
 @torch.no_grad()
 def check_plain_head(model, device):
     """We apply the LM head ourselves (hidden @ W^T); refuse models whose logits are anything else
-    (soft-capping, scaling, a bias), rather than train on a silently wrong distribution."""
+    (soft-capping, scaling, a bias), rather than train on a silently wrong distribution. The config
+    is checked first: on random or small weights soft-capping is nearly the identity, so comparing
+    numbers alone would let it through."""
+    declared = [k for k in HEAD_TRANSFORMS if getattr(model.config, k, None) not in (None, 1, 1.0)]
+    head = model.get_base_model().get_output_embeddings()
+    if declared or head.bias is not None:
+        what = f"its config sets {', '.join(declared)}" if declared else "its LM head has a bias"
+        raise UserError(f"this model's logits are not a plain linear head of its last hidden state "
+                        f"({what}); selfdistill does not support it")
     ids = torch.arange(4, device=device)[None] % model.config.vocab_size
     body = model.get_base_model().get_decoder()
     hidden = body(input_ids=ids, use_cache=False).last_hidden_state
-    head = model.get_base_model().get_output_embeddings()
     ours = hidden @ head.weight.T
     theirs = model(input_ids=ids).logits
-    if head.bias is not None or not torch.allclose(ours.float(), theirs.float(), atol=1e-3, rtol=1e-3):
+    if not torch.allclose(ours.float(), theirs.float(), atol=1e-3, rtol=1e-3):
         raise UserError("this model's logits are not a plain linear head of its last hidden state; "
                         "selfdistill does not support it")
 
@@ -701,6 +714,11 @@ def resume(run_dir, model, optimizer, scheduler):
 
 # ---------------------------------------------------------------------------------------------
 # Signals, timers, monitoring.
+
+def progress_bars():
+    """tqdm bars only on a terminal: piped logs get the one plain line per step, no \\r frames."""
+    return sys.stderr.isatty()
+
 
 def handle_signals():
     """SIGINT/SIGTERM finish the current step and write a checkpoint; a second one quits at once."""

@@ -179,7 +179,8 @@ def sample_answers(model, tokenizer, cfg, device, records, n, temperature, desc)
     prompts = [contexts.student_prompt_ids(tokenizer, r["question"], cfg.prompts, cfg.student_thinking)
                for r in records for _ in range(n)]
     responses, truncated = [], []
-    for i in tqdm(range(0, len(prompts), cfg.generation_batch), desc=desc, leave=False):
+    for i in tqdm(range(0, len(prompts), cfg.generation_batch), desc=desc, leave=False,
+                  disable=not common.progress_bars()):
         ids, cut = common.generate(model, tokenizer, prompts[i:i + cfg.generation_batch], cfg.max_new_tokens,
                                    temperature, cfg.top_p, cfg.top_k, cfg.generation_batch)
         responses, truncated = responses + ids, truncated + cut

@@ -434,7 +434,8 @@ def train(cfg):
     state = common.resume(run_dir, model, optimizer, scheduler)  # {"step", "ema", "nonfinite"}
     model.train()  # LoRA dropout on in the student's forward; generation and the teacher use eval mode
     ema, stop, G, pad = state["ema"], common.handle_signals(), cfg.samples_per_question, tokenizer.pad_token_id
-    for step in tqdm(range(state["step"], total_steps), initial=state["step"], total=total_steps, desc=cfg.run):
+    for step in tqdm(range(state["step"], total_steps), initial=state["step"], total=total_steps, desc=cfg.run,
+                     disable=not common.progress_bars()):
         timer, step_start = common.Timer(device), time.perf_counter()
         torch.manual_seed(common.step_seed(cfg, step))  # per step, so a resumed run samples the same
         batch = [records[i] for i in common.batch_for_step(len(records), cfg.batch_size, step, cfg.seed)]
@@ -522,14 +523,15 @@ def train(cfg):
         record = {"step": step + 1, "train/loss": totals["loss"], "train/reward": rewards.mean().item(),
                   "train/response_len": sum(map(len, responses)) / len(responses),
                   "train/truncated": sum(truncated) / len(truncated),
-                  "train/entropy": totals["entropy"] / max(totals["tokens"], 1),
                   "train/critique_invalid": valid.count(False), "train/zero_signal": zero_signal,
                   "train/leak_rate": common.leak_rate(texts, cfg.prompts),
                   "train/context_overlap": common.context_overlap(tokenizer, responses, context_texts),
                   "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
                   "train/nonfinite": int(not finite), **timer.record()}
-        if cfg.arm != "grpo":  # no teacher, no divergence in grpo
-            record["train/kl"] = totals["divergence"] / max(totals["tokens"], 1)
+        if totals["tokens"]:  # absent, not 0, when no token entered the loss
+            record["train/entropy"] = totals["entropy"] / totals["tokens"]
+            if cfg.arm != "grpo":  # no teacher, no divergence in grpo
+                record["train/kl"] = totals["divergence"] / totals["tokens"]
         if "A" in totals:
             record.update(contexts.advantage_stats(tokenizer, [responses[i] for i in keep], totals["A"],
                                                    [texts[i] for i in keep], [critiques[i] for i in keep]))

@@ -540,7 +540,8 @@ def pretrain(model, tok, settings, progress=True):
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, scale)
     model.train()
     stream, losses = batches(rng, tok, settings), []
-    for _ in tqdm(range(settings.steps), desc="pretrain", disable=not progress, mininterval=5):
+    for _ in tqdm(range(settings.steps), desc="pretrain", mininterval=5,
+                  disable=not progress or not common.progress_bars()):
         loss = response_loss(model, next(stream), tok.pad_token_id)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -686,7 +687,7 @@ def build_data(model, tok, settings, progress=True):
     per_call = max(1, min(settings.score_batch // settings.samples, need))  # problems per call
     pool = generate_problems(40 * need + per_call, settings.seed + 1)
     kept, records, styles, hits = [], [], Counter(), Counter()  # records: (operations, share correct)
-    bar = tqdm(total=need, desc="filter", disable=not progress)
+    bar = tqdm(total=need, desc="filter", disable=not progress or not common.progress_bars())
     while len(kept) < need:
         chunk = pool[len(records):len(records) + per_call]
         if not chunk:

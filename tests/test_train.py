@@ -44,9 +44,12 @@ def test_each_context_runs_two_steps_and_writes_the_contract(context, tiny_model
     assert (run / "config.yaml").is_file()
     metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
-    assert all(k in metrics[0] for k in ("train/loss", "train/reward", "train/entropy",
+    assert all(k in metrics[0] for k in ("train/loss", "train/reward",
                                          "train/critique_invalid", "train/zero_signal", "time/generate"))
-    assert ("train/kl" in metrics[0]) == (context != "grpo")
+    for m in metrics:  # entropy (and kl) are absent, not 0, when no token entered the loss
+        assert ("train/entropy" in m) == (m["train/zero_signal"] < 1)
+        assert ("train/kl" in m) == (context != "grpo" and m["train/zero_signal"] < 1)
+    assert "\r" not in result.stdout + result.stderr  # piped: plain lines, no progress-bar frames
     samples = [json.loads(l) for l in (run / "samples.jsonl").read_text().splitlines()]
     assert samples and all("context" in s and "response" in s for s in samples)
     if context != "grpo":
@@ -302,3 +305,15 @@ def test_teacher_weights_are_the_models_they_name(tiny_model_dir):
         between = model(input_ids=ids).logits
     assert not torch.allclose(between, base) and not torch.allclose(between, student)
     assert torch.equal(model(input_ids=ids).logits, student)  # adapter back on, no hook left
+
+
+@pytest.mark.parametrize("field, value", [("final_logit_softcapping", 30.0), ("logit_scale", 0.0625)])
+def test_a_transformed_lm_head_is_refused_by_its_config(field, value, tmp_path):
+    """Soft-capping at 30 is nearly the identity on random weights; the config must decide."""
+    from conftest import save_tiny
+    folder = save_tiny(tmp_path / "capped")
+    config = json.loads((tmp_path / "capped" / "config.json").read_text())
+    (tmp_path / "capped" / "config.json").write_text(json.dumps({**config, field: value}))
+    cfg = selfdistill.resolve(selfdistill.Config(model=folder, prompts="instruct"))
+    with pytest.raises(common.UserError, match=f"its config sets {field}"):
+        common.load_model(cfg, folder, torch.device("cpu"))
