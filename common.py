@@ -308,6 +308,8 @@ def load_model(cfg, path, device):
     except ValueError as e:
         raise UserError(f"lora_targets={cfg.lora_targets!r} do not match the model's modules: "
                         f"{str(e).splitlines()[0]}") from None
+    if os.path.isdir(path):  # adapters record where their base is: a hub id as typed, a folder absolute
+        model.peft_config["default"].base_model_name_or_path = os.path.abspath(path)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -652,7 +654,10 @@ def checkpoint_dirs(run_dir):
     return [os.path.join(root, n) for n in names]
 
 
-def save_checkpoint(run_dir, step, model, optimizer, scheduler, state):
+def save_checkpoint(run_dir, step, model, optimizer, scheduler, state, tokenizer=None):
+    """The adapter (with an absolute base path, see load_model) and the tokenizer beside it, so
+    `AutoPeftModelForCausalLM.from_pretrained(checkpoint)` works from any folder; plus the trainer
+    state. Written to a temporary folder and renamed."""
     final = os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
     if os.path.isdir(final):
         return final
@@ -662,6 +667,8 @@ def save_checkpoint(run_dir, step, model, optimizer, scheduler, state):
     tmp = os.path.join(run_dir, "checkpoints", f".tmp_step_{step:06d}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)  # the adapter only; PeftModel.from_pretrained(base, tmp) loads it
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng_torch": torch.get_rng_state(), "rng_python": random.getstate(), **state},
                os.path.join(tmp, "trainer_state.pt"))

@@ -542,7 +542,7 @@ def train(cfg):
         give_up = not finite and state["nonfinite"] >= cfg.max_nonfinite
         if step + 1 == total_steps or (step + 1) % cfg.checkpoint_every == 0 or stop["signal"] or give_up:
             common.save_checkpoint(run_dir, step + 1, model, optimizer, scheduler,
-                                   {"step": step + 1, "ema": ema, "nonfinite": state["nonfinite"]})
+                                   {"step": step + 1, "ema": ema, "nonfinite": state["nonfinite"]}, tokenizer)
         common.stop_if_asked(stop, give_up, state["nonfinite"], step + 1)
     common.default_signals()
     lock.release()

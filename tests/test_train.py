@@ -317,3 +317,24 @@ def test_a_transformed_lm_head_is_refused_by_its_config(field, value, tmp_path):
     cfg = selfdistill.resolve(selfdistill.Config(model=folder, prompts="instruct"))
     with pytest.raises(common.UserError, match=f"its config sets {field}"):
         common.load_model(cfg, folder, torch.device("cpu"))
+
+
+def test_a_checkpoint_loads_with_auto_peft_from_any_folder(tiny_model_dir, data, tmp_path):
+    """adapter_config.json names the base by absolute path and the tokenizer sits beside the adapter,
+    so AutoPeftModelForCausalLM.from_pretrained(checkpoint) works from another working directory."""
+    out = tmp_path / "runs"
+    relative = os.path.relpath(tiny_model_dir, ROOT)  # the base given as a relative path
+    result = run_cli(["--context", "critique", "--run", "r",
+                      *overrides(relative, data, out, max_steps=1, batch_size=2, micro_batch=2)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    checkpoint = out / "r" / "checkpoints" / "step_000001"
+    saved = json.loads((checkpoint / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == os.path.abspath(tiny_model_dir)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    probe = ("import sys, torch; from peft import AutoPeftModelForCausalLM; from transformers import AutoTokenizer;"
+             "m = AutoPeftModelForCausalLM.from_pretrained(sys.argv[1]); t = AutoTokenizer.from_pretrained(sys.argv[1]);"
+             "ids = t('1+1', return_tensors='pt').input_ids; print(m(input_ids=ids).logits.shape[-1] == len(t))")
+    loaded = subprocess.run([sys.executable, "-c", probe, str(checkpoint)], cwd=elsewhere, capture_output=True,
+                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert loaded.returncode == 0 and loaded.stdout.strip() == "True", loaded.stderr[-2000:]
