@@ -218,7 +218,7 @@ def reusable_base_row(run_dir, key):
     root = os.path.dirname(os.path.abspath(run_dir))
     for name in sorted(os.listdir(root)):
         other = os.path.join(root, name)
-        if os.path.samefile(other, run_dir) if os.path.exists(other) else True:
+        if not os.path.isdir(other) or os.path.samefile(other, run_dir):
             continue
         for row in read_jsonl(os.path.join(other, "eval.jsonl")):
             if row.get("step") == 0 and row.get("base_key") == key:

@@ -27,13 +27,15 @@ Prompts (contexts.PROMPTS["toy"] through the chat template; each tag and special
     response <step_1> 2+7=9 ... <answer> 5<|end|>
 
 World v2 (v1's comparison was decided by the world, not the method; see the README):
-  - arithmetic is the only lever: four solver styles that put the operands first (a+b=r,
-    a + b = r, add b to a: r, a+b -> r), measured equally hard (build.json style_accuracy); v1's
-    result-first style (r=a+b) was the hard one, and GRPO won by avoiding it;
-  - one length budget (BuildSettings.max_new_tokens, 96): the filter, training and evaluation all
+  - arithmetic is the only lever: one solver style (a+b=r), so there is no style to choose (v1 had
+    four, unequally hard, and GRPO won by avoiding the hard one); what the solver gets wrong is a
+    fixed set of arithmetic facts (ASSUMPTION 0 below);
+  - one length budget (BuildSettings.max_new_tokens, 64): the filter, training and evaluation all
     use it (selfdistill.resolve reads it from build.json).
 
 Choices built into the base model (they shape the comparison; say so next to any result):
+  0. ASSUMPTION (`faulty_share`, `fault_rate`): a fixed 30 % of the step facts a±b have one wrong
+     result, which the solver's own traces write 80 % of the time (faulty_facts, solver_trace).
   1. It is pretrained to follow critiques: after `fix: <critique>` the target is the critique's
      trace. A real instruct model follows feedback only as well as it happens to.
   2. ASSUMPTION (`recovery`, v2): a share of the critique examples departs from the critique at one
@@ -408,37 +410,40 @@ def corrupted_attempt(rng, question, styles=STYLES):
         return full[:rng.randrange(len(full))]
     if case == "D":  # one step's result is off; later steps carry the wrong value through
         bad = rng.randrange(len(steps))
-        value, texts = steps[0][0], []
-        for i, (_, op, b, r) in enumerate(steps):
-            wrong = apply(value, op, b) + rng.choice([-10, -2, -1, 1, 2, 10]) if i == bad \
-                else apply(value, op, b)
-            texts.append(format_step(value, op, b, wrong, style))
-            value = wrong
+        texts, value = written_steps(question, style, lambda i, a, op, b: apply(a, op, b) + (
+            rng.choice([-10, -2, -1, 1, 2, 10]) if i == bad else 0))
         return render_steps(texts, str(value))
     return solve(question, style)
+
+
+def written_steps(question, style, write):
+    """The chain's step texts as a solver writes them: `write(i, a, op, b)` is the result written at
+    step i, and each step starts from the previous *written* value. Returns (texts, last value)."""
+    texts, value = [], parse_question(question)[0]
+    for i, (_, op, b, _) in enumerate(chain_steps(question)):
+        result = write(i, value, op, b)
+        texts.append(format_step(value, op, b, result, style))
+        value = result
+    return texts, value
 
 
 def departing_trace(rng, question, style):
     """A response that follows the chain (the critique's route) up to a random step, writes a wrong
     result there and then continues correctly *from its own wrong value*, as a solver that
     slipped would: (text, (start, end)), the character span of the wrong result."""
-    steps = chain_steps(question)
-    bad = rng.randrange(len(steps))
-    texts, value, span = [], steps[0][0], None
-    for i, (_, op, b, r) in enumerate(steps):
-        result = apply(value, op, b)
-        if i == bad:
-            result = rng.choice([x for x in (result - 10, result - 2, result - 1, result + 1,
-                                             result + 2, result + 10) if x >= 0])
-        step = format_step(value, op, b, result, style)
-        if i == bad:  # where the wrong result sits inside the rendered trace
-            head = render_steps(texts + [step], "")[:-len(f" {ANSWER} ")]
-            m = next(m for name, pattern, _ in STEP_PATTERNS if name == style
-                     for m in [re.fullmatch(pattern, step)] if m)
-            span = (len(head) - len(step) + m.start("r"), len(head) - len(step) + m.end("r"))
-        texts.append(step)
-        value = result
-    return render_steps(texts, str(value)), span
+    bad = rng.randrange(len(chain_steps(question)))
+
+    def write(i, a, op, b):
+        right = apply(a, op, b)
+        return right if i != bad else rng.choice(
+            [x for x in (right - 10, right - 2, right - 1, right + 1, right + 2, right + 10) if x >= 0])
+
+    texts, value = written_steps(question, style, write)
+    head = render_steps(texts[:bad + 1], "")[:-len(f" {ANSWER} ")]  # the trace up to the wrong step
+    m = next(m for name, pattern, _ in STEP_PATTERNS if name == style
+             for m in [re.fullmatch(pattern, texts[bad])] if m)
+    start = len(head) - len(texts[bad])
+    return render_steps(texts, str(value)), (start + m.start("r"), start + m.end("r"))
 
 
 def faulty_facts(seed, share):
@@ -458,13 +463,9 @@ def faulty_facts(seed, share):
 def solver_trace(rng, question, style, faults, rate):
     """The chain trace as the solver writes it: at a faulty fact it writes the fact's wrong result
     with probability `rate`, and the next step goes on from the written value."""
-    texts, value = [], parse_question(question)[0]
-    for _, op, b, _ in chain_steps(question):
-        result = apply(value, op, b)
-        if (value, op, b) in faults and rng.random() < rate:
-            result = faults[(value, op, b)]
-        texts.append(format_step(value, op, b, result, style))
-        value = result
+    def write(i, a, op, b):
+        return faults[(a, op, b)] if (a, op, b) in faults and rng.random() < rate else apply(a, op, b)
+    texts, value = written_steps(question, style, write)
     return render_steps(texts, str(value))
 
 

@@ -51,7 +51,7 @@ def one_line_error(code, err, fragment):
 def test_non_finite_and_out_of_range_numbers_are_refused(override, fragment, tiny_model_dir, data, tmp_path, capsys):
     code, _, err = run_main(settings(tiny_model_dir, data, tmp_path) + [override], capsys)
     one_line_error(code, err, fragment)
-    assert not os.listdir(tmp_path) if os.path.isdir(tmp_path) else True  # nothing written
+    assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
 def test_yaml_infinity_is_refused(tmp_path, capsys):
@@ -165,9 +165,10 @@ def test_a_truncated_last_jsonl_line_is_dropped_and_appends_stay_whole(tmp_path,
 
 
 def test_stray_names_under_checkpoints_are_ignored(tmp_path):
-    for name in ("step_000002", "step_000001.bak", ".tmp_step_000003", "step_7", "notes.txt"):
-        (tmp_path / "checkpoints" / name).mkdir(parents=True) if "." not in name[-4:] else None
+    for name in ("step_000002", "step_000001.bak", ".tmp_step_000003", "step_7", "step_000005.damaged"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
     (tmp_path / "checkpoints" / "step_000004").write_text("a file, not a folder")
+    (tmp_path / "checkpoints" / "notes.txt").write_text("")
     assert [os.path.basename(p) for p in common.checkpoint_dirs(str(tmp_path))] == ["step_000002"]
 
 
