@@ -83,7 +83,7 @@ class Config:
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     threads: int = 0  # CPU threads for torch (0 = torch's default)
     trust_remote_code: bool = False  # allow model code from the hub folder (off: safer)
-    prompts: str = "toy"  # prompt set in contexts.PROMPTS: toy | instruct
+    prompts: str = "auto"  # prompt set: auto (toy for a toy-world model, else instruct) | toy | instruct
     student_thinking: bool = False  # enable_thinking for the student's chat template (if supported)
     teacher_thinking: bool = False  # enable_thinking for the teacher's chat template (paper/OPSD: on)
     lora_r: int = 16  # LoRA rank (paper: 64)
@@ -148,7 +148,7 @@ class Config:
 ARMS = ("grpo", "reference", "critique", "critique_quoting", "critique_no_prefix")
 CHOICES = {
     "arm": ARMS, "context": ARMS, "dtype": ("float32", "bfloat16", "float16"),
-    "prompts": tuple(contexts.PROMPTS), "toy_order": ("grouped", "chain"),
+    "prompts": ("auto", *contexts.PROMPTS), "toy_order": ("grouped", "chain"),
     "toy_phrasing": ("other", "same"), "teacher": ("base", "ema", "live"),
     "divergence": ("forward", "reverse", "jsd"), "support": ("full", "topk", "sampled"),
     "topk_side": ("student", "teacher"), "schedule": ("constant", "linear", "cosine"),
@@ -157,7 +157,13 @@ CHOICES = {
 
 
 def resolve(cfg):
-    """The derived values, computed once: G, the run name and the toy world's length budget."""
+    """The derived values, computed once: G, the run name, the prompt set and the length budget."""
+    toy_model = toy.is_world_model(cfg.model)
+    if cfg.prompts == "auto":
+        cfg.prompts = "toy" if toy_model else "instruct"
+    elif cfg.prompts == "toy" and not toy_model:  # a chat model would see a bare question
+        raise UserError(f"prompts=toy is the toy world's prompt set (the question alone, no instruction); "
+                        f"model={cfg.model} is not a toy-world model: leave prompts at auto (instruct)")
     if cfg.samples_per_question == 0:
         cfg.samples_per_question = 8 if cfg.arm == "grpo" else 1
     if not cfg.run:
@@ -399,8 +405,9 @@ def make_judge(cfg, device):
 
 
 def toy_restyle(cfg):
-    """The no-prefix critique control's rewrite of a step (toy world: the reference-only wording)."""
-    return toy.restyle_step if cfg.prompts == "toy" else None
+    """The no-prefix critique control's rewrite of a step: on toy chains (the rule critic reads
+    nothing else), the reference-only wording; a model critic's steps are kept as written."""
+    return toy.restyle_step if cfg.critic == "rule" else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -176,6 +176,11 @@ def restyle_step(text):
     return format_step(*step[:4], REFERENCE_STYLE) if step else None
 
 
+def is_world_model(model):
+    """True for model=toy and for the model folder of any built toy world (build.json beside it)."""
+    return model == "toy" or os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(model)), "build.json"))
+
+
 def budget(root=None):
     """The toy world's one length budget: build.json's max_new_tokens (the default if unbuilt)."""
     try:

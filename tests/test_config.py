@@ -33,6 +33,21 @@ def test_defaults_and_derived_values():
     assert cfg.arm == "reference" and cfg.run == "reference-s0"
 
 
+def test_prompts_follow_the_model(tiny_model_dir, tmp_path):
+    """auto: the toy prompt (the bare question) only for a toy-world model, instruct for any other;
+    prompts=toy on a chat model is refused in one line rather than trained silently."""
+    assert load_config([]).prompts == "toy"
+    assert load_config([f"model={tiny_model_dir}"]).prompts == "instruct"
+    assert load_config(["model=Qwen/Qwen3-1.7B"]).prompts == "instruct"
+    assert load_config([f"model={tiny_model_dir}", "prompts=instruct"]).prompts == "instruct"
+    assert "prompts=toy" in error_of([f"model={tiny_model_dir}", "prompts=toy"])
+    world = tmp_path / "world"  # any built toy world: build.json beside its model folder
+    os.makedirs(world / "model")
+    (world / "build.json").write_text("{}")
+    assert load_config([f"model={world / 'model'}"]).prompts == "toy"
+    assert load_config(["model=toy", "prompts=instruct"]).prompts == "instruct"  # allowed: an ablation
+
+
 def test_yaml_then_command_line_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("lr: 0.001\nbatch_size: 8\nmicro_batch: 8\ntopk_tail: true\n")
