@@ -1,6 +1,7 @@
 """Plumbing every script needs and no reader of the method needs to see: user errors, config
 parsing and checking, device / model / tokenizer / data loading, the one `generate`, forward passes
-at response positions, run folders, checkpoints and resume, atomic writes, signals and timers.
+at response positions, run folders, checkpoints and resume, atomic writes, signals and timers, and
+the few collective calls that let the same loop run on several processes under torchrun.
 
 Imports flow one way: contexts ← common ← critic ← toy ← selfdistill ← eval (each file imports only
 files to its left); this file imports only contexts.py (prompts and rows) from the project.
@@ -24,6 +25,7 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 import yaml
 
 import contexts
@@ -229,6 +231,9 @@ def check_consistency(cfg):
     G = cfg.samples_per_question
     if cfg.arm == "grpo" and G < 2:
         raise UserError("grpo needs samples_per_question >= 2 (the advantage is relative to the group)")
+    if cfg.batch_size % world_size():
+        raise UserError(f"batch_size = {cfg.batch_size} does not divide across {world_size()} processes "
+                        f"(torchrun --nproc_per_node); use a multiple of {world_size()}")
     if (cfg.batch_size * G) % min(cfg.micro_batch, cfg.batch_size * G):
         raise UserError(f"batch_size·samples_per_question = {cfg.batch_size * G} is not divisible "
                         f"by micro_batch = {cfg.micro_batch}")
@@ -256,13 +261,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def pick_device(cfg):
+    """The run's device; under torchrun, `auto` and `cuda` mean this process's GPU (LOCAL_RANK)."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={cfg.device} but no CUDA device is available; use device=cpu")
-    return torch.device(cfg.device)
+    if name == "cuda" and world_size() > 1:
+        name = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    if name.startswith("cuda:"):
+        torch.cuda.set_device(torch.device(name))  # NCCL and the default allocations go there
+    return torch.device(name)
 
 
 def load_tokenizer(path, trust_remote_code=False):
@@ -443,9 +452,12 @@ def sampling_config(tokenizer, stop, max_new_tokens, temperature=1.0, top_p=1.0,
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-             batch_size=256, static_cache=False, stop=None):
+             batch_size=256, static_cache=False, stop=None, seed=None, first=0):
     """Sample one response per prompt (lists of ids): KV cache on, left padding, eval mode.
-    Returns (responses, truncated): ids up to and including the first stop id; truncated = none."""
+    Returns (responses, truncated): ids up to and including the first stop id; truncated = none.
+    seed: the chunk of prompts that starts at row i (counted from `first`) is sampled after
+    torch.manual_seed(seed + (i << 32)), so a chunk's samples do not depend on the chunks before
+    it, nor on which process drew them; None continues the current random stream."""
     stop = stop or eos_ids(model, tokenizer)
     gen = sampling_config(tokenizer, stop, max_new_tokens, temperature, top_p, top_k, static_cache)
     device = next(model.parameters()).device
@@ -454,6 +466,8 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1
     responses, truncated = [], []
     for i in range(0, len(prompts), batch_size):
         batch = prompts[i:i + batch_size]
+        if seed is not None:
+            torch.manual_seed(seed + ((first + i) << 32))
         L = max(len(p) for p in batch)
         input_ids = torch.full((len(batch), L), tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(batch), L), dtype=torch.long)
@@ -696,15 +710,18 @@ def load_checkpoint(path, model, optimizer, scheduler):
 DAMAGED = (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError)  # + safetensors'
 
 
-def resume(run_dir, model, optimizer, scheduler):
+def resume(run_dir, model, optimizer, scheduler, writer=True):
     """Load the newest checkpoint that loads (a damaged one is skipped with a warning naming it) and
-    trim the logs to it: {"step", "ema", "nonfinite"}."""
+    trim the logs to it: {"step", "ema", "nonfinite"}. writer=False (ranks > 0, after rank 0 has
+    resumed) only reads."""
     from safetensors import SafetensorError
     state = {"step": 0, "ema": {}, "nonfinite": 0}
     for path in reversed(checkpoint_dirs(run_dir)):
         try:
             state = load_checkpoint(path, model, optimizer, scheduler)
         except (*DAMAGED, SafetensorError) as e:
+            if not writer:
+                raise UserError(f"the checkpoint {path} does not load on this process (rank 0 loaded it)") from None
             aside = path + ".damaged"  # out of the step_NNNNNN names, so it is rewritten, not reused
             while os.path.exists(aside):
                 aside += "_"
@@ -712,11 +729,106 @@ def resume(run_dir, model, optimizer, scheduler):
             print(f"warning: the checkpoint {path} does not load ({type(e).__name__}); moved it to "
                   f"{os.path.basename(aside)} and resuming from the one before it", file=sys.stderr)
             continue
-        print(f"resuming {run_dir} after step {state['step']}")
+        if writer:
+            print(f"resuming {run_dir} after step {state['step']}")
         break
-    for name in ("metrics.jsonl", "samples.jsonl"):
+    for name in ("metrics.jsonl", "samples.jsonl") if writer else ():
         keep_lines_up_to(os.path.join(run_dir, name), state["step"])
     return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes: `torchrun --nproc_per_node=N script.py ...` sets WORLD_SIZE, RANK and
+# LOCAL_RANK; each process then takes its share of a step's questions. The losses are divided by
+# the whole step's counts, so the SUM of the processes' gradients is the one-process gradient.
+# Alone (no torchrun), every helper here returns its input and calls nothing.
+
+def world_size():
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_ranks(device):
+    """(rank, world size): (0, 1) alone; under torchrun, after joining the process group (NCCL on
+    GPUs, gloo on CPU)."""
+    if world_size() == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def share(items, rank, world):
+    """This process's contiguous part of a list (the parts' sizes differ by at most one)."""
+    return items[rank * len(items) // world:(rank + 1) * len(items) // world]
+
+
+def comm_device():
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_sum(values):
+    """Element-wise sums over the processes of a list of numbers."""
+    if world_size() == 1:
+        return list(values)
+    total = torch.tensor(values, dtype=torch.float64, device=comm_device())
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def gather(values):
+    """Every process's list, concatenated in rank order: rank r's share lands where it came from."""
+    if world_size() == 1:
+        return values
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, values)
+    return [v for part in parts for v in part]
+
+
+def from_rank0(value):
+    """Rank 0's value on every process (e.g. a decision only rank 0 may take)."""
+    if world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def sum_gradients(params):
+    """p.grad ← Σ_ranks p.grad, in one flat buffer (a process with no kept sample adds zeros)."""
+    if world_size() == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = g.view_as(p)
+
+
+def barrier():
+    if world_size() > 1:
+        dist.barrier()
+
+
+def child_group_env():
+    """The environment for a child process (eval.py after training) that forms its own group of
+    the same ranks: a free port on rank 0's host, the same on all ranks. None when alone."""
+    if world_size() == 1:
+        return None
+    port = None
+    if dist.get_rank() == 0:
+        import socket
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_PORT": str(from_rank0(port))}
+    env.pop("TORCHELASTIC_USE_AGENT_STORE", None)  # the child hosts its own store on that port
+    return env
+
+
+def leave_group():
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -231,16 +231,20 @@ def evaluate_run(run_dir, samples=None, questions=None, temperature=None, k=None
     """Evaluate step 0 and every checkpoint not yet in RUN_DIR/eval.jsonl with these settings;
     append one line per step and return all rows of these settings. Pass `model`/`tokenizer` (a
     peft model of this run) to reuse a loaded model; its adapter is overwritten. Holds the run's
-    lock while it writes (a training process on the same run is refused, and vice versa)."""
+    lock while it writes (a training process on the same run is refused, and vice versa).
+    Under torchrun each process samples its share of the questions and rank 0 writes."""
     cfg = load_run_config(run_dir, trust_remote_code)
-    lock = common.RunLock(run_dir, "evaluating")
+    device = next(model.parameters()).device if model is not None else common.pick_device(cfg)
+    rank, _ = common.init_ranks(device)
+    lock = common.RunLock(run_dir, "evaluating") if rank == 0 else None
     try:
-        return evaluate_steps(run_dir, cfg, samples, questions, temperature, k, model, tokenizer)
+        return evaluate_steps(run_dir, cfg, samples, questions, temperature, k, model, tokenizer, device)
     finally:
-        lock.release()
+        if lock:
+            lock.release()
 
 
-def evaluate_steps(run_dir, cfg, samples, questions, temperature, k, model, tokenizer):
+def evaluate_steps(run_dir, cfg, samples, questions, temperature, k, model, tokenizer, device):
     n = samples or cfg.eval_samples
     k = k or n
     if not 1 <= k <= n:
@@ -252,16 +256,18 @@ def evaluate_steps(run_dir, cfg, samples, questions, temperature, k, model, toke
     setting = {"n": n, "k": k, "questions": len(records), "temperature": temperature}
     path = os.path.join(run_dir, "eval.jsonl")
     done = {row["step"] for row in read_jsonl(path) if all(row.get(f) == v for f, v in setting.items())}
-    todo = {s: c for s, c in checkpoint_steps(run_dir).items() if s not in done}
-    if len(checkpoint_steps(run_dir)) == 1:
+    rank, world = common.init_ranks(device)
+    todo = common.from_rank0({s: c for s, c in checkpoint_steps(run_dir).items() if s not in done})
+    if len(checkpoint_steps(run_dir)) == 1 and rank == 0:
         print(f"{run_dir} has no checkpoints yet: step 0 (the base model) only")
-    if todo:
-        device = next(model.parameters()).device if model is not None else common.pick_device(cfg)
     key = base_key(cfg, model_path, test_path, setting)
+    if world > 1:  # other processes draw other random numbers: a different step 0 from one process's
+        key["processes"] = world
     for step, checkpoint in sorted(todo.items()):
-        if step == 0 and (row := reusable_base_row(run_dir, key)):
-            print(f"step 0: the base model's evaluation reused from {row['reused_from']} (same base_key)")
-            common.append_jsonl(path, row)
+        if step == 0 and (row := common.from_rank0(reusable_base_row(run_dir, key) if rank == 0 else None)):
+            if rank == 0:
+                print(f"step 0: the base model's evaluation reused from {row['reused_from']} (same base_key)")
+                common.append_jsonl(path, row)
             continue
         if model is None:
             model, tokenizer = common.load_model(cfg, model_path, device)
@@ -270,17 +276,24 @@ def evaluate_steps(run_dir, cfg, samples, questions, temperature, k, model, toke
         except (*common.DAMAGED, SafetensorError) as e:
             print(f"warning: skipping the damaged checkpoint {checkpoint} ({type(e).__name__})", file=sys.stderr)
             continue
-        torch.manual_seed(cfg.seed)  # the same random numbers at every step (see docstring, 2)
-        scored = sample_answers(model, tokenizer, cfg, device, records, n, temperature, f"step {step}")
+        torch.manual_seed(cfg.seed + (rank << 32))  # the same random numbers at every step (docstring, 2)
+        scored = common.gather(sample_answers(model, tokenizer, cfg, device, common.share(records, rank, world),
+                                              n, temperature, f"step {step}"))  # every question, in order
+        if rank > 0:
+            continue
         row = {"step": step, **setting, **summarize([question_scores(*s[:5], k) for s in scored])}
+        if world > 1:
+            row["processes"] = world
         if cfg.model == "toy":
             row["toy"] = toy_instruments(scored)
         if step == 0:
             row["base_key"] = key
         common.append_jsonl(path, row)
+    common.barrier()  # every row written before any process reads them
     rows = sorted((r for r in read_jsonl(path) if all(r.get(f) == v for f, v in setting.items())),
                   key=lambda r: r["step"])
-    print_summary(rows, run_dir)
+    if rank == 0:
+        print_summary(rows, run_dir)
     return rows
 
 
@@ -685,11 +698,9 @@ def analysis_config(target, overrides):
     hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", target) and not os.path.exists(target)
     if not is_run and target != "toy" and not os.path.isdir(target) and not hub_id:
         raise UserError(f"{target} is neither a run folder (no config.yaml) nor a model folder")
-    # A model folder other than the toy's is taken for a chat model: instruct prompts by default.
     values = common.parse_overrides(selfdistill.Config, selfdistill.CHOICES, overrides)
     if not is_run:  # a model: the derived values a run of it would have (G, length budget)
-        defaults = {"model": target, "prompts": "toy" if target == "toy" else "instruct"}
-        return selfdistill.resolve(selfdistill.Config(**{**defaults, **values})), None
+        return selfdistill.resolve(selfdistill.Config(**{"model": target, **values})), None
     cfg = load_run_config(target, trust_remote_code=values.get("trust_remote_code", False))
     for key, value in values.items():
         setattr(cfg, key, value)
@@ -852,6 +863,7 @@ def main(argv=None):
             for run_dir in args.paths:
                 evaluate_run(run_dir, args.samples, args.questions, args.temperature, args.k,
                              trust_remote_code=args.trust_remote_code)
+            common.leave_group()  # under torchrun
 
 
 if __name__ == "__main__":

@@ -44,11 +44,13 @@ Commands:
     python selfdistill.py --context grpo --config configs/smoke.yaml
     python selfdistill.py --context reference lr=1e-3 epochs=3    # key=value overrides
     python selfdistill.py --help                                  # every config field
+    torchrun --nproc_per_node=4 selfdistill.py --context critique run=NAME   # data-parallel
 """
 import contextlib
 import dataclasses
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -118,7 +120,7 @@ class Config:
     chunk_size: int = 128  # response positions per chunk of LM head + divergence (memory knob)
     max_context_tokens: int = 1024  # longer teacher contexts lose their middle (marked)
     # optimisation
-    batch_size: int = 32  # questions per optimizer step (paper: 32)
+    batch_size: int = 32  # questions per optimizer step, all processes together (paper: 32)
     micro_batch: int = 32  # sequences per forward/backward; batch_size·G must divide by it
     epochs: float = 7.0  # passes over the train set (paper: 7)
     max_steps: int = 0  # stop after this many steps (0 = from epochs)
@@ -416,14 +418,16 @@ def toy_restyle(cfg):
 def train(cfg):
     from tqdm import tqdm
     device = common.pick_device(cfg)
+    rank, world = common.init_ranks(device)  # (0, 1) alone; under torchrun this process's place
     model_path, train_path, test_path = toy.resolve_paths(cfg)  # "toy" = the built toy world
     records = common.load_jsonl(train_path, cfg.arm == "reference" and not toy_dial(cfg), critic.normalize_answer)
     if cfg.eval_at_end:
         common.load_jsonl(test_path, normalize=critic.normalize_answer)  # a typo must not cost the whole run
-    lock = common.RunLock(common.run_folder(cfg), "training")  # one writer per run folder
-    run_dir = common.prepare_run_dir(cfg)
-    print(f"config ({os.path.join(run_dir, 'config.yaml')}): "
-          + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
+    lock = common.RunLock(common.run_folder(cfg), "training") if rank == 0 else None  # one writer per run
+    run_dir = common.prepare_run_dir(cfg) if rank == 0 else common.run_folder(cfg)
+    if rank == 0:
+        print(f"config ({os.path.join(run_dir, 'config.yaml')}): "
+              + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
     is_critique = cfg.arm.startswith("critique")
     if cfg.critic == "rule" and (is_critique or cfg.analysis_every):
         toy.check_rule_critic(records)  # the rule critic reads toy chains only
@@ -438,21 +442,25 @@ def train(cfg):
     if cfg.support == "topk" and cfg.topk >= weight.shape[0]:
         raise UserError(f"support=topk with topk={cfg.topk} >= the vocabulary size {weight.shape[0]} is "
                         f"support=full; set support=full or a smaller topk")
-    state = common.resume(run_dir, model, optimizer, scheduler)  # {"step", "ema", "nonfinite"}
+    state = common.resume(run_dir, model, optimizer, scheduler) if rank == 0 else None  # {"step", "ema", "nonfinite"}
+    common.barrier()  # rank 0 has moved damaged checkpoints aside and trimmed the logs; the others read
+    state = state or common.resume(run_dir, model, optimizer, scheduler, writer=False)
     model.train()  # LoRA dropout on in the student's forward; generation and the teacher use eval mode
     ema, stop, G, pad = state["ema"], common.handle_signals(), cfg.samples_per_question, tokenizer.pad_token_id
     for step in tqdm(range(state["step"], total_steps), initial=state["step"], total=total_steps, desc=cfg.run,
-                     disable=not common.progress_bars()):
+                     disable=rank > 0 or not common.progress_bars()):
         timer, step_start = common.Timer(device), time.perf_counter()
         torch.manual_seed(common.step_seed(cfg, step))  # per step, so a resumed run samples the same
         batch = [records[i] for i in common.batch_for_step(len(records), cfg.batch_size, step, cfg.seed)]
+        batch = common.share(batch, rank, world)  # this process's questions (all of them alone)
         per_rollout = [r for r in batch for _ in range(G)]  # the record of each rollout: G per question
         # 1. sample ŷ ~ π_θ(· | x): the student sees the question only
         with timer("generate"):
             prompt_ids = [contexts.student_prompt_ids(tokenizer, r["question"], cfg.prompts, cfg.student_thinking)
                           for r in per_rollout]
             responses, truncated = common.generate(model, tokenizer, prompt_ids, cfg.max_new_tokens, cfg.temperature,
-                                                   cfg.top_p, cfg.top_k, cfg.generation_batch)
+                                                   cfg.top_p, cfg.top_k, cfg.generation_batch,
+                                                   seed=common.step_seed(cfg, step), first=rank * len(prompt_ids))
             texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
         rewards = torch.tensor([critic.reward(t, r["answer"]) for t, r in zip(texts, per_rollout)])
         # 2. judge: the teacher's context c for each rollout (an invalid critique drops its rollout)
@@ -470,16 +478,19 @@ def train(cfg):
                                  for t, c, ok in zip(texts, critiques, valid)]
             elif cfg.arm == "reference":
                 context_texts = [teacher_context(cfg, r) for r in per_rollout]
-        # 3-5. teacher and student on the same ŷ; the loss's gradient accumulates over micro-batches
-        totals, keep = {"loss": 0.0, "divergence": 0.0, "entropy": 0.0, "tokens": 0}, []
+        # 3-5. teacher and student on the same ŷ; the loss's gradient accumulates over micro-batches.
+        # The normalisers are the whole step's counts, summed over processes under torchrun.
+        totals, keep, A_parts = {"loss": 0.0, "divergence": 0.0, "entropy": 0.0, "tokens": 0}, [], []
         if cfg.arm == "grpo":
             advantages, flat_groups = grpo_advantages(rewards.view(-1, G))
             advantages = advantages.view(-1)
             keep = [i for i in range(n) if advantages[i] != 0]  # A_i = 0: no signal
-            n_tokens, zero_signal = sum(len(responses[i]) for i in keep), flat_groups / len(batch)
+            n_tokens, flat_groups = common.all_sum([sum(len(responses[i]) for i in keep), flat_groups])
+            n_kept, zero_signal = n_tokens, flat_groups / cfg.batch_size
         else:
             keep = [i for i in range(n) if valid[i]]
-            zero_signal = 1 - len(keep) / n
+            [n_kept] = common.all_sum([len(keep)])  # sequences in the loss, the step's divisor
+            zero_signal = 1 - n_kept / (cfg.batch_size * G)
         for start in range(0, len(keep), cfg.micro_batch):
             part = keep[start:start + cfg.micro_batch]
             if cfg.arm == "grpo":  # −A_i · log π_θ(ŷ_t), token mean over the batch's kept samples
@@ -506,17 +517,23 @@ def train(cfg):
                     student_h = common.response_hidden(model, rows, mask.shape[1], device)[mask]  # (N, d)
                     span = contexts.distilled_span(mask, [None if cfg.distill_span == "all" else 1 + contexts.departure_index(
                         responses[i], tokenizer(critiques[i], add_special_tokens=False)["input_ids"]) for i in part])
-                    loss, stats = sd_loss(student_h, teacher_h, weight, sampled_ids, mask, span, len(keep), cfg,
+                    loss, stats = sd_loss(student_h, teacher_h, weight, sampled_ids, mask, span, n_kept, cfg,
                                           with_advantage=analyse)
                     loss.backward()
                 totals["divergence"] += stats["divergence"]
                 if analyse:
-                    totals.setdefault("A", []).extend(stats["advantage"].cpu().split(mask.sum(-1).tolist()))
+                    A_parts.extend(stats["advantage"].cpu().split(mask.sum(-1).tolist()))
             totals["loss"] += loss.item()
             totals["entropy"] += stats["entropy"]
             totals["tokens"] += stats["tokens"]
-        # 6. update the LoRA weights (a non-finite loss or gradient skips the update)
+        # 6. update the LoRA weights (a non-finite loss or gradient skips the update); under torchrun
+        # the processes' gradients are summed first, and every process takes the same step
         with timer("optimizer"):
+            if n_kept:
+                common.sum_gradients(params)
+            *sums, asked = common.all_sum([*totals.values(), bool(stop["signal"])])
+            totals = dict(zip(totals, sums))
+            stop["signal"] = stop["signal"] or (signal.SIGTERM if asked else None)  # one stops, all stop
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
             finite = math.isfinite(totals["loss"]) and math.isfinite(grad_norm)
             if finite:
@@ -526,7 +543,13 @@ def train(cfg):
             state["nonfinite"] = 0 if finite else state["nonfinite"] + 1
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-        # 7. log
+        # 7. log (under torchrun, every process's rollouts in rank order; rank 0 writes)
+        analysed = list(zip(*[[responses[i] for i in keep], A_parts, [texts[i] for i in keep],
+                              [critiques[i] for i in keep]])) if analyse else []
+        if world > 1:
+            per_rollout, texts, responses, truncated, context_texts, valid, analysed = (common.gather(x) for x in (
+                per_rollout, texts, responses, truncated, context_texts, valid, analysed))
+            rewards = torch.tensor(common.gather(rewards.tolist()))
         record = {"step": step + 1, "train/loss": totals["loss"], "train/reward": rewards.mean().item(),
                   "train/response_len": sum(map(len, responses)) / len(responses),
                   "train/truncated": sum(truncated) / len(truncated),
@@ -539,20 +562,24 @@ def train(cfg):
             record["train/entropy"] = totals["entropy"] / totals["tokens"]
             if cfg.arm != "grpo":  # no teacher, no divergence in grpo
                 record["train/kl"] = totals["divergence"] / totals["tokens"]
-        if "A" in totals:
-            record.update(contexts.advantage_stats(tokenizer, [responses[i] for i in keep], totals["A"],
-                                                   [texts[i] for i in keep], [critiques[i] for i in keep]))
+        if analysed:
+            record.update(contexts.advantage_stats(tokenizer, *map(list, zip(*analysed))))
         record["time/step"] = round(time.perf_counter() - step_start, 3)  # all of it up to this line
-        common.log_step(run_dir, record, total_steps, finite, cfg.sample_every, per_rollout, texts, rewards,
-                        context_texts, valid, truncated)
+        if rank == 0:
+            common.log_step(run_dir, record, total_steps, finite, cfg.sample_every, per_rollout, texts, rewards,
+                            context_texts, valid, truncated)
         # 8. checkpoint
         give_up = not finite and state["nonfinite"] >= cfg.max_nonfinite
-        if step + 1 == total_steps or (step + 1) % cfg.checkpoint_every == 0 or stop["signal"] or give_up:
+        if rank == 0 and (step + 1 == total_steps or (step + 1) % cfg.checkpoint_every == 0 or stop["signal"]
+                          or give_up):
             common.save_checkpoint(run_dir, step + 1, model, optimizer, scheduler,
                                    {"step": step + 1, "ema": ema, "nonfinite": state["nonfinite"]}, tokenizer)
+        if stop["signal"] or give_up:
+            common.barrier()  # under torchrun the others wait for rank 0's checkpoint before leaving
         common.stop_if_asked(stop, give_up, state["nonfinite"], step + 1)
     common.default_signals()
-    lock.release()
+    if lock:
+        lock.release()
     return run_dir, model
 
 
@@ -566,7 +593,9 @@ def main(argv=None):
             torch.cuda.empty_cache()
         here = os.path.dirname(os.path.abspath(__file__))
         trust = ["--trust-remote-code"] if cfg.trust_remote_code else []  # given on this command line
-        sys.exit(subprocess.run([sys.executable, os.path.join(here, "eval.py"), run_dir, *trust]).returncode)
+        env = common.child_group_env()  # under torchrun, eval.py's processes form their own group
+        common.leave_group()
+        sys.exit(subprocess.run([sys.executable, os.path.join(here, "eval.py"), run_dir, *trust], env=env).returncode)
 
 
 if __name__ == "__main__":

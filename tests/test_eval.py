@@ -88,7 +88,7 @@ def test_bootstrap_ci_contains_estimate_and_is_seeded():
 
 @pytest.fixture(scope="module")
 def lora_model(tiny_model_dir):
-    cfg = selfdistill.Config(model=tiny_model_dir, prompts="toy", lora_r=4, chunk_size=5, micro_batch=8)
+    cfg = selfdistill.Config(model=tiny_model_dir, prompts="instruct", lora_r=4, chunk_size=5, micro_batch=8)
     model, tok = common.load_model(cfg, tiny_model_dir, torch.device("cpu"))
     torch.manual_seed(1)
     for name, p in model.named_parameters():
@@ -115,8 +115,8 @@ def test_advantages_equal_direct_log_probs(lora_model):
     A = ev.batch_advantages(model, tok, cfg, torch.device("cpu"), questions, responses,
                             {"critique": [context, context]})["critique"]
     for q, r, a in zip(questions, responses, A):
-        student = contexts.student_prompt_ids(tok, q, "toy")
-        teacher = contexts.teacher_prompt_ids(tok, q, context, "critique", "toy")
+        student = contexts.student_prompt_ids(tok, q, cfg.prompts)
+        teacher = contexts.teacher_prompt_ids(tok, q, context, "critique", cfg.prompts)
         with model.disable_adapter():
             teacher_logp = direct_logp(model, teacher, r)
         expected = teacher_logp - direct_logp(model, student, r)
@@ -366,7 +366,7 @@ def test_evaluate_run_tiny(tmp_path, tiny_model_dir, capsys):
     test_file.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n"
                                  for q, a in [("1+1", "2"), ("2+3", "5"), ("4-1", "3")]))
     cfg = selfdistill.resolve(selfdistill.Config(
-        model=tiny_model_dir, prompts="toy", test_file=str(test_file), train_file=str(test_file),
+        model=tiny_model_dir, prompts="instruct", test_file=str(test_file), train_file=str(test_file),
         max_new_tokens=6, eval_samples=3, lora_r=2, run="tiny", out_dir=str(tmp_path)))
     run_dir = tmp_path / "tiny"
     os.makedirs(run_dir)
@@ -395,7 +395,7 @@ def test_step_zero_is_evaluated_once_per_base_key(tmp_path, tiny_model_dir, caps
     rows = {}
     for name, arm, seed in (("a", "critique", 0), ("b", "reference", 0), ("c", "critique", 1)):
         cfg = selfdistill.resolve(selfdistill.Config(
-            arm=arm, seed=seed, model=tiny_model_dir, prompts="toy", test_file=str(test_file),
+            arm=arm, seed=seed, model=tiny_model_dir, prompts="instruct", test_file=str(test_file),
             train_file=str(test_file), max_new_tokens=5, eval_samples=2, run=name, out_dir=str(tmp_path)))
         os.makedirs(tmp_path / name)
         yaml.safe_dump(vars(cfg), open(tmp_path / name / "config.yaml", "w"))
@@ -416,7 +416,7 @@ def test_analyze_writes_html_and_json(tmp_path, tiny_model_dir, monkeypatch):
                                  for q, _ in problems))
     run_dir = tmp_path / "run"
     os.makedirs(run_dir)
-    cfg = selfdistill.resolve(selfdistill.Config(model=tiny_model_dir, prompts="toy", test_file=str(test_file),
+    cfg = selfdistill.resolve(selfdistill.Config(model=tiny_model_dir, prompts="instruct", test_file=str(test_file),
                                                  train_file=str(test_file), lora_r=2))
     with open(run_dir / "config.yaml", "w") as f:
         yaml.safe_dump(vars(cfg), f)
