@@ -21,16 +21,24 @@ Choices the paper leaves open (ours):
  6. Step 0 is the same model on the same questions with the same sampling in every arm: its row is
     computed once and copied to the other runs of the same out_dir whose `base_key` (model, test
     set digest, samples, temperature, seed, length, sampling and thread settings) is equal.
+ 7. Spreads: --compare and --per-step show mean ± std over seeds; --plot draws the seed mean with
+    a min–max band (with three seeds, the honest range); the pooled Fig. 4 draws the mean over
+    rollouts ± 2 standard errors. The error focus needs a correct step before the wrong one and
+    divides by at least FOCUS_FLOOR (see advantage_summary).
 
 Outputs: RUN/eval.jsonl, one line per (step, setting): step, n, k, questions, temperature, avg,
 pass, maj, length (tokens, EOS excluded), unparseable, truncated, ci {metric: [lo, hi]}; rates are
 fractions. Step 0 also has base_key (and reused_from when copied). In the toy world each row has
 `toy`: toy.trace_stats of all samples (per-step arithmetic, chaining, answer = own last result,
-style mix and per-style accuracy), which --compare shows in a second table. --analyze writes advantage_step_S.{html,json}[,png] to RUN/analysis/ (or ./analysis/).
+style mix and per-style accuracy), which --compare shows in a last table. --analyze writes
+advantage_step_S.{html,json} (with matplotlib also .png, one rollout, and _aligned.png, all pooled)
+to RUN/analysis/, or for a model to ./analysis/NAME/. --plot writes FIG.png (with matplotlib) and
+FIG.csv, the figure's numbers.
 
 Commands:
     python eval.py runs/critique-s0 [--samples 12] [--questions 30] [--temperature 1.1] [--k 12]
-    python eval.py --compare runs/grpo-s* runs/critique-s* [--markdown]
+    python eval.py --compare runs/grpo-s* runs/critique-s* [--markdown] [--ci] [--per-step]
+    python eval.py --plot runs/grpo-s* runs/critique-s* [--out analysis/training.png] [--x rollouts]
     python eval.py --analyze runs/critique-s0 [--step 40] [--rollouts 8] [--out DIR]
     python eval.py --analyze toy                        # the toy base model, no run needed
     python eval.py --analyze path/to/model test_file=test.jsonl critic=http critic_url=... critic_model=...
@@ -38,6 +46,7 @@ Commands:
 """
 import argparse
 import bisect
+import csv
 import dataclasses
 import html
 import json
@@ -47,6 +56,7 @@ import random
 import re
 import statistics
 import sys
+import textwrap
 from collections import Counter
 
 import torch
@@ -340,7 +350,8 @@ def non_default(config):
 
 
 def pool_arm(runs):
-    """Best step of the seed-mean curve and the final step, mean ± std over seeds (CI for one)."""
+    """Best step of the seed-mean curve and the final step, mean ± std over seeds (CI for one);
+    the Avg@k curve at every step all seeds evaluated (step 0 too); each seed's base row."""
     steps = set.intersection(*[{s for s in rows if s > 0} or {0} for _, rows in runs])
     if not steps:
         raise UserError(f"the seeds of {runs[0][0]['run']} share no evaluated step")
@@ -356,7 +367,11 @@ def pool_arm(runs):
 
     out = {m: {"best": at(m, best_step(m)), "final": at(m, steps[-1])} for m, _ in TABLE_METRICS}
     out["length"] = {"best": at("length", out["avg"]["best"]["step"]), "final": at("length", steps[-1])}
+    out["unparseable"] = {"final": at("unparseable", steps[-1])}
     out["avg_by_step"] = {step: at("avg", step) for step in steps}
+    out["curve"] = {step: at("avg", step) for step in sorted(set.intersection(*[set(rows) for _, rows in runs]))}
+    out["base"] = [rows[0] for _, rows in runs if 0 in rows]
+    out["final_rows"] = [(config["seed"], rows[steps[-1]]) for config, rows in runs]
     if all("toy" in rows[step] for _, rows in runs for step in steps):
         best, final = out["avg"]["best"]["step"], steps[-1]
         out["toy"] = {when: {stat: statistics.fmean(rows[step]["toy"][stat] for _, rows in runs)
@@ -380,8 +395,9 @@ def equal_rollouts(arms):
         a["avg"]["equal"] = {**a["avg_by_step"][step], "budget": budget}
 
 
-def compare_runs(run_dirs):
-    """Arms (runs equal up to SAME_ARM_IGNORES), each pooled: a list of dicts, plus common notes."""
+def group_runs(run_dirs):
+    """Runs equal up to SAME_ARM_IGNORES are the seeds of one arm: ([(label, [(run_dir, config,
+    {step: eval row})])], the non-default settings all arms share). --compare and --plot group alike."""
     arms, seen, first = {}, {}, None
     for run_dir in run_dirs:
         real = os.path.realpath(run_dir)
@@ -395,12 +411,20 @@ def compare_runs(run_dirs):
             raise UserError(f"{run_dir} was evaluated with other settings than {first[0]} ({differ}); "
                             f"evaluate them alike (python eval.py RUN --samples N --questions Q --temperature T)")
         key = json.dumps({k: v for k, v in config.items() if k not in SAME_ARM_IGNORES}, sort_keys=True)
-        arms.setdefault(key, []).append((config, rows))
-    extras = [non_default(runs[0][0]) for runs in arms.values()]
+        arms.setdefault(key, []).append((run_dir, config, rows))
+    extras = [non_default(runs[0][1]) for runs in arms.values()]
     shared = {k: v for k, v in extras[0].items() if all(e.get(k, object()) == v for e in extras)}
+    labels = [" ".join([runs[0][1]["arm"]] + [f"{k}={v}" for k, v in extra.items() if k not in shared])
+              for runs, extra in zip(arms.values(), extras)]
+    return list(zip(labels, arms.values())), shared
+
+
+def compare_runs(run_dirs):
+    """Arms (runs equal up to SAME_ARM_IGNORES), each pooled: a list of dicts, plus common notes."""
+    groups, shared = group_runs(run_dirs)
     result = []
-    for runs, extra in zip(arms.values(), extras):
-        label = " ".join([runs[0][0]["arm"]] + [f"{k}={v}" for k, v in extra.items() if k not in shared])
+    for label, members in groups:
+        runs = [(config, rows) for _, config, rows in members]
         k = next(iter(runs[0][1].values()))["k"]
         result.append({"label": label, "seeds": sorted(c["seed"] for c, _ in runs), "k": k,
                        "rollouts_per_step": runs[0][0]["batch_size"] * runs[0][0]["samples_per_question"],
@@ -410,46 +434,136 @@ def compare_runs(run_dirs):
     return result, shared
 
 
-def format_cell(entry, seeds, scale):
-    value, spread = scale * entry["value"], entry["spread"]
+def format_cell(entry, seeds, scale=100, markdown=False, step=False):
+    """mean ± std over seeds, 1 decimal (one seed: the value; its CI is in the --ci table)."""
+    text = f"{scale * entry['value']:.1f}"
     if seeds > 1:
-        return f"{value:.2f} ± {scale * spread:.2f} (step {entry['step']})"
-    return f"{value:.2f} [{scale * spread[0]:.1f}, {scale * spread[1]:.1f}] (step {entry['step']})"
+        text += (" ± " if markdown else "±") + f"{scale * entry['spread']:.1f}"
+    return text + (f" ({entry['step']})" if step else "")
 
 
-def comparison_table(arms, shared, markdown=False):
+def base_rows(arms):
+    """Step 0 (the base model) pooled over seeds: one entry when every arm starts from the same
+    base (equal base_key up to the seed), else one per group of arms. A base row reused by another
+    arm (same base_key) counts once; rows without a base_key (older logs) count per run."""
+    groups = {}  # base_key without the seed -> ({base_key: row}, arm labels)
+    for a in arms:
+        for index, row in enumerate(a["base"]):
+            key = row.get("base_key") or {"row": f"{a['label']}/{index}"}
+            family = json.dumps({f: v for f, v in key.items() if f not in ("seed", "row")}, sort_keys=True)
+            rows, labels = groups.setdefault(family, ({}, []))
+            rows[json.dumps(key, sort_keys=True)] = row
+            if a["label"] not in labels:
+                labels.append(a["label"])
+    out = []
+    for rows, labels in groups.values():
+        rows = list(rows.values())
+
+        def at(metric):
+            values = [r[metric] for r in rows]
+            return {"value": statistics.fmean(values), "step": 0,
+                    "spread": statistics.stdev(values) if len(values) > 1 else rows[0]["ci"][metric]}
+        label = "base (step 0)" if len(groups) == 1 else "base of " + ", ".join(labels)
+        out.append({"label": label, "n": len(rows), **{m: at(m) for m in METRICS}})
+    return out
+
+
+def comparison_table(arms, shared, markdown=False, ci=False):
+    """The final checkpoint of each arm (and the base), the best checkpoint in a second table,
+    with --ci each run's 95% bootstrap intervals in a third; plain text fits WIDTH columns."""
     k = arms[0]["k"]
     # arms that sample more per step (GRPO) also get a column at the others' rollout budget
     budget = arms[0]["avg"]["equal"]["budget"] if "equal" in arms[0]["avg"] else None
-    header = ["arm", "seeds"] + [f"{name}@{k} {when}" for _, name in TABLE_METRICS
-                                 for when in ("best", "final")] + ["len at best Avg", "len final"]
-    header += [f"Avg@{k} at ≈{budget} rollouts"] if budget is not None else []
-    body = [[a["label"], str(len(a["seeds"]))] + [format_cell(a[m][when], len(a["seeds"]), 100)
-                                                   for m, _ in TABLE_METRICS for when in ("best", "final")]
-            + [format_cell(a["length"][w], len(a["seeds"]), 1) for w in ("best", "final")]
-            + ([format_cell(a["avg"]["equal"], len(a["seeds"]), 100)] if budget is not None else [])
-            for a in arms]
-    lines = table_lines(header, body, markdown)
-    notes = ["", "Values in %, length in tokens; ± = std over seeds, [lo, hi] = "
-             "95% bootstrap CI (one seed). 'best' picks a checkpoint on the test set and flatters."]
+    header = ["arm", "seeds", "step", f"Pass@{k}", f"Maj@{k}", f"Avg@{k}", "len", "unparsed"]
+    header += [f"Avg@{k} ≈{budget}"] if budget is not None else []
+    body = []
+    equal = [""] if budget is not None else []  # the base has no rollouts
+    for base in base_rows(arms):
+        body.append([base["label"], str(base["n"]), "0"] + [format_cell(base[m], base["n"], 100, markdown)
+                                                            for m in ("pass", "maj", "avg")]
+                    + [format_cell(base["length"], base["n"], 1, markdown),
+                       format_cell(base["unparseable"], base["n"], 100, markdown)] + equal)
+    for a in arms:
+        seeds = len(a["seeds"])
+        body.append([a["label"], str(seeds), str(a["avg"]["final"]["step"])]
+                    + [format_cell(a[m]["final"], seeds, 100, markdown) for m in ("pass", "maj", "avg")]
+                    + [format_cell(a["length"]["final"], seeds, 1, markdown),
+                       format_cell(a["unparseable"]["final"], seeds, 100, markdown)]
+                    + ([format_cell(a["avg"]["equal"], seeds, 100, markdown, step=True)] if equal else []))
+    lines = ["Final checkpoint (step), in % (len: tokens); ± = std over seeds:", ""]
+    lines += table_lines(header, body, markdown)
+    best_header = ["arm"] + [f"{name}@{k} best" for _, name in TABLE_METRICS] + ["len at best Avg"]
+    best_body = [[a["label"]] + [format_cell(a[m]["best"], len(a["seeds"]), 100, markdown, step=True)
+                                 for m, _ in TABLE_METRICS]
+                 + [format_cell(a["length"]["best"], len(a["seeds"]), 1, markdown, step=True)] for a in arms]
+    lines += ["", "Best checkpoint (step) of the seed-mean curve; it is picked on the test set and flatters:", ""]
+    lines += table_lines(best_header, best_body, markdown)
+    if ci:
+        lines += ["", "95% bootstrap CI over questions, final checkpoint, each run:", ""]
+        lines += table_lines(["arm", "seed", "step"] + [f"{name}@{k}" for _, name in TABLE_METRICS] + ["unparsed"],
+                             [[a["label"], str(seed), str(row["step"])]
+                              + [f"[{100 * row['ci'][m][0]:.1f}, {100 * row['ci'][m][1]:.1f}]"
+                                 for m in ("pass", "maj", "avg", "unparseable")]
+                              for a in arms for seed, row in a["final_rows"]], markdown)
+    notes = [""]
+    if any(len(a["seeds"]) == 1 for a in arms) and not ci:
+        notes.append("One seed: no ± (add --ci for each run's bootstrap interval over questions).")
     if shared:
         notes.append("All arms: " + ", ".join(f"{k}={v}" for k, v in shared.items()))
     if budget is not None:
         notes.append("Rollouts per step differ between arms (questions × G: " + ", ".join(
-            f"{a['label']} {a['rollouts_per_step']}" for a in arms) + f"); the last column is each "
-            f"arm at the evaluated step closest to {budget} rollouts, the smallest final budget.")
+            f"{a['label']} {a['rollouts_per_step']}" for a in arms) + f"); 'Avg@{k} ≈{budget}' is each "
+            f"arm at the evaluated step (in parentheses) closest to {budget} rollouts, the smallest final budget.")
     if len({a["k"] for a in arms}) > 1:
         notes.append("WARNING: the runs were evaluated with different k")
+    if not markdown:  # prose wraps too, so the whole output fits WIDTH
+        notes = [textwrap.fill(note, WIDTH) for note in notes]
     return "\n".join(lines + notes + toy_table(arms, markdown))
 
 
-def table_lines(header, body, markdown):
-    """Rows as a markdown table, or as aligned plain-text columns."""
+def per_step_table(arms, markdown=False):
+    """Avg@k of each arm at every step all its seeds evaluated (step 0 = the base), in %."""
+    k = arms[0]["k"]
+    steps = sorted({s for a in arms for s in a["curve"]})
+    body = [[a["label"], str(len(a["seeds"]))] + [format_cell(a["curve"][s], len(a["seeds"]), 100, markdown)
+                                                   if s in a["curve"] else "" for s in steps] for a in arms]
+    lines = [f"Avg@{k} (%) at each evaluated step (columns: training step); ± = std over seeds:", ""]
+    lines += table_lines(["arm", "seeds"] + [str(s) for s in steps], body, markdown)
+    if len({a["rollouts_per_step"] for a in arms}) > 1:
+        lines += ["", "Rollouts per step differ (questions × G: " + ", ".join(
+            f"{a['label']} {a['rollouts_per_step']}" for a in arms) + "): compare arms at equal steps with care."]
+    return "\n".join(lines if markdown else [textwrap.fill(line, WIDTH) for line in lines])
+
+
+WIDTH = 100  # plain-text tables fit a terminal this wide: wider ones continue in a second block
+LABEL_WIDTH = 18  # the arm column wraps its settings onto indented lines beyond this
+
+
+def table_lines(header, body, markdown, width=WIDTH):
+    """Rows as a markdown table, or as aligned plain-text columns. In plain text the first column
+    wraps at its spaces, and columns that do not fit `width` continue below, the first column repeated."""
     if markdown:
         return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
             ["| " + " | ".join(row) + " |" for row in body]
-    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
-    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + body]
+    rows = [header] + body
+    labels = [textwrap.wrap(r[0], LABEL_WIDTH, subsequent_indent="  ", break_long_words=False) or [""] for r in rows]
+    first = max(len(line) for lines in labels for line in lines)
+    widths = {i: max(len(r[i]) for r in rows) for i in range(1, len(header))}
+    blocks, used = [[]], first
+    for i, w in widths.items():  # greedy: as many columns per block as fit
+        if blocks[-1] and used + 2 + w > width:
+            blocks.append([])
+            used = first
+        blocks[-1].append(i)
+        used += 2 + w
+    lines = []
+    for block in blocks:
+        lines += [""] if lines else []
+        for row, label in zip(rows, labels):
+            for j, part in enumerate(label):
+                cells = [part.ljust(first)] + [(row[i] if j == 0 else "").ljust(widths[i]) for i in block]
+                lines.append("  ".join(cells).rstrip())
+    return lines
 
 
 def toy_table(arms, markdown):
@@ -466,7 +580,118 @@ def toy_table(arms, markdown):
                                                                  key=lambda kv: -kv[1]) if v >= 0.005)]
             for a in arms]
     lines = table_lines(header, body, markdown)
-    return ["", "Toy world, what moved (toy.trace_stats, % of parsed steps / responses; seed means):"] + lines
+    return ["", "Toy world, what moved (toy.trace_stats, % of parsed steps / responses; seed means):", ""] + lines
+
+
+# ---------------------------------------------------------------------------------------------
+# --plot: Avg@k over training per arm, and the training log's reward, KL and length.
+
+MATPLOTLIB = "matplotlib==3.11.2"  # optional: figures; without it --plot writes only the CSV
+TRAIN_CURVES = (("train/reward", "train reward (share right)"), ("train/kl", "KL per distilled token (SD arms)"),
+                ("train/response_len", "response length (tokens)"))
+
+
+def pyplot():
+    """matplotlib.pyplot with a file-only backend, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def seed_stats(per_seed):
+    """{x: [value per seed]} → [(x, mean, std, min, max, n)], at the x every seed has."""
+    xs = sorted(set.intersection(*[set(values) for values in per_seed]))
+    out = []
+    for x in xs:
+        values = [values[x] for values in per_seed]
+        out.append((x, statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0,
+                    min(values), max(values), len(values)))
+    return out
+
+
+def plot_rows(run_dirs):
+    """(rows, evaluation setting): the figure's data, one dict per (arm, metric, step): mean, std,
+    min and max over seeds.
+    Arms are grouped as --compare groups them; metric "avg" is Avg@k from eval.jsonl (steps every
+    seed evaluated, step 0 = the base), the others come from metrics.jsonl (steps every seed logged)."""
+    groups, _ = group_runs(run_dirs)
+    setting = next(iter(groups[0][1][0][2].values()))  # every run shares it (group_runs checks)
+    rows = []
+    for label, members in groups:
+        config = members[0][1]
+        rate = config["batch_size"] * config["samples_per_question"]  # rollouts per step: questions × G
+        curves = {"avg": [{step: row["avg"] for step, row in evals.items()} for _, _, evals in members]}
+        logs = [{m["step"]: m for m in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))}
+                for run_dir, _, _ in members]
+        for key, _ in TRAIN_CURVES:  # the last line of a step wins (a resumed run logs it again)
+            curves[key] = [{step: m[key] for step, m in log.items() if m.get(key) is not None} for log in logs]
+        for metric, per_seed in curves.items():
+            for step, mean, std, low, high, n in seed_stats(per_seed):
+                rows.append({"arm": label, "metric": metric, "step": step, "rollouts": step * rate,
+                             "mean": mean, "std": std, "min": low, "max": high, "seeds": n})
+    return rows, setting
+
+
+def plot_training(run_dirs, out, x="step"):
+    """Write OUT (PNG) and its data as OUT with .csv: Avg@k over training per arm (line: mean over
+    seeds; band: min–max over seeds; dashed: the base), and train reward, KL and response length.
+    Without matplotlib only the CSV is written. Returns the paths written."""
+    rows, setting = plot_rows(run_dirs)
+    csv_path = os.path.splitext(out)[0] + ".csv"
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plt = pyplot()
+    if plt is None:
+        print(f"wrote {csv_path}; for the PNG: pip install {MATPLOTLIB}")
+        return [csv_path]
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    colours = {arm: plt.get_cmap("tab10")(i % 10) for i, arm in enumerate(arms)}
+    fig = plt.figure(figsize=(11, 7.5))
+    grid = fig.add_gridspec(2, len(TRAIN_CURVES), height_ratios=(1.7, 1))
+    top = fig.add_subplot(grid[0, :])
+    heading = (f"Avg@{setting['k']} (%) on {setting['questions']} test questions × {setting['n']} samples, "
+               f"T = {setting['temperature']}")
+    panels = [(top, "avg", heading, 100)] + [
+        (fig.add_subplot(grid[1, i]), key, title, 1) for i, (key, title) in enumerate(TRAIN_CURVES)]
+    for ax, metric, title, scale in panels:
+        for arm in arms:
+            points = [r for r in rows if r["arm"] == arm and r["metric"] == metric]
+            if not points:
+                continue  # e.g. GRPO logs no KL
+            xs = [p[x] for p in points]
+            seeds = max(p["seeds"] for p in points)
+            ax.plot(xs, [scale * p["mean"] for p in points], color=colours[arm], label=f"{arm} ({seeds} seeds)",
+                    marker="o" if metric == "avg" else None, markersize=4, linewidth=1.5 if metric == "avg" else 1)
+            if seeds > 1:
+                ax.fill_between(xs, [scale * p["min"] for p in points], [scale * p["max"] for p in points],
+                                color=colours[arm], alpha=0.2, linewidth=0)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    base = [r["mean"] for r in rows if r["metric"] == "avg" and r["step"] == 0]
+    if base:
+        top.axhline(100 * statistics.fmean(base), color="0.4", linestyle="--", linewidth=1,
+                    label=f"base, step 0 ({100 * statistics.fmean(base):.1f})")
+    top.legend(title="line: mean over seeds; band: min–max over seeds", fontsize=8, title_fontsize=8,
+               loc="best")
+    rates = {r["arm"]: r["rollouts"] // r["step"] for r in rows if r["step"]}
+    label = "training step" if x == "step" else "rollouts (steps × questions per step × G)"
+    if x == "step" and len(set(rates.values())) > 1:
+        label += " (rollouts per step: " + ", ".join(f"{a} {n}" for a, n in rates.items()) + ")"
+    top.set_xlabel(label, fontsize=9)
+    for ax, *_ in panels[1:]:
+        ax.set_xlabel("training step" if x == "step" else "rollouts", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    print(f"wrote {out} and {csv_path}")
+    return [out, csv_path]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,14 +745,26 @@ def token_advantages(model, tokenizer, question, response_ids, context_text, kin
                             {kind: [context_text]})[kind][0]
 
 
-def advantage_summary(A, prefix_mask, wrong_mask, after_mask):
-    """Mean A_t on the correct prefix, on the first wrong step and after it, and the error-focus
-    ratio |mean A on the wrong step| / mean |A| on the prefix (None where undefined)."""
+FOCUS_FLOOR = 0.01  # nats: the least mean |A| on a prefix that a focus ratio divides by
+
+
+def advantage_summary(A, prefix_mask, wrong_mask, after_mask, prefix_has_step=True):
+    """Mean A_t on the correct prefix, on the first wrong step and after it, mean |A| on the prefix
+    (`prefix_abs`), and the error-focus ratio |mean A on the wrong step| / max(prefix_abs,
+    FOCUS_FLOOR). None where undefined. The prefix statistics need a correct step before the wrong
+    one: with step 1 wrong the prefix is that step's tag alone, a forced token with A ≈ 0, and the
+    ratio came out near 10^5. The floor is there because a prefix that teacher and student score
+    alike (|A| → 0, which is what a good critique does) would send one rollout's ratio to infinity:
+    below 0.01 nats (a 1 % probability ratio) I call the prefix untouched, so one rollout's ratio
+    is at most 100·|mean A on the wrong step| and a median over rollouts stays readable."""
     def mean(x):
         return x.mean().item() if x.numel() else None
     out = {"prefix": mean(A[prefix_mask]), "wrong": mean(A[wrong_mask]), "after": mean(A[after_mask])}
-    out["prefix_abs"] = scale = mean(A[prefix_mask].abs())
-    out["focus"] = abs(out["wrong"]) / scale if out["wrong"] is not None and scale else None
+    out["prefix_abs"] = mean(A[prefix_mask].abs())
+    if not prefix_has_step:
+        out["prefix"] = out["prefix_abs"] = None
+    defined = out["wrong"] is not None and out["prefix_abs"] is not None
+    out["focus"] = abs(out["wrong"]) / max(out["prefix_abs"], FOCUS_FLOOR) if defined else None
     return out
 
 
@@ -603,41 +840,57 @@ def analyze_rollouts(model, tokenizer, cfg, device, items, kinds=KINDS):
             "wrong_step": item["wrong_step"] + 1, "wrong_span": [wrong[0], wrong[-1] + 1] if wrong else None,
             "contexts": {kind: {"text": texts[i][kind], "A": [round(a, 4) for a in A[kind][i].tolist()]}
                          for kind in kinds},
-            "summary": {kind: advantage_summary(A[kind][i], *masks) for kind in kinds}})
+            "summary": {kind: advantage_summary(A[kind][i], *masks, prefix_has_step=item["wrong_step"] > 0)
+                        for kind in kinds}})
     return results
 
 
 def summarize_contexts(results, kinds):
     """Per context and statistic: mean, std and n over rollouts; plus the pooled error-focus ratio
-    |mean over rollouts of A on the wrong step| / mean over rollouts of mean |A| on the prefix. A
-    per-rollout ratio explodes when a prefix's |A| is near 0, so its mean is not a usable summary;
-    its median is given beside the pooled ratio."""
+    |mean A on the wrong step| / mean of mean |A| on the prefix, both over the rollouts that have a
+    correct step before the wrong one. A per-rollout ratio is noisy (see advantage_summary), so
+    the pooled ratio is the headline and the per-rollout median stands beside it."""
     out = {}
     for kind in kinds:
         out[kind] = {stat: spread([r["summary"][kind].get(stat) for r in results])
                      for stat in ("prefix", "wrong", "after", "focus", "prefix_abs")}
-        wrong, scale = out[kind]["wrong"]["mean"], out[kind]["prefix_abs"]["mean"]
-        ratios = [r["summary"][kind]["focus"] for r in results if r["summary"][kind]["focus"] is not None]
+        with_prefix = [r["summary"][kind] for r in results
+                       if r["summary"][kind]["prefix_abs"] is not None and r["summary"][kind]["wrong"] is not None]
+        wrong = spread([s["wrong"] for s in with_prefix])["mean"]
+        scale = spread([s["prefix_abs"] for s in with_prefix])["mean"]
+        ratios = [s["focus"] for s in with_prefix if s["focus"] is not None]
         out[kind]["focus_pooled"] = {
-            "mean": abs(wrong) / scale if wrong is not None and scale else None,
+            "mean": abs(wrong) / max(scale, FOCUS_FLOOR) if with_prefix else None,
             "median_per_rollout": statistics.median(ratios) if ratios else None, "n": len(ratios)}
     return out
 
 
 # ---------------------------------------------------------------------------------------------
-# Analysis output: HTML (self-contained), JSON, and a Fig. 4-style PNG when matplotlib exists.
+# Analysis output: HTML (self-contained), JSON, and Fig. 4-style PNGs when matplotlib exists.
 
 CSS = """body{font-family:sans-serif;margin:2em;max-width:70em}
 .r{font-family:monospace;white-space:pre-wrap;line-height:1.9;border:1px solid #ccc;padding:.5em}
 .s{border-left:2px solid #222;padding-left:1px}.w{box-shadow:inset 0 -3px 0 #000}
-details{margin:.3em 0}pre{white-space:pre-wrap;background:#f6f6f6;padding:.4em}"""
-COLOUR_SCALE = 5.0  # |A_t| (nats) at full colour; larger values saturate
+details{margin:.3em 0}pre{white-space:pre-wrap;background:#f6f6f6;padding:.4em}
+table{border-collapse:collapse}td,th{padding:.2em .7em;text-align:right;border-bottom:1px solid #ddd}
+td{white-space:nowrap}td:first-child,th:first-child{text-align:left}"""
+COLOUR_PERCENTILE = 95  # full colour at this percentile of |A_t| over the page; larger values saturate
+ALIGN_WINDOW = 40  # the pooled figure: tokens either side of the first wrong step's start
 
 
-def token_html(piece, a, is_boundary, is_wrong):
+def colour_scale(results, kinds):
+    """|A_t| (nats) drawn at full colour: the COLOUR_PERCENTILE-th percentile of |A_t| over every
+    token of every rollout and context on the page, so colours use the range the data has (a fixed
+    scale left most tokens nearly white); 1.0 if every A_t is 0."""
+    values = torch.tensor([abs(a) for r in results for kind in kinds for a in r["contexts"][kind]["A"]])
+    scale = torch.quantile(values, COLOUR_PERCENTILE / 100).item() if values.numel() else 0.0
+    return scale or 1.0
+
+
+def token_html(piece, a, is_boundary, is_wrong, scale):
     """One token as a coloured span, escaped: <, >, & and quotes as entities, newlines as ↵."""
     rgb = "215,48,39" if a < 0 else "69,117,180"  # red: the context says change it; blue: keep it
-    alpha = min(abs(a) / COLOUR_SCALE, 1.0)
+    alpha = min(abs(a) / scale, 1.0)
     classes = " ".join(c for c, on in (("s", is_boundary), ("w", is_wrong)) if on)
     classes = f' class="{classes}"' if classes else ""
     title = html.escape(f"A = {a:+.3f}   {piece!r}", quote=True)
@@ -645,35 +898,114 @@ def token_html(piece, a, is_boundary, is_wrong):
     return f'<span{classes} style="background:rgba({rgb},{alpha:.2f})" title="{title}">{shown}</span>'
 
 
-def render_html(results, kinds, heading):
+def number(value, signed=True, digits=3):
+    return "n/a" if value is None else f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def summary_html(summary):
+    """The page's first table: per context, mean ± std over rollouts of mean A_t per region, and
+    the error focus (pooled, and the median of the per-rollout ratios)."""
+    head = ("<tr><th>context</th><th>rollouts</th><th>with a correct prefix</th><th>A on the correct prefix</th>"
+            "<th>A on the first wrong step</th><th>A after it</th><th>error focus, pooled</th>"
+            "<th>focus, median per rollout</th></tr>")
+    rows = []
+    for kind, s in summary.items():
+        cells = [f"{number(s[stat]['mean'])} ± {number(s[stat]['std'], False)}"
+                 for stat in ("prefix", "wrong", "after")]
+        focus = s["focus_pooled"]
+        rows.append(f"<tr><td>{html.escape(kind)}</td><td>{s['wrong']['n']}</td><td>{focus['n']}</td><td>"
+                    + "</td><td>".join(cells) + f"</td><td>{number(focus['mean'], False, 2)}</td>"
+                    f"<td>{number(focus['median_per_rollout'], False, 2)}</td></tr>")
+    return (f"<table>{head}{''.join(rows)}</table><p>A in nats, mean ± std over rollouts. The prefix and the "
+            f"error focus (|mean A on the wrong step| / mean |A| on the prefix) need a correct step before the "
+            f"wrong one, so they are over the rollouts that have one; a per-rollout ratio divides by at least "
+            f"{FOCUS_FLOOR:g} nats.</p>")
+
+
+def render_html(results, kinds, heading, summary=None):
+    scale = colour_scale(results, kinds)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(heading)}</title>"
              f"<style>{CSS}</style></head><body><h1>{html.escape(heading)}</h1>",
+             summary_html(summary) if summary else "",
              f"<p>A<sub>t</sub> = log π<sub>T</sub>(y<sub>t</sub>|x,c,y<sub>&lt;t</sub>) − log π<sub>θ</sub>"
              f"(y<sub>t</sub>|x,y<sub>&lt;t</sub>): <span style='background:rgba(215,48,39,.8)'>negative"
              f"</span> change it, <span style='background:rgba(69,117,180,.8)'>positive</span> keep it "
-             f"(full colour at |A| ≥ {COLOUR_SCALE:g}). A bar opens each step tag; the first wrong step "
-             f"is underlined. Hover a token for its value.</p>"]
+             f"(full colour at |A| ≥ {scale:.3g} nats, the {COLOUR_PERCENTILE}th percentile of |A| on this page). "
+             f"A bar opens each step tag; the first wrong step is underlined. Hover a token for its value.</p>"]
     for n, r in enumerate(results, start=1):
         parts.append(f"<h2>Rollout {n}: {html.escape(r['question'])} (gold {html.escape(str(r['answer']))}, "
                      f"first wrong step {r['wrong_step']})</h2>")
         wrong = range(*r["wrong_span"]) if r["wrong_span"] else range(0)
         for kind in kinds:
             ctx, s = r["contexts"][kind], r["summary"][kind]
-            stats = ", ".join(f"{k} {v:+.2f}" if v is not None else f"{k} n/a" for k, v in s.items())
-            spans = "".join(token_html(p, a, t in r["step_starts"], t in wrong)
+            stats = (f"prefix {number(s['prefix'], digits=2)}, wrong step {number(s['wrong'], digits=2)}, "
+                     f"after {number(s['after'], digits=2)}, focus {number(s['focus'], False, 1)}")
+            spans = "".join(token_html(p, a, t in r["step_starts"], t in wrong, scale)
                             for t, (p, a) in enumerate(zip(r["tokens"], ctx["A"])))
             parts.append(f"<h3>{kind}</h3><p>{stats}</p><details><summary>context</summary>"
                          f"<pre>{html.escape(ctx['text'])}</pre></details><div class='r'>{spans}</div>")
     return "\n".join(parts + ["</body></html>"])
 
 
+def aligned_advantages(results, kinds, window=ALIGN_WINDOW):
+    """Fig. 4 pooled over rollouts: per context, mean A_t and its standard error at each token offset
+    from the first wrong step's start (offset 0 = its first token after the tag), -window..window,
+    with n = the rollouts that have a token at that offset."""
+    out = {}
+    for kind in kinds:
+        by_offset = {offset: [] for offset in range(-window, window + 1)}
+        for r in (r for r in results if r["wrong_span"]):
+            start = r["wrong_span"][0]
+            for t, a in enumerate(r["contexts"][kind]["A"]):
+                if -window <= t - start <= window:
+                    by_offset[t - start].append(a)
+        kept = [(o, v) for o, v in by_offset.items() if v]
+        out[kind] = {"offset": [o for o, _ in kept], "mean": [statistics.fmean(v) for _, v in kept],
+                     "se": [statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else None for _, v in kept],
+                     "n": [len(v) for _, v in kept]}
+    return out
+
+
+def plot_aligned(aligned, results, path, heading=""):
+    """The pooled Fig. 4: mean A_t over rollouts against the offset from the first wrong step, one
+    line per context, ± 2 standard errors, where at least a fifth of the rollouts reach."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    least = max(2, math.ceil(len(results) / 5))
+    lengths = [r["wrong_span"][1] - r["wrong_span"][0] for r in results if r["wrong_span"]]
+    if not lengths:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    ax.axvspan(0, statistics.median(lengths), color="red", alpha=0.08,
+               label=f"first wrong step (median length {statistics.median(lengths):g} tokens)")
+    ax.axhline(0, color="0.6", linewidth=0.8)
+    for kind, curve in aligned.items():
+        points = [(offset, mean, se) for offset, mean, se, n in
+                  zip(curve["offset"], curve["mean"], curve["se"], curve["n"]) if n >= least]
+        if not points:
+            continue
+        offsets, means, errors = zip(*points)
+        line, = ax.plot(offsets, means, linewidth=1.4, label=kind)
+        ax.fill_between(offsets, [m - 2 * se for m, se in zip(means, errors)],
+                        [m + 2 * se for m, se in zip(means, errors)], color=line.get_color(), alpha=0.15, linewidth=0)
+    ax.set_xlabel("token offset from the start of the first wrong step")
+    ax.set_ylabel("mean A_t (nats)")
+    ax.set_title(f"{heading}: {len(results)} wrong rollouts aligned at the first wrong step\n"
+                 f"line: mean over rollouts; band: ± 2 standard errors (offsets that ≥ {least} rollouts reach)",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_png(result, kinds, path):
     """Fig. 4's layout: A_t along one rollout, one panel per context, the first error marked."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None  # optional: the HTML and JSON carry the same numbers
     fig, axes = plt.subplots(len(kinds), 1, figsize=(10, 2.2 * len(kinds)), sharex=True, sharey=True,
                              squeeze=False)  # one y scale: magnitudes compare across contexts
@@ -724,14 +1056,19 @@ def analyze(target, overrides=(), step=0, rollouts=8, out=None):
     if not results:
         raise UserError("found no wrong rollout with a locatable first wrong step to analyse")
     summary = summarize_contexts(results, KINDS)
-    out = out or os.path.join(run_dir or ".", "analysis")
+    aligned = aligned_advantages(results, KINDS)
+    # a run's analysis lives in the run; a model's in ./analysis/NAME, so two models never overwrite
+    out = out or (os.path.join(run_dir, "analysis") if run_dir else
+                  os.path.join("analysis", os.path.basename(os.path.normpath(target))))
     os.makedirs(out, exist_ok=True)
     stem = os.path.join(out, f"advantage_step_{step:06d}")
     with open(stem + ".json", "w") as f:
-        json.dump({"target": target, "step": step, "summary": summary, "rollouts": results}, f)
+        json.dump({"target": target, "step": step, "summary": summary, "colour_scale": colour_scale(results, KINDS),
+                   "aligned": aligned, "rollouts": results}, f)
     with open(stem + ".html", "w") as f:
-        f.write(render_html(results, KINDS, f"Per-token advantage: {target}, step {step}"))
-    png = plot_png(results[0], KINDS, stem + ".png")
+        f.write(render_html(results, KINDS, f"Per-token advantage: {target}, step {step}", summary))
+    pngs = [p for p in (plot_png(results[0], KINDS, stem + ".png"),
+                        plot_aligned(aligned, results, stem + "_aligned.png", f"{target}, step {step}")) if p]
     print(f"{len(results)} rollouts; mean ± std over rollouts")
     for kind, stats in summary.items():
         print(f"{kind:>20}: " + "  ".join(
@@ -740,8 +1077,9 @@ def analyze(target, overrides=(), step=0, rollouts=8, out=None):
         pooled = stats["focus_pooled"]
         if pooled["mean"] is not None:
             print(f"{'':>20}  error focus (pooled) {pooled['mean']:.2f}, per-rollout median "
-                  f"{pooled['median_per_rollout']:.2f}")
-    print(f"wrote {stem}.html, {stem}.json" + (f", {png}" if png else " (no matplotlib: no PNG)"))
+                  f"{pooled['median_per_rollout']:.2f} (n {pooled['n']})")
+    print(f"wrote {stem}.html, {stem}.json" + "".join(f", {p}" for p in pngs)
+          + ("" if pngs else f" (for the PNGs: pip install {MATPLOTLIB})"))
     return summary
 
 
@@ -832,6 +1170,12 @@ def main(argv=None):
                         "folder or 'toy', then optional key=value config overrides")
     parser.add_argument("--compare", action="store_true", help="paper-style table of the runs")
     parser.add_argument("--markdown", action="store_true", help="--compare as a markdown table")
+    parser.add_argument("--per-step", action="store_true", help="--compare: Avg@k of each arm at every "
+                        "evaluated step instead")
+    parser.add_argument("--ci", action="store_true", help="--compare: add each run's 95%% bootstrap CIs")
+    parser.add_argument("--plot", action="store_true", help="figure of the runs: Avg@k over training per "
+                        "arm, train reward, KL and length (PNG with matplotlib; always a CSV)")
+    parser.add_argument("--x", choices=("step", "rollouts"), default="step", help="--plot: x axis")
     parser.add_argument("--analyze", action="store_true", help="per-token advantage analysis")
     parser.add_argument("--prepare", action="store_true", help="convert + filter OpenMathReasoning "
                         "records: eval.py --prepare INPUT.jsonl|parquet [MODEL] [key=value ...]")
@@ -845,7 +1189,8 @@ def main(argv=None):
     parser.add_argument("--rollouts", type=int, default=8, help="--analyze: wrong rollouts to show")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the "
                         "model folder (never taken from a run's config.yaml)")
-    parser.add_argument("--out", help="--analyze: output folder (default RUN/analysis or ./analysis)")
+    parser.add_argument("--out", help="--analyze: output folder (default RUN/analysis or ./analysis/"
+                        "NAME); --plot: the PNG (default analysis/training.png)")
     args = parser.parse_intermixed_args(argv)  # key=value may follow the options
     with common.user_errors():
         for flag in ("samples", "questions", "k"):
@@ -853,8 +1198,14 @@ def main(argv=None):
                 raise UserError(f"--{flag} must be at least 1")
         if args.temperature is not None and not args.temperature > 0:
             raise UserError("--temperature must be positive (evaluation samples)")
-        if args.compare:
-            print(comparison_table(*compare_runs(args.paths), markdown=args.markdown))
+        if (args.per_step or args.ci) and not args.compare:
+            raise UserError("--per-step and --ci go with --compare")
+        if args.compare and args.per_step:
+            print(per_step_table(compare_runs(args.paths)[0], markdown=args.markdown))
+        elif args.compare:
+            print(comparison_table(*compare_runs(args.paths), markdown=args.markdown, ci=args.ci))
+        elif args.plot:
+            plot_training(args.paths, args.out or os.path.join("analysis", "training.png"), args.x)
         elif args.prepare:
             prepare(args.paths[0], args.paths[1:], args.out or "data/omr", args.test_size, seed=args.seed)
         elif args.analyze:

@@ -307,9 +307,14 @@ def test_compare_pools_seeds(tmp_path):
     assert critique["length"]["best"]["step"] == 20  # length is shown at the Avg-best step
     assert reference["avg"]["best"]["spread"] == pytest.approx([0.1, 0.3])  # one seed: the CI
     table = ev.comparison_table(arms, shared, markdown=True)
-    assert table.splitlines()[0].startswith("| arm | seeds | Pass@4 best | Pass@4 final")
-    assert "50.00 ± 0.00 (step 20)" in table and "30.00 ± 14.14 (step 30)" in table
-    assert "20.00 [10.0, 30.0] (step 10)" in table
+    lines = table.splitlines()
+    assert lines[2] == "| arm | seeds | step | Pass@4 | Maj@4 | Avg@4 | len | unparsed |"
+    # the final checkpoint, mean ± std over seeds (one seed: the value; its CI is behind --ci)
+    assert "| critique | 2 | 30 | 60.0 ± 28.3 | 15.0 ± 7.1 | 30.0 ± 14.1 | 300.0 ± 0.0 | 0.0 ± 0.0 |" in lines
+    assert "| reference lr=0.001 | 1 | 20 | 20.0 | 5.0 | 10.0 | 200.0 | 0.0 |" in lines
+    # the best checkpoint of the seed-mean curve, with its step
+    assert "| critique | 100.0 ± 0.0 (20) | 25.0 ± 0.0 (20) | 50.0 ± 0.0 (20) | 200.0 ± 0.0 (20) |" in lines
+    assert "| reference lr=0.001 | 40.0 (10) | 10.0 (10) | 20.0 (10) | 100.0 (10) |" in lines
 
 
 def test_compare_labels_runs_that_differ_in_length_budget_apart(tmp_path, capsys):
@@ -445,10 +450,10 @@ def test_compare_adds_a_column_at_equal_rollouts(tmp_path):
                      samples_per_question=8)]
     arms, shared = ev.compare_runs(runs)
     table = ev.comparison_table(arms, shared, markdown=True)
-    assert "Avg@4 at ≈960 rollouts |" in table.splitlines()[0]
-    critique_row, grpo_row = table.splitlines()[2:4]
-    assert critique_row.endswith("| 40.00 [30.0, 50.0] (step 30) |")
-    assert grpo_row.endswith("| 20.00 [10.0, 30.0] (step 4) |")
+    assert table.splitlines()[2].endswith("| unparsed | Avg@4 ≈960 |")
+    critique_row, grpo_row = table.splitlines()[5:7]
+    assert critique_row.startswith("| critique |") and critique_row.endswith("| 40.0 (30) |")
+    assert grpo_row.startswith("| grpo |") and grpo_row.endswith("| 20.0 (4) |")
     assert "grpo 256" in table and "critique 32" in table
     same = ev.comparison_table(*ev.compare_runs(runs[:1]), markdown=True)
     assert "rollouts" not in same  # equal budgets: no extra column
