@@ -586,7 +586,7 @@ def toy_table(arms, markdown):
 # ---------------------------------------------------------------------------------------------
 # --plot: Avg@k over training per arm, and the training log's reward, KL and length.
 
-MATPLOTLIB = "matplotlib==3.11.2"  # optional: figures; without it --plot writes only the CSV
+MATPLOTLIB = "-r requirements-plot.txt"  # optional: figures (matplotlib); without it, CSV only
 TRAIN_CURVES = (("train/reward", "train reward (share right)"), ("train/kl", "KL per distilled token (SD arms)"),
                 ("train/response_len", "response length (tokens)"))
 
