@@ -810,6 +810,16 @@ def barrier():
         dist.barrier()
 
 
+@contextlib.contextmanager
+def rank0_first(rank):
+    """Rank 0 runs the block before the other processes do: it may write what they then read."""
+    if rank > 0:
+        barrier()
+    yield
+    if rank == 0:
+        barrier()
+
+
 def child_group_env():
     """The environment for a child process (eval.py after training) that forms its own group of
     the same ranks: a free port on rank 0's host, the same on all ranks. None when alone."""

@@ -419,7 +419,8 @@ def train(cfg):
     from tqdm import tqdm
     device = common.pick_device(cfg)
     rank, world = common.init_ranks(device)  # (0, 1) alone; under torchrun this process's place
-    model_path, train_path, test_path = toy.resolve_paths(cfg)  # "toy" = the built toy world
+    with common.rank0_first(rank):  # under torchrun, rank 0 builds a missing toy world alone
+        model_path, train_path, test_path = toy.resolve_paths(cfg)  # "toy" = the built toy world
     records = common.load_jsonl(train_path, cfg.arm == "reference" and not toy_dial(cfg), critic.normalize_answer)
     if cfg.eval_at_end:
         common.load_jsonl(test_path, normalize=critic.normalize_answer)  # a typo must not cost the whole run
@@ -442,9 +443,8 @@ def train(cfg):
     if cfg.support == "topk" and cfg.topk >= weight.shape[0]:
         raise UserError(f"support=topk with topk={cfg.topk} >= the vocabulary size {weight.shape[0]} is "
                         f"support=full; set support=full or a smaller topk")
-    state = common.resume(run_dir, model, optimizer, scheduler) if rank == 0 else None  # {"step", "ema", "nonfinite"}
-    common.barrier()  # rank 0 has moved damaged checkpoints aside and trimmed the logs; the others read
-    state = state or common.resume(run_dir, model, optimizer, scheduler, writer=False)
+    with common.rank0_first(rank):  # rank 0 moves damaged checkpoints aside and trims the logs
+        state = common.resume(run_dir, model, optimizer, scheduler, writer=rank == 0)  # {"step", "ema", "nonfinite"}
     model.train()  # LoRA dropout on in the student's forward; generation and the teacher use eval mode
     ema, stop, G, pad = state["ema"], common.handle_signals(), cfg.samples_per_question, tokenizer.pad_token_id
     for step in tqdm(range(state["step"], total_steps), initial=state["step"], total=total_steps, desc=cfg.run,
