@@ -84,36 +84,42 @@ def pass_at_k(n, c, k):
 
 
 def answer_key(answer):
-    """A key that is equal for two answers exactly when critic.answers_match calls them equal."""
-    if answer is None:
+    """A cheap key for Maj@k: a plain integer's value (critic.PLAIN_INTEGER, the toy world's
+    answers), else the stripped text; None (no vote) for a missing or empty answer. Equal keys are
+    the same answer; answers with different keys may still be equivalent (majority_correct asks)."""
+    if answer is None or not str(answer).strip():
         return None
-    text = critic.normalize_answer(answer)
-    number = critic.to_number(text)
-    if number is not None:
-        return ("number", number)
-    return ("text", text) if text else None
+    text = str(answer).strip()
+    return int(text) if critic.PLAIN_INTEGER.fullmatch(text) else text
 
 
-def majority_correct(answers, gold):
-    """1.0 when the most voted answer is unique and correct; a tie counts as wrong (strict)."""
+def majority_correct(answers, gold, exact=False):
+    """1.0 when the most voted answer is unique and correct; a tie counts as wrong (strict).
+    Answers vote together when critic.answers_match calls them equal: each distinct key joins the
+    first group whose first key it matches (math-verify is asked once per pair of distinct keys,
+    never for two integers), and the winner is judged against the gold the same way."""
     votes = Counter(key for key in map(answer_key, answers) if key is not None)
-    ranked = votes.most_common(2)
+    groups = {}  # first key of a group -> its votes, in order of first appearance
+    for key, count in votes.items():
+        first = next((g for g in groups if critic.answers_match(str(key), str(g), exact)), key)
+        groups[first] = groups.get(first, 0) + count
+    ranked = sorted(groups.items(), key=lambda item: -item[1])[:2]
     if not ranked or (len(ranked) == 2 and ranked[1][1] == ranked[0][1]):
         return 0.0
-    return float(ranked[0][0] == answer_key(gold))
+    return float(critic.answers_match(str(ranked[0][0]), gold, exact))
 
 
-def maj_at_k(answers, gold, k):
+def maj_at_k(answers, gold, k, exact=False):
     """Maj@k from n ≥ k answers: the mean over disjoint blocks of k (one block when n = k)."""
     blocks = [answers[i:i + k] for i in range(0, len(answers) - k + 1, k)]
-    return sum(majority_correct(b, gold) for b in blocks) / len(blocks)
+    return sum(majority_correct(b, gold, exact) for b in blocks) / len(blocks)
 
 
-def question_scores(answers, correct, lengths, truncated, gold, k):
-    """Every metric for one question's n samples."""
+def question_scores(answers, correct, lengths, truncated, gold, k, exact=False):
+    """Every metric for one question's n samples (exact: critic.answers_match's integer check)."""
     n = len(answers)
     return {"avg": sum(correct) / n, "pass": pass_at_k(n, sum(correct), k),
-            "maj": maj_at_k(answers, gold, k), "length": sum(lengths) / n,
+            "maj": maj_at_k(answers, gold, k, exact), "length": sum(lengths) / n,
             "unparseable": sum(a is None for a in answers) / n, "truncated": sum(truncated) / n}
 
 
@@ -200,7 +206,7 @@ def sample_answers(model, tokenizer, cfg, device, records, n, temperature, desc)
     for q, record in enumerate(records):
         part = slice(q * n, (q + 1) * n)
         answers = [critic.extract_answer(t) for t in texts[part]]
-        correct = [critic.answers_match(a, record["answer"]) for a in answers]
+        correct = [critic.answers_match(a, record["answer"], selfdistill.exact_answers(cfg)) for a in answers]
         per_question.append((answers, correct, lengths[part], truncated[part], record["answer"], texts[part]))
     return per_question
 
@@ -291,7 +297,8 @@ def evaluate_steps(run_dir, cfg, samples, questions, temperature, k, model, toke
                                               n, temperature, f"step {step}"))  # every question, in order
         if rank > 0:
             continue
-        row = {"step": step, **setting, **summarize([question_scores(*s[:5], k) for s in scored])}
+        row = {"step": step, **setting, **summarize([question_scores(*s[:5], k, selfdistill.exact_answers(cfg))
+                                                     for s in scored])}
         if world > 1:
             row["processes"] = world
         if cfg.model == "toy":
@@ -795,7 +802,7 @@ def wrong_rollouts(model, tokenizer, cfg, device, records, judge, limit):
         for i, record in enumerate(batch):
             ids = record.get("response_ids") or sampled[i]
             text = tokenizer.decode(ids, skip_special_tokens=True)
-            if critic.reward(text, record["answer"]):
+            if critic.reward(text, record["answer"], selfdistill.exact_answers(cfg)):
                 continue
             critique = record.get("critique") or judge([record["question"]], [text],
                                                        [record.get("solution", "")], [record["answer"]])[0]
@@ -1135,7 +1142,8 @@ def prepare(input_path, overrides=(), out="data/omr", test_size=30, samples=16, 
         ids, _ = common.generate(model, tokenizer, [prompt] * 4, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
                                  cfg.top_k, cfg.generation_batch)
         texts = [tokenizer.decode(r, skip_special_tokens=True) for r in ids]
-        wrong = [t for t in texts if critic.reward(t, record["answer"]) == 0 and contexts.STEP_TAG.search(t)]
+        wrong = [t for t in texts if critic.reward(t, record["answer"], selfdistill.exact_answers(cfg)) == 0
+                 and contexts.STEP_TAG.search(t)]
         if not wrong:
             counts["no_wrong_stepped_rollout"] += 1
             continue

@@ -30,7 +30,8 @@ Deviations from the paper, and the choices it leaves open (each a config field):
  9. A step whose loss or gradient norm is not finite skips its update; `max_nonfinite` such
     steps in a row stop the run (after a checkpoint).
 10. The reward compares the text after `<answer>` (else the last \\boxed{}) with the gold answer
-    through critic.answers_match, a small normaliser (the paper does not say what it used).
+    through critic.answers_match: math-verify, or an exact integer check in the toy world (the
+    paper does not say what it used).
 11. `distill_span=through_first_divergence` (ours, an ablation): only the response tokens up to
     and including the first one that leaves the critique's verbatim prefix are distilled, still
     divided by the full response length |ŷ|.
@@ -401,6 +402,11 @@ def teacher_context(cfg, record):
     return record["solution"]
 
 
+def exact_answers(cfg):
+    """The toy world's answers are integers, checked exactly; any other model's go to math-verify."""
+    return toy.is_world_model(cfg.model)
+
+
 def make_judge(cfg, device):
     """The frozen critic: the toy world's rule critic, or a model critic (critic.py)."""
     return toy.RuleCritic() if cfg.critic == "rule" else critic.from_config(cfg, device)
@@ -447,6 +453,7 @@ def train(cfg):
         state = common.resume(run_dir, model, optimizer, scheduler, writer=rank == 0)  # {"step", "ema", "nonfinite"}
     model.train()  # LoRA dropout on in the student's forward; generation and the teacher use eval mode
     ema, stop, G, pad = state["ema"], common.handle_signals(), cfg.samples_per_question, tokenizer.pad_token_id
+    exact = exact_answers(cfg)
     for step in tqdm(range(state["step"], total_steps), initial=state["step"], total=total_steps, desc=cfg.run,
                      disable=rank > 0 or not common.progress_bars()):
         timer, step_start = common.Timer(device), time.perf_counter()
@@ -462,7 +469,7 @@ def train(cfg):
                                                    cfg.top_p, cfg.top_k, cfg.generation_batch,
                                                    seed=common.step_seed(cfg, step), first=rank * len(prompt_ids))
             texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-        rewards = torch.tensor([critic.reward(t, r["answer"]) for t, r in zip(texts, per_rollout)])
+        rewards = torch.tensor([critic.reward(t, r["answer"], exact) for t, r in zip(texts, per_rollout)])
         # 2. judge: the teacher's context c for each rollout (an invalid critique drops its rollout)
         analyse = cfg.analysis_every > 0 and (step + 1) % cfg.analysis_every == 0 and cfg.arm != "grpo"
         n = len(per_rollout)

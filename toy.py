@@ -571,8 +571,8 @@ def sample(model, tok, prompts, max_new_tokens=64, temperature=1.0, batch_size=1
 
 
 def is_correct(response, answer):
-    """The toy reward: critic.reward, the same check training uses."""
-    return critic.reward(response, answer) == 1.0
+    """The toy reward: critic.reward with the exact integer check, the one training uses here."""
+    return critic.reward(response, answer, exact=True) == 1.0
 
 
 def score(model, tok, problems, settings):

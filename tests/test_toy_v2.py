@@ -130,9 +130,11 @@ def test_toy_runs_take_the_worlds_length_budget(capsys):
 
 @pytest.mark.parametrize("text, answer", [
     ("<step_1> 2+7=9 <answer> 9", "9"), ("<step_1> 2+7=9 <answer> 8", "9"), ("<answer>9", "9"),
-    ("\\boxed{9}", "9"), ("<step_1> 2+7=9", "9"), ("", "9"), ("<answer> 09", "9")])
+    ("\\boxed{9}", "9"), ("<step_1> 2+7=9", "9"), ("", "9"), ("<answer> 09", "9"), ("<answer> 2+7", "9")])
 def test_toy_reward_is_trainings(text, answer):
-    assert toy.is_correct(text, answer) is (critic.reward(text, answer) == 1.0)
+    """The toy world trains on critic.reward's exact integer check (selfdistill.exact_answers)."""
+    assert selfdistill.exact_answers(selfdistill.load_config([]))
+    assert toy.is_correct(text, answer) is (critic.reward(text, answer, exact=True) == 1.0)
 
 
 def test_the_solvers_misconceptions_are_fixed_facts_written_at_their_rate():
