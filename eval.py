@@ -192,8 +192,9 @@ def checkpoint_steps(run_dir):
 def sample_answers(model, tokenizer, cfg, device, records, n, temperature, desc):
     """n samples per question → per-question scores (with the model's adapter as it is now)."""
     from tqdm import tqdm
-    prompts = [contexts.student_prompt_ids(tokenizer, r["question"], cfg.prompts, cfg.student_thinking)
-               for r in records for _ in range(n)]
+    question_prompts = [contexts.student_prompt_ids(tokenizer, r["question"], cfg.prompts, cfg.student_thinking)
+                        for r in records]  # built once per question, not n times
+    prompts = [ids for ids in question_prompts for _ in range(n)]
     responses, truncated = [], []
     for i in tqdm(range(0, len(prompts), cfg.generation_batch), desc=desc, leave=False,
                   disable=not common.progress_bars()):

@@ -278,6 +278,17 @@ def policy_gradient_loss(logp, advantages, mask, n_tokens):
 # taken right there (one extra matmul), so nothing of size V outlives its chunk and nothing is
 # recomputed in the backward pass.
 
+CHUNK_LOGITS_MB = 112  # chunk_size=0: one chunk's (C, V) float32 logits take at most this many MiB
+
+
+def chunk_positions(chunk_size, vocab_size):
+    """Positions per chunk: chunk_size, or for 0 the most whose (C, V) float32 logits fit in
+    CHUNK_LOGITS_MB. A chunk holds about eight tensors of that size at once: at Qwen3's V = 151,936,
+    193 positions and ≈ 0.9 GB; at the toy's V = 111, a whole micro-batch in one chunk. The LM head's
+    matmuls run faster on more rows (README, Performance)."""
+    return chunk_size or max(1, int(CHUNK_LOGITS_MB * 2 ** 20 // (4 * vocab_size)))
+
+
 class ChunkedHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, per_token_fn, chunk_size):
@@ -287,14 +298,16 @@ class ChunkedHead(torch.autograd.Function):
         values = torch.zeros(N, dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         weight = weight.detach()
-        for i in range(0, N, chunk_size):
-            positions = slice(i, min(i + chunk_size, N))
+        C = chunk_positions(chunk_size, weight.shape[0])
+        for i in range(0, N, C):
+            positions = slice(i, min(i + C, N))
             with torch.enable_grad():
                 logits = (hidden[positions].detach() @ weight.T).requires_grad_(grad_hidden is not None)
                 chunk_values = per_token_fn(logits, positions)  # (C,)
                 if grad_hidden is not None:
                     (grad_logits,) = torch.autograd.grad(chunk_values.sum(), logits)  # (C, V)
                     grad_hidden[positions] = grad_logits.to(weight.dtype) @ weight  # (C, d)
+                    del grad_logits  # freed now, not while the next chunk's divergence peaks
             values[positions] = chunk_values.detach().float()
         ctx.save_for_backward(grad_hidden)
         return values
@@ -313,15 +326,18 @@ def sd_loss(student_h, teacher_h, weight, sampled_ids, mask, span, n_sequences, 
     N = student_h.shape[0]
     entropy, advantage = torch.zeros(N, device=student_h.device), torch.zeros(N, device=student_h.device)
 
+    def diagnostics(student_logits, teacher_logits, positions):  # entropy and A_t; its (C, V) tensors
+        s_logp = (student_logits.float() / cfg.logit_temperature).log_softmax(-1)  # die on return
+        entropy[positions] = -(s_logp.exp() * s_logp).sum(-1)
+        if with_advantage:  # A_t = log π_T(ŷ_t) − log π_θ(ŷ_t)
+            y = sampled_ids[positions, None]
+            t_logp = (teacher_logits.float() / cfg.logit_temperature).log_softmax(-1)
+            advantage[positions] = (t_logp.gather(-1, y) - s_logp.gather(-1, y)).squeeze(-1)
+
     def per_token(student_logits, positions):  # (C, V) → (C,)
         with torch.no_grad():  # the teacher is a fixed target; entropy and A_t are diagnostics
             teacher_logits = teacher_h[positions] @ weight.T  # (C, V)
-            s_logp = (student_logits.float() / cfg.logit_temperature).log_softmax(-1)
-            entropy[positions] = -(s_logp.exp() * s_logp).sum(-1)
-            if with_advantage:  # A_t = log π_T(ŷ_t) − log π_θ(ŷ_t)
-                y = sampled_ids[positions, None]
-                t_logp = (teacher_logits.float() / cfg.logit_temperature).log_softmax(-1)
-                advantage[positions] = (t_logp.gather(-1, y) - s_logp.gather(-1, y)).squeeze(-1)
+            diagnostics(student_logits, teacher_logits, positions)  # done before the divergence's peak
         return token_divergence(student_logits, teacher_logits, cfg.divergence, cfg.support, cfg.topk,
                                 cfg.topk_side, cfg.topk_tail, cfg.jsd_alpha, sampled_ids[positions],
                                 cfg.token_clip, cfg.logit_temperature)

@@ -37,7 +37,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from selfdistill import ChunkedHead, token_divergence  # noqa: E402
+from selfdistill import ChunkedHead, Config, chunk_positions, token_divergence  # noqa: E402
 
 
 def memory_mb(key):
@@ -79,12 +79,15 @@ def naive_step(student_h, teacher_h, weight, chunk):
 
 
 def ours_step(student_h, teacher_h, weight, chunk, entropy=None):
+    def metric(student_logits, positions):  # the training loop's entropy metric, as sd_loss computes
+        logp = student_logits.float().log_softmax(-1)  # it: (C, V), freed on return
+        entropy[positions] = -(logp.exp() * logp).sum(-1)
+
     def per_token(student_logits, positions):  # (C, V) → (C,)
         with torch.no_grad():
             teacher_logits = teacher_h[positions] @ weight.T  # (C, V), a fixed target
-            if entropy is not None:  # the training loop's entropy metric, as it computes it
-                logp = student_logits.float().log_softmax(-1)
-                entropy[positions] = -(logp.exp() * logp).sum(-1)
+            if entropy is not None:
+                metric(student_logits, positions)
         return token_divergence(student_logits, teacher_logits)
 
     loss = ChunkedHead.apply(student_h, weight, per_token, chunk).mean()
@@ -128,7 +131,8 @@ def main():
     parser.add_argument("--V", type=int, default=151_936, help="vocabulary size (Qwen3: 151936)")
     parser.add_argument("--d", type=int, default=2048, help="hidden size (Qwen3-1.7B: 2048)")
     parser.add_argument("--T", type=int, default=2048, help="response tokens in the row")
-    parser.add_argument("--chunk", type=int, default=128, help="positions per chunk for ours")
+    parser.add_argument("--chunk", type=int, default=Config.chunk_size, help="positions per chunk for ours "
+                        f"(0: auto, from selfdistill.CHUNK_LOGITS_MB; default: the training default, {Config.chunk_size})")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per variant (median; "
                         "default 3, 1 with --quick)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -145,8 +149,8 @@ def main():
     args.repeats = args.repeats or (1 if args.quick else 3)
 
     size_mb = args.T * args.V * 4 / 2 ** 20
-    print(f"T={args.T} V={args.V} d={args.d} chunk={args.chunk} float32, threads "
-          f"{args.threads or torch.get_num_threads()}; one (T, V) float32 tensor is {size_mb:.0f} MB, "
+    print(f"T={args.T} V={args.V} d={args.d} chunk={args.chunk} ({chunk_positions(args.chunk, args.V)} positions), "
+          f"float32, threads {args.threads or torch.get_num_threads()}; one (T, V) float32 tensor is {size_mb:.0f} MB, "
           f"the head {args.V * args.d * 4 / 2 ** 20:.0f} MB", flush=True)
     variants = ["naive", "ours"] + (["ours+entropy"] if args.entropy else [])
     runs = {name: [] for name in variants}
@@ -181,7 +185,8 @@ def main():
     seconds = {name: statistics.median(run["seconds"] for run in runs[name]) for name in variants}
     memory_ratio, time_ratio = peak["ours"] / peak["naive"], seconds["ours"] / seconds["naive"]
     print(f"targets: memory_ratio <= 0.125: {memory_ratio <= 0.125}; time_ratio <= 1.2: {time_ratio <= 1.2}")
-    print(f"T={args.T} V={args.V} d={args.d} chunk={args.chunk} repeats={args.repeats} "
+    print(f"T={args.T} V={args.V} d={args.d} chunk={args.chunk} chunk_positions={chunk_positions(args.chunk, args.V)} "
+          f"repeats={args.repeats} "
           f"naive_peak_mb={peak['naive']:.0f} ours_peak_mb={peak['ours']:.0f} memory_ratio={memory_ratio:.4f} "
           f"naive_s={seconds['naive']:.3f} ours_s={seconds['ours']:.3f} time_ratio={time_ratio:.3f} "
           f"max_abs_value_diff={value_diff:.3g} max_abs_grad_diff={grad_diff:.3g} "

@@ -13,7 +13,7 @@ summed and divided by its full length, summed over sequences, divided by the ste
 count; an empty row adds 0) by hand and against a float64 brute force, with its stats and A_t;
 the GRPO advantage and policy-gradient loss by hand, grpo_loss against float64 autograd;
 ChunkedHead equals the naive "all logits, then the per-token function" path in value and in
-gradient."""
+gradient, also with chunk_size=0, whose chunk comes from the memory budget (chunk_positions)."""
 import math
 
 import pytest
@@ -466,7 +466,7 @@ SD_CASES = [  # (divergence, a, support, topk, side, tail, clipped, temperature)
 ]
 
 
-@pytest.mark.parametrize("chunk_size", [1, 3, 64])
+@pytest.mark.parametrize("chunk_size", [0, 1, 3, 64])
 @pytest.mark.parametrize("case", SD_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_sd_loss_matches_brute_force(case, chunk_size):
     """sd_loss on a micro-batch (a right-aligned (B, T) grid, one row empty, one row's span cut
@@ -600,7 +600,7 @@ def forward_kl_per_token(teacher_h, weight, **kwargs):
 @pytest.mark.parametrize("kwargs", [dict(), dict(clip=True),
                                     dict(divergence="reverse", support="topk", topk=5)],
                          ids=["forward", "forward-clip", "reverse-topk"])
-@pytest.mark.parametrize("chunk_size", [1, 3, 4, 10, 64])
+@pytest.mark.parametrize("chunk_size", [0, 1, 3, 4, 10, 64])
 def test_chunked_head_equals_naive(chunk_size, kwargs):
     student_h, teacher_h, weight, upstream = head_inputs()
     if kwargs.get("clip"):
@@ -615,6 +615,36 @@ def test_chunked_head_equals_naive(chunk_size, kwargs):
     (ours * upstream).sum().backward()
     if "clip" in kwargs:
         assert (naive == kwargs["clip"]).any()
+    torch.testing.assert_close(ours, naive.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours_h.grad, naive_h.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_chunk_from_the_memory_budget(monkeypatch):
+    """chunk_size=0 takes the most positions whose (C, V) float32 logits fit in CHUNK_LOGITS_MB (at
+    least 1); an explicit chunk_size is kept as given; ChunkedHead runs the chunks it says, and the
+    result equals brute force."""
+    budget = selfdistill.CHUNK_LOGITS_MB * 2 ** 20
+    for V in (111, 8192, 151_936, 262_144):
+        C = selfdistill.chunk_positions(0, V)
+        assert C * V * 4 <= budget < (C + 1) * V * 4
+        assert selfdistill.chunk_positions(7, V) == 7
+    assert selfdistill.chunk_positions(0, 151_936) == 193  # Qwen3's head: the figure in the docstring
+    assert selfdistill.chunk_positions(0, budget) == 1  # a row of logits over the budget: one position
+    student_h, teacher_h, weight, upstream = head_inputs()  # 10 positions, V = weight.shape[0]
+    monkeypatch.setattr(selfdistill, "CHUNK_LOGITS_MB", 3.5 * 4 * weight.shape[0] / 2 ** 20)  # 3 rows
+    seen = []
+    per_token = forward_kl_per_token(teacher_h, weight)
+
+    def recording(student_logits, positions):
+        seen.append((positions.start, positions.stop))
+        return per_token(student_logits, positions)
+    naive_h = student_h.clone().requires_grad_(True)
+    naive = per_token(naive_h @ weight.T, slice(0, 10))
+    (naive * upstream).sum().backward()
+    ours_h = student_h.clone().requires_grad_(True)
+    ours = ChunkedHead.apply(ours_h, weight, recording, 0)
+    (ours * upstream).sum().backward()
+    assert seen == [(0, 3), (3, 6), (6, 9), (9, 10)]
     torch.testing.assert_close(ours, naive.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours_h.grad, naive_h.grad, rtol=1e-5, atol=1e-6)
 
