@@ -207,11 +207,11 @@ def check_consistency(cfg):
             raise UserError(f"config key '{key}' must be at least 0")
     if not cfg.critic_timeout > 0:
         raise UserError("config key 'critic_timeout' must be positive (seconds)")
-    for key in ("batch_size", "micro_batch", "max_new_tokens", "chunk_size", "generation_batch",
+    for key in ("batch_size", "micro_batch", "max_new_tokens", "generation_batch",
                 "lora_r", "eval_samples", "samples_per_question", "checkpoint_every"):
         if getattr(cfg, key) < 1:
             raise UserError(f"config key '{key}' must be at least 1")
-    for key in ("max_steps", "weight_decay", "grad_clip", "top_k", "warmup_steps"):
+    for key in ("max_steps", "weight_decay", "grad_clip", "top_k", "warmup_steps", "chunk_size"):
         if getattr(cfg, key) < 0:
             raise UserError(f"config key '{key}' must be at least 0 (0 = off)")
     if not cfg.lr > 0:

@@ -118,7 +118,7 @@ class Config:
     token_clip: float = 0.0  # clip each token's divergence at this value (0 = off)
     logit_temperature: float = 1.0  # both sides' logits are divided by this before the divergence
     distill_span: str = "all"  # all response tokens | through_first_divergence: up to the first token that leaves the critique's verbatim prefix (normalised by the full length)
-    chunk_size: int = 128  # response positions per chunk of LM head + divergence (memory knob)
+    chunk_size: int = 128  # response positions per chunk of LM head + divergence (memory knob; 0 = from CHUNK_LOGITS_MB)
     max_context_tokens: int = 1024  # longer teacher contexts lose their middle (marked)
     # optimisation
     batch_size: int = 32  # questions per optimizer step, all processes together (paper: 32)
