@@ -720,7 +720,8 @@ def response_logp(model, cfg, prompts, responses, pad_id, device):
         mask = rows["response_mask"].to(device)  # (B, T), responses right-aligned
         hidden = common.response_hidden(model, rows, mask.shape[1], device)[mask]  # (N, d)
         ids = rows["input_ids"][:, -mask.shape[1]:].to(device)[mask]  # (N,) the tokens ŷ_t
-        logp = common.token_log_probs(hidden, weight, ids, cfg.chunk_size, cfg.logit_temperature)  # (N,)
+        chunk = selfdistill.chunk_positions(cfg.chunk_size, weight.shape[0])  # chunk_size=0: from the budget
+        logp = common.token_log_probs(hidden, weight, ids, chunk, cfg.logit_temperature)  # (N,)
         out += list(logp.cpu().split([len(r) for r in part]))  # row-major: one piece per response
     return out
 

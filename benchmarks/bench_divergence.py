@@ -16,13 +16,17 @@ built before the clock starts). The two must give the same loss (rel 1e-5) and g
 
     python benchmarks/bench_divergence.py --quick          # seconds: V=8192, d=256, T=512
     python benchmarks/bench_divergence.py                  # Qwen3-1.7B head: V=151936, d=2048, T=2048
-    python benchmarks/bench_divergence.py --T 1024 --chunk 256
+    python benchmarks/bench_divergence.py --chunk 0        # the chunk from selfdistill.CHUNK_LOGITS_MB
+    python benchmarks/bench_divergence.py --T 512 --chunk 192
 
 The last line is key=value pairs; the targets are memory_ratio <= 0.125 at time_ratio <= 1.2.
 They are about the full size: --quick only shows the script working, its ratios are dominated by
 fixed costs (library set-up, per-chunk overhead) and mean nothing. On a 2-core CPU the full size
-takes ~1.5 min per run, ~9 min in all with 3 repeats; chunk=128 is the default because 256 gave
-memory_ratio 0.164 there.
+takes 30-40 s per run, ~6 min in all with 3 repeats and --entropy. --chunk defaults to the
+training default (selfdistill.Config.chunk_size). What moves the ratio, measured on a 2-core
+AMD EPYC machine (README, Performance): the matmuls' speed on C rows (slower at 128 than at 192 or
+2,048, more so on 2 threads), and the naive side's page faults on its 8 GB, whose cost varies from
+machine to machine and hour to hour; the chunked side's extra passes do not (entropy ≈ +3 %).
 """
 import argparse
 import json

@@ -106,8 +106,10 @@ def direct_logp(model, prompt, response):
 
 
 @torch.no_grad()
-def test_advantages_equal_direct_log_probs(lora_model):
+@pytest.mark.parametrize("chunk_size", [5, 0])  # 0: the chunk from selfdistill.CHUNK_LOGITS_MB
+def test_advantages_equal_direct_log_probs(lora_model, chunk_size, monkeypatch):
     cfg, model, tok = lora_model
+    monkeypatch.setattr(cfg, "chunk_size", chunk_size)
     questions = ["2+7+5", "3+4-1+2"]
     responses = [tok("<step_1> 2+7=9 <step_2> 9+5=15 <answer> 15")["input_ids"] + [tok.eos_token_id],
                  tok("<answer> 8")["input_ids"]]  # different lengths: the batch is padded
