@@ -203,11 +203,11 @@ def sample_answers(model, tokenizer, cfg, device, records, n, temperature, desc)
         responses, truncated = responses + ids, truncated + cut
     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
     lengths = [len(r) - (not cut) for r, cut in zip(responses, truncated)]  # EOS not counted
-    per_question = []
+    per_question, exact = [], selfdistill.exact_answers(cfg)  # decided once, not per answer
     for q, record in enumerate(records):
         part = slice(q * n, (q + 1) * n)
         answers = [critic.extract_answer(t) for t in texts[part]]
-        correct = [critic.answers_match(a, record["answer"], selfdistill.exact_answers(cfg)) for a in answers]
+        correct = [critic.answers_match(a, record["answer"], exact) for a in answers]
         per_question.append((answers, correct, lengths[part], truncated[part], record["answer"], texts[part]))
     return per_question
 
