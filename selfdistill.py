@@ -509,7 +509,7 @@ def train(cfg):
             advantages = advantages.view(-1)
             keep = [i for i in range(n) if advantages[i] != 0]  # A_i = 0: no signal
             n_tokens, flat_groups = common.all_sum([sum(len(responses[i]) for i in keep), flat_groups])
-            n_kept, zero_signal = n_tokens, flat_groups / cfg.batch_size
+            n_kept, zero_signal = n_tokens, flat_groups / cfg.batch_size  # n_kept: the step's loss count
         else:
             keep = [i for i in range(n) if valid[i]]
             [n_kept] = common.all_sum([len(keep)])  # sequences in the loss, the step's divisor
