@@ -450,6 +450,103 @@ def sampling_config(tokenizer, stop, max_new_tokens, temperature=1.0, top_p=1.0,
                             **({"cache_implementation": "static"} if static_cache else {}))
 
 
+def growing_cache(model, capacity):
+    """HF's dynamic KV cache with its full-attention layers writing into buffers of `capacity`
+    positions, allocated once, instead of concatenating the whole cache at every token (a copy that
+    grows with the length: 18 % of a toy evaluation). Attention reads the filled part, the very
+    values the concatenation would hold, so the samples are bit-identical (tested); other layer
+    kinds (sliding windows) keep HF's own class."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        def lazy_initialization(self, key_states, value_states):
+            super().lazy_initialization(key_states, value_states)
+            B, H, _, D = key_states.shape
+            self.key_buffer = key_states.new_empty(B, H, capacity, D)
+            self.value_buffer = value_states.new_empty(B, H, capacity, value_states.shape[-1])
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            start, end = self.get_seq_length(), self.get_seq_length() + key_states.shape[-2]
+            if end > capacity:
+                raise RuntimeError(f"KV cache of {capacity} positions overflowed ({end})")
+            self.key_buffer[:, :, start:end] = key_states
+            self.value_buffer[:, :, start:end] = value_states
+            self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices):  # rows leave the batch: one copy of what is kept
+            end = self.get_seq_length()
+            self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+            self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+
+    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+MIN_ROWS = 8  # the batch shrinks only while this many rows remain: matmuls of 1-3 rows take other
+# kernels (gemv) on CPU whose last bits differ from the same rows in a batch
+
+
+def warpers(temperature, top_p, top_k):
+    """HF generate's logit processors for our sampling settings, in its order (so that the loop
+    below draws what model.generate would): inf/NaN removal, temperature, top-k, top-p."""
+    from transformers import (InfNanRemoveLogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper,
+                              TopKLogitsWarper, TopPLogitsWarper)
+    steps = [InfNanRemoveLogitsProcessor()]
+    if temperature > 0:
+        steps += [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+        steps += [TopKLogitsWarper(top_k)] if top_k else []
+        steps += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
+    return LogitsProcessorList(steps)
+
+
+def decode(model, input_ids, attention_mask, max_new_tokens, warp, stop, pad_id, greedy=False):
+    """One chunk's decoding loop, written out so that finished rows leave the batch (HF generate
+    runs every row until the last one stops: half the work of a toy evaluation went to rows that
+    had ended). (B, L) left-padded prompts → (B, max_new_tokens) new ids, pad after a stop id.
+
+    Each step draws one Exp(1) variable per (row, token) for the whole chunk, whether a row still
+    runs or not, and samples argmax p / q (the exponential race: P(token) = p, as torch.multinomial
+    draws one sample). So a row's tokens do not depend on when other rows stop, and they are the
+    tokens model.generate samples from the same seed (tested), up to the last bits of matmuls
+    over fewer rows, which are equal on CPU from MIN_ROWS rows up."""
+    B, L = input_ids.shape
+    stop = torch.tensor(sorted(stop), device=input_ids.device)
+    positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # left padding
+    cache = growing_cache(model, L + max_new_tokens)
+    new_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=input_ids.device)
+    rows = torch.arange(B, device=input_ids.device)  # which of the chunk's rows the batch holds
+    running = torch.ones(B, dtype=torch.bool, device=input_ids.device)  # per batch row: no stop id yet
+    ids = input_ids
+    for t in range(max_new_tokens):
+        logits = model(input_ids=ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1].float()  # (b, V)
+        scores = warp(ids, logits)
+        if greedy:
+            next_ids = scores.argmax(-1)
+        else:
+            draws = torch.empty(B, scores.shape[-1], device=scores.device).exponential_()  # (B, V)
+            next_ids = (scores.softmax(-1) / draws[rows]).argmax(-1)  # (b,)
+        new_ids[rows, t] = torch.where(running, next_ids, pad_id)
+        running &= ~torch.isin(next_ids, stop)
+        left = int(running.sum())
+        if left == 0 or t == max_new_tokens - 1:
+            break
+        if MIN_ROWS <= left <= len(rows) // 2:  # halve the batch at most once per halving: each
+            keep = running.nonzero().flatten()  # shrink copies the cache
+            rows, running, next_ids = rows[keep], running[keep], next_ids[keep]
+            attention_mask, positions = attention_mask[keep], positions[keep]
+            cache.batch_select_indices(keep)
+        ids = next_ids[:, None]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=-1)
+        positions = positions[:, -1:] + 1
+    return new_ids
+
+
 @torch.inference_mode()  # no_grad's numbers without autograd's bookkeeping: 3-8 % off a toy evaluation
 def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
              batch_size=256, static_cache=False, stop=None, seed=None, first=0):
@@ -460,6 +557,7 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1
     it, nor on which process drew them; None continues the current random stream."""
     stop = stop or eos_ids(model, tokenizer)
     gen = sampling_config(tokenizer, stop, max_new_tokens, temperature, top_p, top_k, static_cache)
+    warp = warpers(temperature, top_p, top_k)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -474,9 +572,13 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1
         for b, p in enumerate(batch):
             input_ids[b, L - len(p):] = torch.tensor(p)
             attention_mask[b, L - len(p):] = 1
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                             generation_config=gen)
-        batch_responses, batch_truncated = cut_at_stop(out[:, L:], stop)
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        if static_cache:  # HF's loop on a preallocated cache: the toy build, which must not change
+            new_ids = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen)[:, L:]
+        else:
+            new_ids = decode(model, input_ids, attention_mask, max_new_tokens, warp, stop,
+                             tokenizer.pad_token_id, greedy=temperature == 0)
+        batch_responses, batch_truncated = cut_at_stop(new_ids, stop)
         responses += batch_responses
         truncated += batch_truncated
     model.train(was_training)

@@ -46,6 +46,7 @@ Commands:
 """
 import argparse
 import bisect
+import contextlib
 import csv
 import dataclasses
 import html
@@ -181,6 +182,16 @@ def load_adapter(model, checkpoint):
     set_peft_model_state_dict(model, load_file(os.path.join(checkpoint, "adapter_model.safetensors")))
 
 
+def student_at(model, checkpoint):
+    """A context in which the model is the student of this checkpoint: its LoRA weights loaded,
+    or for step 0 (None) the base with the adapter switched off, the numbers of a zero adapter
+    (s·BA = 0 added) without the adapter's matmuls (18 % of a toy evaluation)."""
+    if checkpoint is None:
+        return model.disable_adapter()
+    load_adapter(model, checkpoint)
+    return contextlib.nullcontext()
+
+
 def checkpoint_steps(run_dir):
     """{step: checkpoint folder}, with step 0 = the base model (no folder)."""
     steps = {0: None}
@@ -289,13 +300,14 @@ def evaluate_steps(run_dir, cfg, samples, questions, temperature, k, model, toke
         if model is None:
             model, tokenizer = common.load_model(cfg, model_path, device)
         try:
-            load_adapter(model, checkpoint)
+            student = student_at(model, checkpoint)
         except (*common.DAMAGED, SafetensorError) as e:
             print(f"warning: skipping the damaged checkpoint {checkpoint} ({type(e).__name__})", file=sys.stderr)
             continue
         torch.manual_seed(cfg.seed + (rank << 32))  # the same random numbers at every step (docstring, 2)
-        scored = common.gather(sample_answers(model, tokenizer, cfg, device, common.share(records, rank, world),
-                                              n, temperature, f"step {step}"))  # every question, in order
+        with student:
+            scored = common.gather(sample_answers(model, tokenizer, cfg, device, common.share(records, rank, world),
+                                                  n, temperature, f"step {step}"))  # every question, in order
         if rank > 0:
             continue
         row = {"step": step, **setting, **summarize([question_scores(*s[:5], k, selfdistill.exact_answers(cfg))

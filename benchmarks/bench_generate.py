@@ -1,7 +1,8 @@
 """Does sampling get faster than a plain `generate`? Three ways to draw the same rollouts from the
 toy world's base model (with its fresh LoRA adapter, as in training), timed in rotating order:
 
-  dynamic  `model.generate` with the default dynamic KV cache (what common.generate does in training)
+  dynamic  `model.generate` with the default dynamic KV cache (HF's loop; common.generate runs its
+           own, `common.decode`, whose effect on a whole evaluation benchmarks/bench_eval.py measures)
   static   the same call with `cache_implementation="static"` (a preallocated cache; what
            common.generate does with static_cache=True, as the toy build samples)
   loop     a hand-written decoding loop: one forward per token on the dynamic cache, multinomial

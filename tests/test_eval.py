@@ -240,6 +240,33 @@ def test_load_adapter_round_trip(lora_model, tmp_path):
                 p.data.copy_(saved[n])
 
 
+def test_step_0_student_is_the_base_with_the_adapter_off(lora_model, tmp_path):
+    """student_at(model, None) switches the adapter off: the logits of a zero adapter exactly, the
+    adapter's weights untouched and active again afterwards."""
+    cfg, model, tok = lora_model
+    ids = torch.tensor([tok("12+7=19")["input_ids"]])
+    saved = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+        with ev.student_at(model, None):
+            off = model(input_ids=ids).logits
+        assert torch.equal(model(input_ids=ids).logits, trained)  # on again
+        assert all(torch.equal(p, saved[n]) for n, p in model.named_parameters() if "lora_" in n)
+        try:
+            ev.load_adapter(model, None)  # the zero adapter it replaces
+            assert torch.equal(model(input_ids=ids).logits, off) and not torch.equal(off, trained)
+            model.save_pretrained(str(tmp_path / "step_000001"))
+            for n, p in model.named_parameters():
+                if n in saved:
+                    p.data.copy_(saved[n] + 1)
+            with ev.student_at(model, str(tmp_path / "step_000001")):
+                assert torch.equal(model(input_ids=ids).logits, off)  # the checkpoint's weights loaded
+        finally:
+            for n, p in model.named_parameters():
+                if n in saved:
+                    p.data.copy_(saved[n])
+
+
 def test_advantage_summary():
     A = torch.tensor([1.0, -1.0, 0.0, -4.0, -2.0, 5.0])
     prefix = torch.tensor([1, 1, 1, 0, 0, 0], dtype=torch.bool)

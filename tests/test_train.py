@@ -218,6 +218,65 @@ def test_generate_cuts_each_response_at_its_first_stop_token(tiny):
         assert t == (r[-1] not in stop) and (not t or len(r) == 6)
 
 
+@pytest.mark.parametrize("top_p,top_k,temperature", [(1.0, 0, 1.0), (0.9, 5, 0.7), (1.0, 0, 0.0)])
+def test_decode_draws_what_hf_generate_draws_while_the_batch_shrinks(tiny, top_p, top_k, temperature,
+                                                                      monkeypatch):
+    """common.decode drops finished rows from the batch (48-row chunks, 16 stop ids: rows end at
+    many steps) yet samples exactly what model.generate samples from the same seed, chunk after
+    chunk of one random stream, with top-p/top-k and temperature, and greedy."""
+    import copy
+    from transformers import DynamicCache
+    model, tok = tiny
+    model = copy.deepcopy(model)
+    stop = list(range(4, 20))
+    model.generation_config.eos_token_id = stop
+    prompts = [tok(f"{i}+{i * 7 % 13}=")["input_ids"][:2 + i % 4] for i in range(60)]  # 4 lengths
+    shrinks, select = [], DynamicCache.batch_select_indices
+    monkeypatch.setattr(DynamicCache, "batch_select_indices",
+                        lambda cache, keep: (shrinks.append(len(keep)), select(cache, keep))[1])
+    torch.manual_seed(3)
+    responses, truncated = common.generate(model, tok, prompts, 10, temperature, top_p, top_k, batch_size=48)
+    torch.manual_seed(3)
+    expected = []
+    for i in range(0, len(prompts), 48):
+        batch = prompts[i:i + 48]
+        L = max(map(len, batch))
+        ids = torch.tensor([[tok.pad_token_id] * (L - len(p)) + p for p in batch])
+        mask = (torch.arange(L) >= L - torch.tensor([len(p) for p in batch])[:, None]).long()
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=common.sampling_config(
+            tok, set(stop), 10, temperature, top_p, top_k))
+        expected += common.cut_at_stop(out[:, L:], set(stop))[0]
+    assert responses == expected
+    if temperature > 0:
+        assert shrinks and all(n >= common.MIN_ROWS for n in shrinks)  # the batch did shrink
+        assert any(truncated) and not all(truncated)
+
+
+def test_growing_cache_gives_the_dynamic_caches_logits_bit_for_bit(tiny):
+    """common.growing_cache writes keys and values into buffers instead of concatenating: every
+    step's logits must equal those of HF's default dynamic cache exactly (left-padded rows, greedy
+    so both runs see the same tokens), and the cache must really live in its buffers."""
+    model, tok = tiny
+    prompts = [tok("1+2=")["input_ids"], tok("9+9=3")["input_ids"][:2], tok("45+1")["input_ids"]]
+    L, new_tokens = max(map(len, prompts)), 12
+    ids = torch.tensor([[tok.pad_token_id] * (L - len(p)) + p for p in prompts])
+    mask = (ids != tok.pad_token_id).long()
+    gen = dict(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+               min_new_tokens=new_tokens, output_logits=True, return_dict_in_generate=True,
+               pad_token_id=tok.pad_token_id)
+    with torch.inference_mode():
+        plain = model.generate(**gen)
+        cache = common.growing_cache(model, L + new_tokens)
+        grown = model.generate(**gen, cache=cache)
+    assert torch.equal(plain.sequences, grown.sequences)
+    assert len(grown.logits) == new_tokens
+    assert all(torch.equal(a, b) for a, b in zip(plain.logits, grown.logits))
+    layer = cache.layers[0]
+    assert layer.keys.data_ptr() == layer.key_buffer.data_ptr() and layer.keys.shape[-2] == L + new_tokens - 1
+    with pytest.raises(RuntimeError, match="overflowed"), torch.inference_mode():
+        model.generate(**gen, cache=common.growing_cache(model, L + new_tokens - 2))
+
+
 def distill_backward(model, cfg, items, pad_id, device, ema=None):
     """The loop's steps 3-5 on given (student prompt ids, teacher prompt ids, response ids): per
     micro-batch the teacher's hidden states (no grad, eval mode, teacher_weights), the student's
