@@ -507,7 +507,8 @@ def warpers(temperature, top_p, top_k):
 def decode(model, input_ids, attention_mask, max_new_tokens, warp, stop, pad_id, greedy=False):
     """One chunk's decoding loop, written out so that finished rows leave the batch (HF generate
     runs every row until the last one stops: half the work of a toy evaluation went to rows that
-    had ended). (B, L) left-padded prompts → (B, max_new_tokens) new ids, pad after a stop id.
+    had ended) and each distinct prompt is read once. (B, L) left-padded prompts → (B,
+    max_new_tokens) new ids, pad after a stop id.
 
     Each step draws one Exp(1) variable per (row, token) for the whole chunk, whether a row still
     runs or not, and samples argmax p / q (the exponential race: P(token) = p, as torch.multinomial
@@ -515,35 +516,44 @@ def decode(model, input_ids, attention_mask, max_new_tokens, warp, stop, pad_id,
     tokens model.generate samples from the same seed (tested), up to the last bits of matmuls
     over fewer rows, which are equal on CPU from MIN_ROWS rows up."""
     B, L = input_ids.shape
-    stop = torch.tensor(sorted(stop), device=input_ids.device)
+    device = input_ids.device
+    stop = torch.tensor(sorted(stop), device=device)
     positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # left padding
     cache = growing_cache(model, L + max_new_tokens)
-    new_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=input_ids.device)
-    rows = torch.arange(B, device=input_ids.device)  # which of the chunk's rows the batch holds
-    running = torch.ones(B, dtype=torch.bool, device=input_ids.device)  # per batch row: no stop id yet
-    ids = input_ids
+    rows = torch.arange(B, device=device)  # which of the chunk's rows the batch holds
+    # The prompt pass once per distinct prompt (eval's 12 samples of a question, GRPO's G copies);
+    # its cache and last logits are then copied to every row with that prompt.
+    distinct, copies = torch.unique(torch.cat([input_ids, attention_mask], -1), dim=0, return_inverse=True)
+    shared = MIN_ROWS <= len(distinct) < B
+    first = torch.zeros(len(distinct), dtype=torch.long, device=device).scatter_(0, copies, rows) if shared else rows
+    logits = model(input_ids=input_ids[first], attention_mask=attention_mask[first], position_ids=positions[first],
+                   cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    if shared:
+        logits = logits[copies]
+        cache.batch_select_indices(copies)
+    new_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    running = torch.ones(B, dtype=torch.bool, device=device)  # per batch row: no stop id yet
     for t in range(max_new_tokens):
-        logits = model(input_ids=ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1].float()  # (b, V)
-        scores = warp(ids, logits)
+        scores = warp(None, logits.float())  # (b, V)
         if greedy:
             next_ids = scores.argmax(-1)
         else:
-            draws = torch.empty(B, scores.shape[-1], device=scores.device).exponential_()  # (B, V)
+            draws = torch.empty(B, scores.shape[-1], device=device).exponential_()  # (B, V)
             next_ids = (scores.softmax(-1) / draws[rows]).argmax(-1)  # (b,)
         new_ids[rows, t] = torch.where(running, next_ids, pad_id)
         running &= ~torch.isin(next_ids, stop)
         left = int(running.sum())
         if left == 0 or t == max_new_tokens - 1:
             break
-        if MIN_ROWS <= left <= len(rows) // 2:  # halve the batch at most once per halving: each
-            keep = running.nonzero().flatten()  # shrink copies the cache
+        if MIN_ROWS <= left <= len(rows) // 2:  # at most one shrink per halving: each copies the cache
+            keep = running.nonzero().flatten()
             rows, running, next_ids = rows[keep], running[keep], next_ids[keep]
             attention_mask, positions = attention_mask[keep], positions[keep]
             cache.batch_select_indices(keep)
-        ids = next_ids[:, None]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=-1)
         positions = positions[:, -1:] + 1
+        logits = model(input_ids=next_ids[:, None], attention_mask=attention_mask, position_ids=positions,
+                       cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     return new_ids
 
 

@@ -221,19 +221,20 @@ def test_generate_cuts_each_response_at_its_first_stop_token(tiny):
 @pytest.mark.parametrize("top_p,top_k,temperature", [(1.0, 0, 1.0), (0.9, 5, 0.7), (1.0, 0, 0.0)])
 def test_decode_draws_what_hf_generate_draws_while_the_batch_shrinks(tiny, top_p, top_k, temperature,
                                                                       monkeypatch):
-    """common.decode drops finished rows from the batch (48-row chunks, 16 stop ids: rows end at
-    many steps) yet samples exactly what model.generate samples from the same seed, chunk after
-    chunk of one random stream, with top-p/top-k and temperature, and greedy."""
+    """common.decode reads each distinct prompt once and drops finished rows from the batch
+    (48-row chunks of prompts 4 times each, 16 stop ids: rows end at many steps) yet samples
+    exactly what model.generate samples from the same seed, chunk after chunk of one random
+    stream, with top-p/top-k and temperature, and greedy."""
     import copy
     from transformers import DynamicCache
     model, tok = tiny
     model = copy.deepcopy(model)
     stop = list(range(4, 20))
     model.generation_config.eos_token_id = stop
-    prompts = [tok(f"{i}+{i * 7 % 13}=")["input_ids"][:2 + i % 4] for i in range(60)]  # 4 lengths
-    shrinks, select = [], DynamicCache.batch_select_indices
+    prompts = [tok(f"{i}+{i * 7 % 13}=")["input_ids"][:3 + i % 3] for i in range(15) for _ in range(4)]
+    selects, select = [], DynamicCache.batch_select_indices  # 12 distinct prompts, then 3
     monkeypatch.setattr(DynamicCache, "batch_select_indices",
-                        lambda cache, keep: (shrinks.append(len(keep)), select(cache, keep))[1])
+                        lambda cache, keep: (selects.append(len(keep)), select(cache, keep))[1])
     torch.manual_seed(3)
     responses, truncated = common.generate(model, tok, prompts, 10, temperature, top_p, top_k, batch_size=48)
     torch.manual_seed(3)
@@ -247,8 +248,10 @@ def test_decode_draws_what_hf_generate_draws_while_the_batch_shrinks(tiny, top_p
             tok, set(stop), 10, temperature, top_p, top_k))
         expected += common.cut_at_stop(out[:, L:], set(stop))[0]
     assert responses == expected
+    assert selects[0] == 48  # 12 prompt passes copied to 48 rows (3 distinct prompts: too few)
     if temperature > 0:
-        assert shrinks and all(n >= common.MIN_ROWS for n in shrinks)  # the batch did shrink
+        shrinks = selects[1:]
+        assert shrinks and all(common.MIN_ROWS <= n <= 24 for n in shrinks)  # the batch did shrink
         assert any(truncated) and not all(truncated)
 
 
