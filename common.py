@@ -504,6 +504,19 @@ def warpers(temperature, top_p, top_k):
     return LogitsProcessorList(steps)
 
 
+# generation_config fields that decode honours (or that do not change what is sampled)
+PLAIN_FIELDS = {"do_sample", "temperature", "top_k", "top_p", "max_new_tokens", "max_length", "eos_token_id",
+                "pad_token_id", "bos_token_id", "use_cache", "remove_invalid_values", "transformers_version",
+                "_from_model_config", "output_attentions", "output_hidden_states", "return_dict_in_generate"}
+
+
+def hf_only_settings(model):
+    """Settings in the model's generation_config that HF's generate merges into every call and
+    decode does not apply (repetition penalty, min_new_tokens, bad words, ...). A model with any
+    samples with HF's loop instead, so that it samples as it would anywhere else."""
+    return sorted(set(model.generation_config.to_diff_dict()) - PLAIN_FIELDS)
+
+
 def decode(model, input_ids, attention_mask, max_new_tokens, warp, stop, pad_id, greedy=False):
     """One chunk's decoding loop, written out so that finished rows leave the batch (HF generate
     runs every row until the last one stops: half the work of a toy evaluation went to rows that
@@ -567,7 +580,7 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1
     it, nor on which process drew them; None continues the current random stream."""
     stop = stop or eos_ids(model, tokenizer)
     gen = sampling_config(tokenizer, stop, max_new_tokens, temperature, top_p, top_k, static_cache)
-    warp = warpers(temperature, top_p, top_k)
+    warp, hf_loop = warpers(temperature, top_p, top_k), bool(hf_only_settings(model))
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -583,8 +596,10 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1
             input_ids[b, L - len(p):] = torch.tensor(p)
             attention_mask[b, L - len(p):] = 1
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        if static_cache:  # HF's loop on a preallocated cache: the toy build, which must not change
-            new_ids = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen)[:, L:]
+        if static_cache or hf_loop:  # the toy build, which must not change, or settings decode lacks
+            cache = {} if static_cache else {"cache": growing_cache(model, L + max_new_tokens)}
+            new_ids = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen,
+                                     **cache)[:, L:]
         else:
             new_ids = decode(model, input_ids, attention_mask, max_new_tokens, warp, stop,
                              tokenizer.pad_token_id, greedy=temperature == 0)

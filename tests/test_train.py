@@ -255,6 +255,28 @@ def test_decode_draws_what_hf_generate_draws_while_the_batch_shrinks(tiny, top_p
         assert any(truncated) and not all(truncated)
 
 
+def test_a_model_with_other_generation_settings_samples_with_hf_generate(tiny, monkeypatch):
+    """A repetition penalty or min_new_tokens in the model's generation_config (HF merges them
+    into every generate call) sends sampling to HF's loop, which applies them; decode is not used."""
+    import copy
+    model, tok = tiny
+    plain = common.hf_only_settings(model)
+    model = copy.deepcopy(model)
+    model.generation_config.update(repetition_penalty=1.5, min_new_tokens=5)
+    assert plain == [] and common.hf_only_settings(model) == ["min_new_tokens", "repetition_penalty"]
+    monkeypatch.setattr(common, "decode", lambda *a, **k: pytest.fail("decode ignores these settings"))
+    prompts = [tok("1+2=")["input_ids"]] * 3 + [tok("9+9")["input_ids"]] * 3
+    torch.manual_seed(0)
+    responses, _ = common.generate(model, tok, prompts, 8, temperature=1.0, batch_size=6)
+    assert all(len(r) >= 5 for r in responses)  # min_new_tokens applied
+    torch.manual_seed(0)
+    ids = torch.tensor([[tok.pad_token_id] * (len(prompts[0]) - len(p)) + p for p in prompts])
+    mask = (torch.arange(ids.shape[1]) >= ids.shape[1] - torch.tensor([len(p) for p in prompts])[:, None]).long()
+    stop = common.eos_ids(model, tok)
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=common.sampling_config(tok, stop, 8))
+    assert responses == common.cut_at_stop(out[:, ids.shape[1]:], stop)[0]
+
+
 def test_growing_cache_gives_the_dynamic_caches_logits_bit_for_bit(tiny):
     """common.growing_cache writes keys and values into buffers instead of concatenating: every
     step's logits must equal those of HF's default dynamic cache exactly (left-padded rows, greedy
