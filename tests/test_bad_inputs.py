@@ -59,6 +59,7 @@ is replaced by a tripwire.
 | `eval.py --prepare` on records without the OpenMathReasoning fields | exit 2: none of the records has problem, generated_solution and expected_answer |
 | a run's config.yaml with a key this version does not know | exit 2: .../config.yaml: unknown config key 'K' |
 """
+import contextlib
 import functools
 import json
 import os
@@ -394,6 +395,7 @@ def make_run(root, model_dir, data, name="run", **config):
 def fake_evaluation(monkeypatch):
     """Evaluate without a model: every sample answers '2' (right for 1+1 only)."""
     monkeypatch.setattr(common, "load_model", lambda cfg, path, device: (torch.nn.Linear(1, 1), None))
+    monkeypatch.setattr(ev, "student_at", lambda model, checkpoint: contextlib.nullcontext())  # no adapter
 
     def sample_answers(model, tokenizer, cfg, device, records, n, temperature, desc):
         return [(["2"] * n, [r["answer"] == "2"] * n, [3] * n, [False] * n, r["answer"], ["<answer> 2"] * n)
