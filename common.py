@@ -533,6 +533,8 @@ def decode(model, input_ids, attention_mask, max_new_tokens, warp, stop, pad_id,
     stop = torch.tensor(sorted(stop), device=device)
     positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # left padding
     cache = growing_cache(model, L + max_new_tokens)
+    body = model.get_base_model() if hasattr(model, "get_base_model") else model
+    last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(body.forward).parameters else {}
     rows = torch.arange(B, device=device)  # which of the chunk's rows the batch holds
     # The prompt pass once per distinct prompt (eval's 12 samples of a question, GRPO's G copies);
     # its cache and last logits are then copied to every row with that prompt.
@@ -540,7 +542,7 @@ def decode(model, input_ids, attention_mask, max_new_tokens, warp, stop, pad_id,
     shared = MIN_ROWS <= len(distinct) < B
     first = torch.zeros(len(distinct), dtype=torch.long, device=device).scatter_(0, copies, rows) if shared else rows
     logits = model(input_ids=input_ids[first], attention_mask=attention_mask[first], position_ids=positions[first],
-                   cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                   cache=cache, use_cache=True, **last).logits[:, -1]
     if shared:
         logits = logits[copies]
         cache.batch_select_indices(copies)
@@ -566,7 +568,7 @@ def decode(model, input_ids, attention_mask, max_new_tokens, warp, stop, pad_id,
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=-1)
         positions = positions[:, -1:] + 1
         logits = model(input_ids=next_ids[:, None], attention_mask=attention_mask, position_ids=positions,
-                       cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                       cache=cache, use_cache=True, **last).logits[:, -1]
     return new_ids
 
 
