@@ -189,6 +189,23 @@ def test_unreachable_critic_url_is_a_one_line_error(tiny_model_dir, data, tmp_pa
     assert result.stderr.strip().splitlines() == [l for l in result.stderr.splitlines() if "unreachable" in l]
 
 
+def hf_samples(model, tok, prompts, batch_size, max_new_tokens, stop, temperature=1.0, top_p=1.0, top_k=0):
+    """model.generate (HF's own loop) chunk by chunk on left-padded prompts, each row cut after its
+    first stop id by a Python scan: [(ids, truncated)], what common.generate must return."""
+    samples = []
+    for i in range(0, len(prompts), batch_size):
+        batch = prompts[i:i + batch_size]
+        L = max(map(len, batch))
+        ids = torch.tensor([[tok.pad_token_id] * (L - len(p)) + p for p in batch])
+        mask = (torch.arange(L) >= L - torch.tensor([len(p) for p in batch])[:, None]).long()
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=common.sampling_config(
+            tok, set(stop), max_new_tokens, temperature, top_p, top_k))
+        for row in out[:, L:].tolist():
+            end = next((j for j, t in enumerate(row) if t in stop), None)
+            samples.append((row if end is None else row[:end + 1], end is None))
+    return samples
+
+
 def test_generate_cuts_each_response_at_its_first_stop_token(tiny):
     import copy
     model, tok = tiny
@@ -198,20 +215,8 @@ def test_generate_cuts_each_response_at_its_first_stop_token(tiny):
     prompts = [tok("1+2=")["input_ids"], tok("9+9=")["input_ids"][:2]] * 6  # two lengths: left padding
     torch.manual_seed(0)
     responses, truncated = common.generate(model, tok, prompts, 6, temperature=1.0, batch_size=5)
-    # brute force: the same sampling, raw rows cut by a Python scan
-    torch.manual_seed(0)
-    expected = []
-    for i in range(0, len(prompts), 5):
-        batch = prompts[i:i + 5]
-        L = max(map(len, batch))
-        ids = torch.tensor([[tok.pad_token_id] * (L - len(p)) + p for p in batch])
-        out = model.generate(input_ids=ids, attention_mask=(torch.arange(L) >= L - torch.tensor(
-            [len(p) for p in batch])[:, None]).long(), generation_config=common.sampling_config(
-            tok, set(stop), 6, temperature=1.0))
-        for row in out[:, L:].tolist():
-            end = next((j for j, t in enumerate(row) if t in stop), None)
-            expected.append((row if end is None else row[:end + 1], end is None))
-    assert [(r, t) for r, t in zip(responses, truncated)] == expected
+    torch.manual_seed(0)  # brute force: the same sampling, raw rows cut by a Python scan
+    assert list(zip(responses, truncated)) == hf_samples(model, tok, prompts, 5, 6, stop)
     assert any(truncated) and not all(truncated)
     for r, t in zip(responses, truncated):
         assert not any(x in stop for x in r[:-1])  # no stop token before the last
@@ -238,16 +243,7 @@ def test_decode_draws_what_hf_generate_draws_while_the_batch_shrinks(tiny, top_p
     torch.manual_seed(3)
     responses, truncated = common.generate(model, tok, prompts, 10, temperature, top_p, top_k, batch_size=48)
     torch.manual_seed(3)
-    expected = []
-    for i in range(0, len(prompts), 48):
-        batch = prompts[i:i + 48]
-        L = max(map(len, batch))
-        ids = torch.tensor([[tok.pad_token_id] * (L - len(p)) + p for p in batch])
-        mask = (torch.arange(L) >= L - torch.tensor([len(p) for p in batch])[:, None]).long()
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=common.sampling_config(
-            tok, set(stop), 10, temperature, top_p, top_k))
-        expected += common.cut_at_stop(out[:, L:], set(stop))[0]
-    assert responses == expected
+    assert list(zip(responses, truncated)) == hf_samples(model, tok, prompts, 48, 10, stop, temperature, top_p, top_k)
     assert selects[0] == 48  # 12 prompt passes copied to 48 rows (3 distinct prompts: too few)
     if temperature > 0:
         shrinks = selects[1:]
@@ -267,14 +263,10 @@ def test_a_model_with_other_generation_settings_samples_with_hf_generate(tiny, m
     monkeypatch.setattr(common, "decode", lambda *a, **k: pytest.fail("decode ignores these settings"))
     prompts = [tok("1+2=")["input_ids"]] * 3 + [tok("9+9")["input_ids"]] * 3
     torch.manual_seed(0)
-    responses, _ = common.generate(model, tok, prompts, 8, temperature=1.0, batch_size=6)
+    responses, truncated = common.generate(model, tok, prompts, 8, temperature=1.0, batch_size=6)
     assert all(len(r) >= 5 for r in responses)  # min_new_tokens applied
     torch.manual_seed(0)
-    ids = torch.tensor([[tok.pad_token_id] * (len(prompts[0]) - len(p)) + p for p in prompts])
-    mask = (torch.arange(ids.shape[1]) >= ids.shape[1] - torch.tensor([len(p) for p in prompts])[:, None]).long()
-    stop = common.eos_ids(model, tok)
-    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=common.sampling_config(tok, stop, 8))
-    assert responses == common.cut_at_stop(out[:, ids.shape[1]:], stop)[0]
+    assert list(zip(responses, truncated)) == hf_samples(model, tok, prompts, 6, 8, common.eos_ids(model, tok))
 
 
 def test_growing_cache_gives_the_dynamic_caches_logits_bit_for_bit(tiny):
