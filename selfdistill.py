@@ -101,7 +101,7 @@ class Config:
     toy_phrasing: str = "other"  # toy reference wording: other (not the solver's) | same (the solver's)
     # rollouts
     samples_per_question: int = 0  # G; 0 = 8 for grpo, 1 for the self-distillation arms (the paper)
-    max_new_tokens: int = 0  # response length limit, cut and flagged; 0 = the toy world's budget (build.json) for model=toy, 512 otherwise
+    max_new_tokens: int = 0  # response length limit, cut and flagged; 0 = the toy world's budget (build.json) for a toy-world model, 512 otherwise
     temperature: float = 1.0  # sampling temperature (paper: 1.1)
     top_p: float = 1.0  # nucleus sampling (1 = off)
     top_k: int = 0  # top-k sampling (0 = off)
@@ -171,12 +171,13 @@ def resolve(cfg):
         cfg.samples_per_question = 8 if cfg.arm == "grpo" else 1
     if not cfg.run:
         cfg.run = f"{cfg.arm}-s{cfg.seed}"
-    if cfg.model == "toy":
+    if toy_model:  # model=toy, or a built world's model folder: that world's build.json
+        budget = toy.budget(None if cfg.model == "toy" else os.path.dirname(os.path.abspath(cfg.model)))
         if cfg.max_new_tokens == 0:
-            cfg.max_new_tokens = toy.budget()
-        elif cfg.max_new_tokens != toy.budget():
+            cfg.max_new_tokens = budget
+        elif cfg.max_new_tokens != budget:
             print(f"warning: max_new_tokens={cfg.max_new_tokens} differs from the toy world's budget "
-                  f"{toy.budget()} (build.json), which its difficulty filter used", file=sys.stderr)
+                  f"{budget} (build.json), which its difficulty filter used", file=sys.stderr)
     elif cfg.max_new_tokens == 0:
         cfg.max_new_tokens = 512
     common.check_consistency(cfg)

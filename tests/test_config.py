@@ -48,6 +48,19 @@ def test_prompts_follow_the_model(tiny_model_dir, tmp_path):
     assert load_config(["model=toy", "prompts=instruct"]).prompts == "instruct"  # allowed: an ablation
 
 
+def test_the_length_budget_follows_the_world(tiny_model_dir, tmp_path):
+    """max_new_tokens=0: a toy-world model's budget comes from its own world's build.json (the
+    shipped world's for model=toy), 512 for any other model."""
+    import toy
+    world = tmp_path / "world"
+    os.makedirs(world / "model")
+    (world / "build.json").write_text('{"settings": {"max_new_tokens": 40}}')
+    assert load_config(["model=toy"]).max_new_tokens == toy.budget()
+    assert load_config([f"model={toy.WORLD}/model"]).max_new_tokens == toy.budget()
+    assert load_config([f"model={world / 'model'}"]).max_new_tokens == 40
+    assert load_config([f"model={tiny_model_dir}"]).max_new_tokens == 512
+
+
 def test_yaml_then_command_line_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("lr: 0.001\nbatch_size: 8\nmicro_batch: 8\ntopk_tail: true\n")
