@@ -698,8 +698,9 @@ def plot_training(run_dirs, out, x="step"):
     if base:
         top.axhline(100 * statistics.fmean(base), color="0.4", linestyle="--", linewidth=1,
                     label=f"base, step 0 ({100 * statistics.fmean(base):.1f})")
-    top.legend(title="line: mean over seeds; band: min–max over seeds", fontsize=8, title_fontsize=8,
-               loc="best")
+    handles, labels = top.get_legend_handles_labels()  # under the figure: never over a curve
+    fig.legend(handles, labels, title="line: mean over seeds; band: min–max over seeds", fontsize=8,
+               title_fontsize=8, loc="lower center", ncol=3)
     rates = {r["arm"]: r["rollouts"] // r["step"] for r in rows if r["step"]}
     label = "training step" if x == "step" else "rollouts (steps × questions per step × G)"
     if x == "step" and len(set(rates.values())) > 1:
@@ -707,7 +708,7 @@ def plot_training(run_dirs, out, x="step"):
     top.set_xlabel(label, fontsize=9)
     for ax, *_ in panels[1:]:
         ax.set_xlabel("training step" if x == "step" else "rollouts", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.03 * (1 + math.ceil(len(labels) / 3)), 1, 1))  # room for the legend
     fig.savefig(out, dpi=100)
     plt.close(fig)
     print(f"wrote {out} and {csv_path}")
