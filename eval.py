@@ -692,6 +692,9 @@ def plot_training(run_dirs, out, x="step"):
             if seeds > 1:
                 ax.fill_between(xs, [scale * p["min"] for p in points], [scale * p["max"] for p in points],
                                 color=colours[arm], alpha=0.2, linewidth=0)
+        if not ax.lines:
+            ax.text(0.5, 0.5, "not logged by these arms", ha="center", va="center", transform=ax.transAxes,
+                    fontsize=9, color="0.4")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     base = [r["mean"] for r in rows if r["metric"] == "avg" and r["step"] == 0]
