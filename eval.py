@@ -289,6 +289,7 @@ def evaluate_steps(run_dir, cfg, samples, questions, temperature, k, model, toke
     if len(checkpoint_steps(run_dir)) == 1 and rank == 0:
         print(f"{run_dir} has no checkpoints yet: step 0 (the base model) only")
     key = base_key(cfg, model_path, test_path, setting)
+    exact = selfdistill.exact_answers(cfg)  # the toy's exact integer check, decided once
     if world > 1:  # other processes draw other random numbers: a different step 0 from one process's
         key["processes"] = world
     for step, checkpoint in sorted(todo.items()):
@@ -310,8 +311,7 @@ def evaluate_steps(run_dir, cfg, samples, questions, temperature, k, model, toke
                                                   n, temperature, f"step {step}"))  # every question, in order
         if rank > 0:
             continue
-        row = {"step": step, **setting, **summarize([question_scores(*s[:5], k, selfdistill.exact_answers(cfg))
-                                                     for s in scored])}
+        row = {"step": step, **setting, **summarize([question_scores(*s[:5], k, exact) for s in scored])}
         if world > 1:
             row["processes"] = world
         if cfg.model == "toy":
