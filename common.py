@@ -224,8 +224,6 @@ def check_consistency(cfg):
         raise UserError("config key 'top_p' must lie in (0, 1] (1 = off)")
     if cfg.support == "topk" and cfg.topk < 1:
         raise UserError("config key 'topk' must be at least 1 with support=topk")
-    if cfg.model != "toy" and (cfg.toy_order, cfg.toy_phrasing) != ("grouped", "other"):
-        raise UserError("config keys 'toy_order' and 'toy_phrasing' apply to model=toy only")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
         raise UserError(f"config key 'device' must be auto, cpu, mps, cuda or cuda:N, got '{cfg.device}'")
     G = cfg.samples_per_question

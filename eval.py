@@ -37,7 +37,7 @@ FIG.csv, the figure's numbers.
 
 Commands:
     python eval.py runs/critique-s0 [--samples 12] [--questions 30] [--temperature 1.1] [--k 12]
-    python eval.py --compare runs/grpo-s* runs/critique-s* [--markdown] [--ci] [--per-step]
+    python eval.py --compare runs/grpo-s* runs/critique-s* [--markdown] [--ci] [--per-step] [--reach 50]
     python eval.py --plot runs/grpo-s* runs/critique-s* [--out analysis/training.png] [--x rollouts]
     python eval.py --analyze runs/critique-s0 [--step 40] [--rollouts 8] [--out DIR]
     python eval.py --analyze toy                        # the toy base model, no run needed
@@ -266,27 +266,43 @@ def evaluate_run(run_dir, samples=None, questions=None, temperature=None, k=None
     rank, _ = common.init_ranks(device)
     lock = common.RunLock(run_dir, "evaluating") if rank == 0 else None
     try:
-        return evaluate_steps(run_dir, cfg, samples, questions, temperature, k, model, tokenizer, device)
+        rows = evaluate_steps(run_dir, cfg, samples, questions, temperature, k, model, tokenizer, device)
+        if toy.transfer_path(cfg):  # the toy world's transfer probe: step 0 and the last checkpoint
+            evaluate_steps(run_dir, cfg, samples, questions, temperature, k, model, tokenizer, device,
+                           split="transfer")
+        return rows
     finally:
         if lock:
             lock.release()
 
 
-def evaluate_steps(run_dir, cfg, samples, questions, temperature, k, model, tokenizer, device):
+def in_split(row, split="test"):
+    """Rows of the test set carry no `split`; the toy world's transfer probe's say "transfer"."""
+    return row.get("split", "test") == split
+
+
+def evaluate_steps(run_dir, cfg, samples, questions, temperature, k, model, tokenizer, device, split="test"):
+    """split="transfer": the toy world's transfer split (toy.build_transfer), at step 0 and the
+    last checkpoint only: whether an arm learned to repair facts it never trained on."""
     n = samples or cfg.eval_samples
     k = k or n
     if not 1 <= k <= n:
         raise UserError(f"k = {k} must lie in 1..samples ({n})")
     temperature = temperature or cfg.temperature
     model_path, _, test_path = toy.resolve_paths(cfg)
+    test_path = test_path if split == "test" else toy.transfer_path(cfg)
     records = common.load_jsonl(test_path, normalize=critic.normalize_answer)
     records = records[:questions or cfg.eval_questions or len(records)]
     setting = {"n": n, "k": k, "questions": len(records), "temperature": temperature}
     path = os.path.join(run_dir, "eval.jsonl")
-    done = {row["step"] for row in read_jsonl(path) if all(row.get(f) == v for f, v in setting.items())}
+    done = {row["step"] for row in read_jsonl(path)
+            if in_split(row, split) and all(row.get(f) == v for f, v in setting.items())}
     rank, world = common.init_ranks(device)
-    todo = common.from_rank0({s: c for s, c in checkpoint_steps(run_dir).items() if s not in done})
-    if len(checkpoint_steps(run_dir)) == 1 and rank == 0:
+    steps = checkpoint_steps(run_dir)
+    if split != "test":
+        steps = {s: steps[s] for s in {0, max(steps)}}
+    todo = common.from_rank0({s: c for s, c in steps.items() if s not in done})
+    if len(steps) == 1 and rank == 0 and split == "test":
         print(f"{run_dir} has no checkpoints yet: step 0 (the base model) only")
     key = base_key(cfg, model_path, test_path, setting)
     exact = selfdistill.exact_answers(cfg)  # the toy's exact integer check, decided once
@@ -312,26 +328,28 @@ def evaluate_steps(run_dir, cfg, samples, questions, temperature, k, model, toke
         if rank > 0:
             continue
         row = {"step": step, **setting, **summarize([question_scores(*s[:5], k, exact) for s in scored])}
+        if split != "test":
+            row["split"] = split
         if world > 1:
             row["processes"] = world
-        if cfg.model == "toy":
+        if toy.is_world_model(cfg.model):
             row["toy"] = toy_instruments(scored)
         if step == 0:
             row["base_key"] = key
         common.append_jsonl(path, row)
     common.barrier()  # every row written before any process reads them
-    rows = sorted((r for r in read_jsonl(path) if all(r.get(f) == v for f, v in setting.items())),
+    rows = sorted((r for r in read_jsonl(path) if in_split(r, split) and all(r.get(f) == v for f, v in setting.items())),
                   key=lambda r: r["step"])
     if rank == 0:
-        print_summary(rows, run_dir)
+        print_summary(rows, run_dir, "" if split == "test" else f" ({split} split)")
     return rows
 
 
-def print_summary(rows, run_dir):
+def print_summary(rows, run_dir, what=""):
     if not rows:
         return
     k = rows[0]["k"]
-    print(f"{run_dir}: {rows[0]['questions']} questions × {rows[0]['n']} samples, T = "
+    print(f"{run_dir}{what}: {rows[0]['questions']} questions × {rows[0]['n']} samples, T = "
           f"{rows[0]['temperature']}, 95% bootstrap CI over questions")
     print(f"{'step':>6} | {f'Avg@{k}':^20} | {f'Pass@{k}':^20} | {f'Maj@{k}':^20} | {'len':>6} | unparsed")
     for r in rows:
@@ -352,7 +370,8 @@ def load_compared_run(run_dir):
     """(config dict, {step: row}) using the latest evaluation setting of the run."""
     load_run_config(run_dir)  # the same checks and errors as evaluation
     config = common.read_yaml_config(os.path.join(run_dir, "config.yaml"))
-    rows = read_jsonl(os.path.join(run_dir, "eval.jsonl"))
+    every = read_jsonl(os.path.join(run_dir, "eval.jsonl"))
+    rows = [r for r in every if in_split(r)]
     if not rows:
         raise UserError(f"{run_dir} has no eval.jsonl yet; run: python eval.py {run_dir}")
     setting = {f: rows[-1][f] for f in EVAL_SETTING}
@@ -360,6 +379,12 @@ def load_compared_run(run_dir):
 
 
 EVAL_SETTING = ("n", "k", "questions", "temperature")  # runs compared must share these
+
+
+def transfer_rows(run_dir, setting):
+    """{step: row} of the toy world's transfer split evaluated with the test rows' n, k and T."""
+    return {r["step"]: r for r in read_jsonl(os.path.join(run_dir, "eval.jsonl")) if in_split(r, "transfer")
+            and all(r.get(f) == setting[f] for f in EVAL_SETTING if f != "questions")}
 
 
 def non_default(config):
@@ -405,16 +430,6 @@ def pool_arm(runs):
     return out
 
 
-def equal_rollouts(arms):
-    """Sets each arm's avg "equal": Avg@k at the evaluated step whose rollouts (steps × questions
-    per step × G) come closest to the smallest final budget of any arm (ties: the earlier step).
-    GRPO's G = 8 samples 8× more per step than the self-distillation arms."""
-    budget = min(max(a["avg_by_step"]) * a["rollouts_per_step"] for a in arms)
-    for a in arms:
-        step = min(a["avg_by_step"], key=lambda s: (abs(s * a["rollouts_per_step"] - budget), s))
-        a["avg"]["equal"] = {**a["avg_by_step"][step], "budget": budget}
-
-
 def group_runs(run_dirs):
     """Runs equal up to SAME_ARM_IGNORES are the seeds of one arm: ([(label, [(run_dir, config,
     {step: eval row})])], the non-default settings all arms share). --compare and --plot group alike."""
@@ -439,19 +454,108 @@ def group_runs(run_dirs):
     return list(zip(labels, arms.values())), shared
 
 
+def teacher_ceiling(config):
+    """The toy world's measured accuracy of the base teacher with this arm's context (build.json's
+    `ceilings`, toy.follow_rates): with a fixed base teacher the student at best becomes it. None
+    for GRPO, a moving teacher, a dial setting not measured, or a model that is no toy world."""
+    root = toy.world_root(config.get("model", ""))
+    dial = (config.get("toy_order"), config.get("toy_phrasing"))
+    key = {("grouped", "other"): config["arm"], ("chain", "same"): "reference_aligned"}.get(dial)
+    if not root or config["arm"] == "grpo" or config.get("teacher") != "base" or key is None:
+        return None
+    if config["arm"] != "reference" and dial != ("grouped", "other"):
+        return None
+    try:
+        with open(os.path.join(root, "build.json")) as f:
+            value = json.load(f).get("ceilings", {}).get(key)
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def pool_transfer(members):
+    """The transfer split's Avg@k at step 0 and at each seed's last step, mean ± std over seeds
+    (one seed: its CI); None unless every seed evaluated both."""
+    per_seed = [transfer_rows(run_dir, next(iter(rows.values()))) for run_dir, _, rows in members]
+    if not all(0 in t and max(t) > 0 for t in per_seed):
+        return None
+
+    def at(values, rows):
+        return {"value": statistics.fmean(values), "step": max(r["step"] for r in rows),
+                "spread": statistics.stdev(values) if len(values) > 1 else rows[0]["ci"]["avg"]}
+    finals = [t[max(t)] for t in per_seed]
+    return {"base": at([t[0]["avg"] for t in per_seed], [t[0] for t in per_seed]),
+            "final": at([r["avg"] for r in finals], finals), "questions": finals[0]["questions"]}
+
+
 def compare_runs(run_dirs):
     """Arms (runs equal up to SAME_ARM_IGNORES), each pooled: a list of dicts, plus common notes."""
     groups, shared = group_runs(run_dirs)
     result = []
     for label, members in groups:
         runs = [(config, rows) for _, config, rows in members]
+        config = runs[0][0]
         k = next(iter(runs[0][1].values()))["k"]
         result.append({"label": label, "seeds": sorted(c["seed"] for c, _ in runs), "k": k,
-                       "rollouts_per_step": runs[0][0]["batch_size"] * runs[0][0]["samples_per_question"],
+                       "questions_per_step": config["batch_size"],
+                       "rollouts_per_step": config["batch_size"] * config["samples_per_question"],
+                       "ceiling": teacher_ceiling(config), "transfer": pool_transfer(members),
                        **pool_arm(runs)})
-    if len({a["rollouts_per_step"] for a in result}) > 1:
-        equal_rollouts(result)
     return result, shared
+
+
+def at_budget(arm, budget, per_step):
+    """The arm's Avg@k (seed mean) at the evaluated step whose budget (step × per_step) is closest
+    to `budget` (ties: the earlier step), or None when its last step falls short of it by more
+    than half a step."""
+    steps = arm["avg_by_step"]
+    if max(steps) * per_step < budget - per_step / 2:
+        return None
+    return steps[min(steps, key=lambda s: (abs(s * per_step - budget), s))]
+
+
+def rollouts_to_reach(arm, score):
+    """Rollouts drawn by the first evaluated step whose seed-mean Avg@k reaches `score`, or None."""
+    step = next((s for s in sorted(arm["avg_by_step"]) if s and arm["avg_by_step"][s]["value"] >= score), None)
+    return None if step is None else step * arm["rollouts_per_step"]
+
+
+def budget_table(arms, markdown=False, reach=0.5):
+    """Both axes of the comparison: each arm at equal questions (the largest number of questions any
+    arm saw: the paper's budget) and at equal rollouts (the smallest number any arm drew), with the
+    rollouts it needed to reach `reach` Avg@k. Arms that never reach a budget show a dash."""
+    k = arms[0]["k"]
+    finals = {a["label"]: a["avg"]["final"]["step"] for a in arms}
+    Q = max(finals[a["label"]] * a["questions_per_step"] for a in arms)
+    R = min(finals[a["label"]] * a["rollouts_per_step"] for a in arms)
+    cell = lambda entry, a: "—" if entry is None else format_cell(entry, len(a["seeds"]), 100, markdown, step=True)
+    header = ["arm", "questions/step", "rollouts/step", "questions", "rollouts", f"Avg@{k} final",
+              f"Avg@{k} at {Q} questions", f"Avg@{k} at {R} rollouts", f"rollouts to Avg@{k} ≥ {100 * reach:g}"]
+    body = [[a["label"], str(a["questions_per_step"]), str(a["rollouts_per_step"]),
+             str(finals[a["label"]] * a["questions_per_step"]), str(finals[a["label"]] * a["rollouts_per_step"]),
+             cell(a["avg"]["final"], a), cell(at_budget(a, Q, a["questions_per_step"]), a),
+             cell(at_budget(a, R, a["rollouts_per_step"]), a),
+             "—" if (n := rollouts_to_reach(a, reach)) is None else str(n)] for a in arms]
+    note = ("Budgets: questions seen and rollouts drawn (step × questions per step × G), Avg@k in % ± std "
+            "over seeds; each arm at the evaluated step (in parentheses) closest to the budget, a dash where "
+            "it never got there:")
+    return ["", *([note] if markdown else textwrap.wrap(note, WIDTH)), ""] + table_lines(header, body, markdown)
+
+
+def transfer_table(arms, markdown=False):
+    """The toy world's transfer probe: Avg@k on problems whose faulty facts lie on no train chain."""
+    arms = [a for a in arms if a.get("transfer")]
+    if not arms:
+        return []
+    k = arms[0]["k"]
+    body = [[a["label"], format_cell(a["transfer"]["base"], len(a["seeds"]), 100, markdown),
+             format_cell(a["transfer"]["final"], len(a["seeds"]), 100, markdown, step=True),
+             format_cell(a["avg"]["final"], len(a["seeds"]), 100, markdown, step=True)] for a in arms]
+    note = (f"Transfer probe ({arms[0]['transfer']['questions']} problems none of whose faulty facts lies on "
+            f"a train chain): Avg@{k} in %, base and final, beside the test set's final:")
+    return ["", *([note] if markdown else textwrap.wrap(note, WIDTH)), ""] + \
+        table_lines(["arm", f"transfer Avg@{k} base", f"transfer Avg@{k} final (step)", f"test Avg@{k} final (step)"],
+                    body, markdown)
 
 
 def format_cell(entry, seeds, scale=100, markdown=False, step=False):
@@ -488,16 +592,17 @@ def base_rows(arms):
     return out
 
 
-def comparison_table(arms, shared, markdown=False, ci=False):
-    """The final checkpoint of each arm (and the base), the best checkpoint in a second table,
-    with --ci each run's 95% bootstrap intervals in a third; plain text fits WIDTH columns."""
+def comparison_table(arms, shared, markdown=False, ci=False, reach=0.5):
+    """The final checkpoint of each arm (and the base; on a toy world each self-distillation arm's
+    teacher ceiling beside it), the best checkpoint in a second table, with --ci each run's 95%
+    bootstrap intervals in a third; when the arms' budgets differ, both axes (budget_table); the
+    toy world's transfer probe and attribution. Plain text fits WIDTH columns."""
     k = arms[0]["k"]
-    # arms that sample more per step (GRPO) also get a column at the others' rollout budget
-    budget = arms[0]["avg"]["equal"]["budget"] if "equal" in arms[0]["avg"] else None
+    ceilings = any(a["ceiling"] is not None for a in arms)  # a toy world's teacher, beside its students
     header = ["arm", "seeds", "step", f"Pass@{k}", f"Maj@{k}", f"Avg@{k}", "len", "unparsed"]
-    header += [f"Avg@{k} ≈{budget}"] if budget is not None else []
+    header += ["teacher ceiling"] if ceilings else []
     body = []
-    equal = [""] if budget is not None else []  # the base has no rollouts
+    equal = [""] if ceilings else []  # the base has no teacher
     for base in base_rows(arms):
         body.append([base["label"], str(base["n"]), "0"] + [format_cell(base[m], base["n"], 100, markdown)
                                                             for m in ("pass", "maj", "avg")]
@@ -509,7 +614,7 @@ def comparison_table(arms, shared, markdown=False, ci=False):
                     + [format_cell(a[m]["final"], seeds, 100, markdown) for m in ("pass", "maj", "avg")]
                     + [format_cell(a["length"]["final"], seeds, 1, markdown),
                        format_cell(a["unparseable"]["final"], seeds, 100, markdown)]
-                    + ([format_cell(a["avg"]["equal"], seeds, 100, markdown, step=True)] if equal else []))
+                    + ([f"{100 * a['ceiling']:.1f}" if a["ceiling"] is not None else "—"] if ceilings else []))
     lines = ["Final checkpoint (step), in % (len: tokens); ± = std over seeds:", ""]
     lines += table_lines(header, body, markdown)
     best_header = ["arm"] + [f"{name}@{k} best" for _, name in TABLE_METRICS] + ["len at best Avg"]
@@ -530,15 +635,17 @@ def comparison_table(arms, shared, markdown=False, ci=False):
         notes.append("One seed: no ± (add --ci for each run's bootstrap interval over questions).")
     if shared:
         notes.append("All arms: " + ", ".join(f"{k}={v}" for k, v in shared.items()))
-    if budget is not None:
-        notes.append("Rollouts per step differ between arms (questions × G: " + ", ".join(
-            f"{a['label']} {a['rollouts_per_step']}" for a in arms) + f"); 'Avg@{k} ≈{budget}' is each "
-            f"arm at the evaluated step (in parentheses) closest to {budget} rollouts, the smallest final budget.")
+    if ceilings:
+        notes.append("Teacher ceiling: the base teacher's accuracy with the arm's own context on the base's "
+                     "wrong attempts (a reference: on the questions), measured when the toy world was built "
+                     "(build.json 'ceilings'); with a fixed base teacher the student at best becomes it.")
     if len({a["k"] for a in arms}) > 1:
         notes.append("WARNING: the runs were evaluated with different k")
     if not markdown:  # prose wraps too, so the whole output fits WIDTH
         notes = [textwrap.fill(note, WIDTH) for note in notes]
-    return "\n".join(lines + notes + toy_table(arms, markdown))
+    budgets = len({(a["questions_per_step"], a["rollouts_per_step"]) for a in arms}) > 1
+    more = (budget_table(arms, markdown, reach) if budgets else []) + transfer_table(arms, markdown)
+    return "\n".join(lines + notes + more + toy_table(arms, markdown))
 
 
 def per_step_table(arms, markdown=False):
@@ -653,6 +760,10 @@ def plot_rows(run_dirs):
             for step, mean, std, low, high, n in seed_stats(per_seed):
                 rows.append({"arm": label, "metric": metric, "step": step, "rollouts": step * rate,
                              "mean": mean, "std": std, "min": low, "max": high, "seeds": n})
+        ceiling = teacher_ceiling(config)  # a toy world's teacher with this arm's context
+        if ceiling is not None:
+            rows.append({"arm": label, "metric": "ceiling", "step": 0, "rollouts": 0, "mean": ceiling,
+                         "std": 0.0, "min": ceiling, "max": ceiling, "seeds": len(members)})
     return rows, setting
 
 
@@ -671,6 +782,7 @@ def plot_training(run_dirs, out, x="step"):
     if plt is None:
         print(f"wrote {csv_path}; for the PNG: pip install {MATPLOTLIB}")
         return [csv_path]
+    from matplotlib.ticker import MaxNLocator
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     colours = {arm: plt.get_cmap("tab10")(i % 10) for i, arm in enumerate(arms)}
     fig = plt.figure(figsize=(11, 7.5))
@@ -687,7 +799,8 @@ def plot_training(run_dirs, out, x="step"):
                 continue  # e.g. GRPO logs no KL
             xs = [p[x] for p in points]
             seeds = max(p["seeds"] for p in points)
-            ax.plot(xs, [scale * p["mean"] for p in points], color=colours[arm], label=f"{arm} ({seeds} seeds)",
+            ax.plot(xs, [scale * p["mean"] for p in points], color=colours[arm],
+                    label=f"{arm} ({seeds} seed{'s' if seeds != 1 else ''})",
                     marker="o" if metric == "avg" else None, markersize=4, linewidth=1.5 if metric == "avg" else 1)
             if seeds > 1:
                 ax.fill_between(xs, [scale * p["min"] for p in points], [scale * p["max"] for p in points],
@@ -697,12 +810,18 @@ def plot_training(run_dirs, out, x="step"):
                     fontsize=9, color="0.4")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and rollouts are counts
+    for r in (r for r in rows if r["metric"] == "ceiling"):  # dotted, in the arm's colour
+        top.axhline(100 * r["mean"], color=colours[r["arm"]], linestyle=":", linewidth=1.2,
+                    label=f"teacher ceiling of {r['arm']} ({100 * r['mean']:.1f})")
     base = [r["mean"] for r in rows if r["metric"] == "avg" and r["step"] == 0]
     if base:
         top.axhline(100 * statistics.fmean(base), color="0.4", linestyle="--", linewidth=1,
                     label=f"base, step 0 ({100 * statistics.fmean(base):.1f})")
     handles, labels = top.get_legend_handles_labels()  # under the figure: never over a curve
-    fig.legend(handles, labels, title="line: mean over seeds; band: min–max over seeds", fontsize=8,
+    fig.legend(handles, labels, title="line: mean over seeds; band: min–max over seeds; dotted: the arm's "
+               "teacher with its context (build.json)" if any(r["metric"] == "ceiling" for r in rows) else
+               "line: mean over seeds; band: min–max over seeds", fontsize=8,
                title_fontsize=8, loc="lower center", ncol=3)
     rates = {r["arm"]: r["rollouts"] // r["step"] for r in rows if r["step"]}
     label = "training step" if x == "step" else "rollouts (steps × questions per step × G)"
@@ -1201,6 +1320,8 @@ def main(argv=None):
     parser.add_argument("--ci", action="store_true", help="--compare: add each run's 95%% bootstrap CIs")
     parser.add_argument("--plot", action="store_true", help="figure of the runs: Avg@k over training per "
                         "arm, train reward, KL and length (PNG with matplotlib; always a CSV)")
+    parser.add_argument("--reach", type=float, default=50.0, help="--compare: the Avg@k (%%) whose "
+                        "rollouts-to-reach the budget table shows (default %(default)s)")
     parser.add_argument("--x", choices=("step", "rollouts"), default="step", help="--plot: x axis")
     parser.add_argument("--analyze", action="store_true", help="per-token advantage analysis")
     parser.add_argument("--prepare", action="store_true", help="convert + filter OpenMathReasoning "
@@ -1226,10 +1347,13 @@ def main(argv=None):
             raise UserError("--temperature must be positive (evaluation samples)")
         if (args.per_step or args.ci) and not args.compare:
             raise UserError("--per-step and --ci go with --compare")
+        if not 0 < args.reach <= 100:
+            raise UserError(f"--reach must be a score in (0, 100] (%), got {args.reach}")
         if args.compare and args.per_step:
             print(per_step_table(compare_runs(args.paths)[0], markdown=args.markdown))
         elif args.compare:
-            print(comparison_table(*compare_runs(args.paths), markdown=args.markdown, ci=args.ci))
+            print(comparison_table(*compare_runs(args.paths), markdown=args.markdown, ci=args.ci,
+                                   reach=args.reach / 100))
         elif args.plot:
             plot_training(args.paths, args.out or os.path.join("analysis", "training.png"), args.x)
         elif args.prepare:

@@ -172,7 +172,7 @@ def resolve(cfg):
     if not cfg.run:
         cfg.run = f"{cfg.arm}-s{cfg.seed}"
     if toy_model:  # model=toy, or a built world's model folder: that world's build.json
-        budget = toy.budget(None if cfg.model == "toy" else os.path.dirname(os.path.abspath(cfg.model)))
+        budget = toy.budget(toy.world_root(cfg.model))
         if cfg.max_new_tokens == 0:
             cfg.max_new_tokens = budget
         elif cfg.max_new_tokens != budget:
@@ -180,6 +180,8 @@ def resolve(cfg):
                   f"{budget} (build.json), which its difficulty filter used", file=sys.stderr)
     elif cfg.max_new_tokens == 0:
         cfg.max_new_tokens = 512
+    if not toy_model and (cfg.toy_order, cfg.toy_phrasing) != ("grouped", "other"):
+        raise UserError("config keys 'toy_order' and 'toy_phrasing' apply to toy-world models only")
     common.check_consistency(cfg)
     return cfg
 
@@ -409,7 +411,7 @@ def teacher_weights(model, teacher, ema):
 
 def toy_dial(cfg):
     """True when the toy world's references are rebuilt with non-default alignment knobs."""
-    return cfg.model == "toy" and (cfg.toy_order, cfg.toy_phrasing) != ("grouped", "other")
+    return toy.is_world_model(cfg.model) and (cfg.toy_order, cfg.toy_phrasing) != ("grouped", "other")
 
 
 def teacher_context(cfg, record):

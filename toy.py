@@ -52,6 +52,7 @@ Choices built into the base model (they shape the comparison; say so next to any
 import argparse
 import itertools
 import json
+import math
 import os
 import random
 import re
@@ -59,13 +60,14 @@ import shutil
 import sys
 import time
 from collections import Counter
+import dataclasses
 from dataclasses import asdict, dataclass
 
 import torch
 
 import common
 import critic
-from contexts import (ANSWER_TAG as ANSWER, build_rows, parse_steps, render_steps,
+from contexts import (ANSWER_TAG as ANSWER, build_rows, critique_form, parse_steps, render_steps,
                       student_prompt_ids, teacher_prompt_ids)
 
 # ---------------------------------------------------------------------------------------------
@@ -108,18 +110,21 @@ def chain_steps(question):
     return steps
 
 
-def generate_problems(n, seed):
-    """n distinct problems, deterministic per seed; `solution` is the default reference."""
-    rng, seen, problems = random.Random(seed), set(), []
-    while len(problems) < n:
+def iter_problems(seed):
+    """Distinct problems, one after another, deterministic per seed; `solution` is the default
+    reference."""
+    rng, seen = random.Random(seed), set()
+    while True:
         question = random_question(rng)
         if question in seen:
             continue
         seen.add(question)
-        problems.append({"id": f"toy-{seed}-{len(problems):05d}", "question": question,
-                         "answer": str(chain_steps(question)[-1][3]),
-                         "solution": reference_solution(question)})
-    return problems
+        yield {"id": f"toy-{seed}-{len(seen) - 1:05d}", "question": question,
+               "answer": str(chain_steps(question)[-1][3]), "solution": reference_solution(question)}
+
+
+def generate_problems(n, seed):
+    return list(itertools.islice(iter_problems(seed), n))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,17 +182,19 @@ def restyle_step(text):
 
 
 def is_world_model(model):
-    """True for model=toy and for the model folder of any built toy world (build.json beside it)."""
-    return model == "toy" or os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(model)), "build.json"))
+    """True for a named world (model=toy, model=toy-v2) and for any built world's folder or its
+    model/ folder (build.json in the folder or beside it)."""
+    return world_root(model) is not None
 
 
 def budget(root=None):
     """The toy world's one length budget: build.json's max_new_tokens (the default if unbuilt)."""
+    root = root or WORLD
     try:
-        with open(os.path.join(root or WORLD, "build.json")) as f:
+        with open(os.path.join(root, "build.json")) as f:
             return json.load(f)["settings"]["max_new_tokens"]
-    except (OSError, ValueError, KeyError):
-        return BuildSettings().max_new_tokens
+    except (OSError, ValueError, KeyError, TypeError):
+        return (named_settings(root) or BuildSettings()).max_new_tokens
 
 
 def solve(question, style):
@@ -375,12 +382,13 @@ class BuildSettings:
                                   # (plain 32 %, flipped 14 %), so GRPO could win by choosing a
                                   # style. One style leaves arithmetic the only lever.
     faulty_share: float = 0.3     # ASSUMPTION: the solver's misconceptions. This share of the step
-    fault_rate: float = 0.8       # facts (a, op, b) has one wrong result, which the solver's own
-                                  # traces write at this rate (faulty_facts). Without them one style
-                                  # made the 1 M solver 98 % right (four v2 styles: 78 %), far above
-                                  # the filter's regime (v1's errors came from its styles
-                                  # interfering). Random slips instead (25 % per step, tried) were
-                                  # unlearned by every arm in 5 steps: noise, not knowledge.
+    fault_rate: float = 1.0       # facts (a, op, b) has one wrong result, which the solver's own
+                                  # traces write at this rate (faulty_facts). 1.0 (v3): it fails
+                                  # them systematically, the paper's regime, where its own samples
+                                  # rarely hold the fix; v2's 0.8 wrote them right a fifth of the
+                                  # time, which GRPO's reward found (the toy-v2 world). Without
+                                  # misconceptions one style made the 1 M solver 98 % right; random
+                                  # slips instead were unlearned by every arm in 5 steps: noise.
     recovery: float = 0.3         # ASSUMPTION: share of critique examples whose response departs
                                   # from the critique at one step (a wrong result, no loss on it)
                                   # and continues correctly from its own state; 0 = v1's teacher,
@@ -391,12 +399,45 @@ class BuildSettings:
                                   # filter keeps long chains, where copying a critique is hardest
     n_train: int = 320
     n_test: int = 200
+    n_transfer: int = 200         # the transfer split: filtered problems none of whose faulty facts
+                                  # lies on any train question's chain (build_transfer)
     samples: int = 16             # samples per problem for the difficulty filter (Avg@16)
     max_correct: int = 4          # keep problems with at most this many correct (Avg@16 < 5/16)
     max_new_tokens: int = 64      # THE length budget: filter, training and evaluation all use it
                                   # (v1 filtered at 96 but trained at 64, cutting its "words"
                                   # traces); a 4-step plain trace is about 46 tokens
     score_batch: int = 1024       # rows per generate() call when scoring
+
+
+def check_settings(settings):
+    """A one-line UserError for the first setting out of its range, before a build starts (a NaN
+    or a share above 1 would otherwise cost a 6-minute build and give a world of nonsense)."""
+    s, finite = settings, lambda x: isinstance(x, (int, float)) and math.isfinite(x)
+    shares = ("decay", "faulty_share", "fault_rate", "recovery", "copy_prob")
+    for name in ("lr", *shares):
+        if not finite(getattr(s, name)):
+            raise common.UserError(f"build setting {name} must be a finite number, got {getattr(s, name)}")
+    rules = [
+        ("seed", s.seed >= 0, "must be >= 0"), ("steps", s.steps >= 1, "must be >= 1"),
+        ("batch_size", s.batch_size >= 1, "must be >= 1"), ("lr", 0 < s.lr <= 1, "must lie in (0, 1]"),
+        ("warmup", s.warmup >= 1, "must be >= 1 (steps of linear warm-up)"),
+        ("decay", 0 < s.decay <= 1, "must lie in (0, 1] (the share of steps whose lr decays)"),
+        *[(name, 0 <= getattr(s, name) <= 1, "must lie in [0, 1]") for name in shares[1:]],
+        ("mix", len(s.mix) == 3 and all(finite(x) and x >= 0 for x in s.mix) and sum(s.mix) > 0,
+         "must be three shares >= 0 (plain, critique, reference), not all 0"),
+        ("styles", len(s.styles) > 0 and set(s.styles) <= set(STYLES), f"must name some of {','.join(STYLES)}"),
+        ("critique_min_ops", MIN_OPS <= s.critique_min_ops <= MAX_OPS, f"must lie in {MIN_OPS}..{MAX_OPS}"),
+        ("n_train", s.n_train >= 1, "must be >= 1"), ("n_test", s.n_test >= 1, "must be >= 1"),
+        ("n_transfer", s.n_transfer >= 0, "must be >= 0 (0 = no transfer split)"),
+        ("samples", s.samples >= 1, "must be >= 1"),
+        ("max_correct", 0 <= s.max_correct <= s.samples, f"must lie in 0..samples ({s.samples})"),
+        ("max_new_tokens", 1 <= s.max_new_tokens <= 512, "must lie in 1..512 (a 4-step trace is ~46 tokens)"),
+        ("score_batch", s.score_batch >= s.samples, f"must be >= samples ({s.samples})"),
+    ]
+    for name, ok, rule in rules:
+        if not ok:
+            raise common.UserError(f"build setting {name}={getattr(s, name)!r} {rule}")
+    return settings
 
 
 # ---------------------------------------------------------------------------------------------
@@ -692,6 +733,7 @@ def build_data(model, tok, settings, progress=True):
     need = settings.n_train + settings.n_test
     per_call = max(1, min(settings.score_batch // settings.samples, need))  # problems per call
     pool = generate_problems(40 * need + per_call, settings.seed + 1)
+    faults, fact_writes = faulty_facts(settings.seed, settings.faulty_share), Counter()
     kept, records, styles, hits = [], [], Counter(), Counter()  # records: (operations, share correct)
     bar = tqdm(total=need, desc="filter", disable=not progress or not common.progress_bars())
     while len(kept) < need:
@@ -704,6 +746,7 @@ def build_data(model, tok, settings, progress=True):
             for t, ok in zip(texts, flags):
                 styles[response_style(t)] += 1
                 hits[response_style(t)] += ok
+                fact_writes.update(faulty_fact_writes(t, faults))
             if sum(flags) <= settings.max_correct and len(kept) < need:
                 kept.append((problem, texts))
                 bar.update(1)
@@ -713,6 +756,10 @@ def build_data(model, tok, settings, progress=True):
     stats = {"scored": len(records), "kept": len(kept),
              "plain_avg": sum(share for _, share in records) / len(records),
              "plain_avg_by_ops": {str(n): sum(v) / len(v) for n, v in by_ops.items()},
+             "kept_at_zero": sum(not any(is_correct(t, p["answer"]) for t in texts)
+                                 for p, texts in kept) / len(kept),
+             "right_on_faulty": fact_writes["right"] / max(1, sum(fact_writes.values())),
+             "faulty_writes": sum(fact_writes.values()),
              "kept_by_ops": dict(sorted(Counter(str(len(parse_question(p["question"])[1]))
                                                for p, _ in kept).items())),
              "style_mix": {k: v / sum(styles.values()) for k, v in styles.most_common()},
@@ -724,8 +771,50 @@ def build_data(model, tok, settings, progress=True):
     return [p for p, _ in kept[:settings.n_train]], [p for p, _ in kept[settings.n_train:]], stats
 
 
+def faulty_fact_writes(text, faults):
+    """Counter of "right" / "wrong" over the response's parsed steps at a faulty fact: how often the
+    solver writes a misconception right (the fix it could find in its own samples)."""
+    try:
+        steps = [parse_step(t) for t in parse_steps(text)[0]]
+    except ValueError:
+        return Counter()
+    return Counter("right" if st[3] == apply(*st[:3]) else "wrong" for st in steps
+                   if st and st[:3] in faults)
+
+
+def chain_facts(question):
+    return {step[:3] for step in chain_steps(question)}
+
+
+def build_transfer(model, tok, settings, train, taken):
+    """The transfer split: problems that pass the same difficulty filter, have a faulty fact, and
+    none of whose faulty facts lies on any train question's chain (nor are they train or test
+    questions, `taken`). An arm that improves here learned to repair, not the train set's facts."""
+    if not settings.n_transfer:
+        return [], {}
+    torch.manual_seed(settings.seed + 2)
+    faults = faulty_facts(settings.seed, settings.faulty_share)
+    seen_facts = set().union(*(chain_facts(p["question"]) for p in train)) & set(faults)
+    stream = itertools.islice(iter_problems(settings.seed + 2),
+                              100 * (settings.n_train + settings.n_test + settings.n_transfer))
+    candidates = (p for p in stream if p["question"] not in taken and chain_facts(p["question"]) & set(faults)
+                  and not chain_facts(p["question"]) & seen_facts)
+    kept, per_call = [], max(1, settings.score_batch // settings.samples)
+    while len(kept) < settings.n_transfer:
+        chunk = list(itertools.islice(candidates, per_call))
+        if not chunk:
+            raise RuntimeError(f"only {len(kept)} transfer problems passed the filter; lower --n-transfer")
+        for problem, texts in zip(chunk, score(model, tok, chunk, settings)):
+            if sum(is_correct(t, problem["answer"]) for t in texts) <= settings.max_correct:
+                kept.append({**problem, "id": problem["id"].replace("toy-", "transfer-", 1)})
+    return kept[:settings.n_transfer], {"faulty_facts": len(faults),
+                                        "transfer_faulty_facts": len(set(faults) - seen_facts)}
+
+
 def follow_rates(model, tok, scored, settings):
-    """Accuracy (T = 1) with a critique of the model's own wrong attempt, and with the reference."""
+    """Accuracy (T = 1) with a critique of the model's own wrong attempt, and with the reference;
+    `ceilings`: the same for every self-distillation arm's context (reference_aligned: the toy dial's
+    chain route in the solver's wording)."""
     wrong = [(p, t) for p, texts in scored
              for t in [next((t for t in texts if not is_correct(t, p["answer"])), None)] if t]
     critiques = [rule_critique(p["question"], t, p["answer"]) for p, t in wrong]
@@ -737,14 +826,31 @@ def follow_rates(model, tok, scored, settings):
     with_critique, with_reference = texts[:len(wrong)], texts[len(wrong):]
     problems = [p for p, _ in scored]
     mean = lambda flags: sum(flags) / max(1, len(flags))
+    # The other arms' contexts on the same wrong attempts, sampled after the two above (so adding
+    # them changed none of the earlier numbers): each self-distillation arm's ceiling, the teacher's
+    # accuracy with the arm's own context (the student at best becomes it).
+    contexts_of = {
+        "critique_quoting": [critique_form("critique_quoting", t, c) for (_, t), c in zip(wrong, critiques)],
+        "critique_no_prefix": [critique_form("critique_no_prefix", t, c, restyle_step)
+                               for (_, t), c in zip(wrong, critiques)],
+        "reference_aligned": [reference_solution(p["question"], "chain", "same") for p in problems]}
+    askers = {"critique_quoting": [p for p, _ in wrong], "critique_no_prefix": [p for p, _ in wrong],
+              "reference_aligned": problems}  # a critique answers a wrong attempt; a reference, the question
+    rows = [(arm, p, c) for arm, texts_ in contexts_of.items() for p, c in zip(askers[arm], texts_)]
+    more = sample(model, tok, [teacher_prompt_ids(tok, p["question"], c, arm.split("_")[0], prompts="toy",
+                                                  thinking=False) for arm, p, c in rows],
+                  settings.max_new_tokens, 1.0, settings.score_batch)
+    ceilings = {arm: mean([is_correct(t, p["answer"]) for t, (a, p, _) in zip(more, rows) if a == arm])
+                for arm in contexts_of}
+    critique_accuracy = mean([is_correct(t, p["answer"]) for t, (p, _) in zip(with_critique, wrong)])
+    reference_accuracy = mean([is_correct(t, p["answer"]) for t, p in zip(with_reference, problems)])
     return {"critique_n": len(wrong),
-            "critique_accuracy": mean([is_correct(t, p["answer"])
-                                       for t, (p, _) in zip(with_critique, wrong)]),
+            "critique_accuracy": critique_accuracy,
             "critique_exact_copy": mean([t == c for t, c in zip(with_critique, critiques)]),
-            "reference_accuracy": mean([is_correct(t, p["answer"])
-                                        for t, p in zip(with_reference, problems)]),
+            "reference_accuracy": reference_accuracy,
             "reference_exact_copy": mean([t == p["solution"]
-                                          for t, p in zip(with_reference, problems)])}
+                                          for t, p in zip(with_reference, problems)]),
+            "ceilings": {"critique": critique_accuracy, "reference": reference_accuracy, **ceilings}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -752,31 +858,89 @@ def follow_rates(model, tok, scored, settings):
 
 def paths(root):
     return {"model_dir": os.path.join(root, "model"), "train": os.path.join(root, "train.jsonl"),
-            "test": os.path.join(root, "test.jsonl")}
+            "test": os.path.join(root, "test.jsonl"), "transfer": os.path.join(root, "transfer.jsonl")}
 
 
-WORLD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_world")  # beside this file
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORLDS = {  # model=NAME: a folder beside this file, and the BuildSettings fields it changes
+    "toy": ("toy_world", {}),  # v3, the headline: the solver fails its faulty facts systematically
+    "toy-v2": ("toy_world_v2", {"fault_rate": 0.8}),  # the contrast: the fix is in its own samples
+}
+WORLD = os.path.join(HERE, WORLDS["toy"][0])
+
+
+def world_root(model):
+    """The folder of the toy world `model` names: a name of WORLDS, or a built world's folder or
+    its model/ folder; None for any other model."""
+    if model in WORLDS:
+        return os.path.join(HERE, WORLDS[model][0])
+    path = os.path.abspath(model)
+    return next((root for root in (path, os.path.dirname(path))
+                 if os.path.isfile(os.path.join(root, "build.json"))), None)
+
+
+def named_settings(root):
+    """The BuildSettings of the named world whose folder `root` is; None for any other folder."""
+    return next((BuildSettings(**changes) for folder, changes in WORLDS.values()
+                 if os.path.abspath(root) == os.path.join(HERE, folder)), None)
 
 
 def resolve_paths(cfg):
-    """A run's model folder and data files; "toy" and empty paths mean the toy world (built if needed)."""
+    """A run's model folder and data files. A toy world (named or a folder) gives its model and,
+    for empty train_file / test_file, its data; any other model without data files gets the
+    default world's data."""
+    root = world_root(cfg.model)
     model, train, test = cfg.model, cfg.train_file, cfg.test_file
-    if model == "toy" or not train or not test:
-        built = ensure_built()
-        model = built["model_dir"] if model == "toy" else model
+    if root or not train or not test:
+        built = ensure_built(root or WORLD)
+        model = built["model_dir"] if root else model
         train, test = train or built["train"], test or built["test"]
     return model, train, test
 
 
+def transfer_path(cfg):
+    """The toy world's transfer split (build_transfer) for a run on a toy world with the world's
+    own test set; None otherwise, or when the world has none (built before v3, or n_transfer=0)."""
+    root = world_root(cfg.model)
+    if not root or cfg.test_file:
+        return None
+    path = paths(root)["transfer"]
+    return path if os.path.isfile(path) and os.path.getsize(path) else None
+
+
+def settings_changes(saved, settings):
+    """The fields where a built world's settings (build.json) differ from `settings`."""
+    asked = json.loads(json.dumps(asdict(settings)))  # tuples as lists, as build.json holds them
+    return {k: (saved.get(k), v) for k, v in asked.items() if saved.get(k) != v}
+
+
 def ensure_built(root=WORLD, progress=True, force=False, settings=None, threads=2):
-    """{"model_dir", "train", "test"} under `root`; builds them first when the folder is
-    incomplete (no build.json) or `force` is set. `settings` overrides BuildSettings().
+    """{"model_dir", "train", "test", "transfer"} under `root`; builds them first when the folder
+    is incomplete (no build.json) or `force` is set. `settings`: BuildSettings (default: the named
+    world's, else BuildSettings()). A complete world built with other settings than asked (or than
+    its name stands for) is an error that says how to rebuild: never silently used instead.
 
     threads: torch threads for the build (at most the machine's cores). On our 2-core machine two
     threads built the world 1.7x faster than one, bit-identical to it. With another busy process
     on the same cores, one thread is faster (two spin-wait on each other)."""
     out = paths(root)
-    done = all(map(os.path.exists, [os.path.join(root, "build.json"), *out.values()]))
+    asked = settings or named_settings(root)
+    settings = check_settings(asked or BuildSettings())
+    done = all(map(os.path.exists, [os.path.join(root, "build.json"), out["model_dir"], out["train"], out["test"]]))
+    if done and not force and asked:
+        try:
+            with open(os.path.join(root, "build.json")) as f:
+                saved = json.load(f)["settings"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise common.UserError(f"{root}/build.json cannot be read ({type(e).__name__}); rebuild the "
+                                   f"world: python toy.py build --root {root} --force") from None
+        changes = settings_changes(saved if isinstance(saved, dict) else {}, settings)
+        if changes:
+            name = next((n for n, (folder, _) in WORLDS.items() if os.path.join(HERE, folder) == os.path.abspath(root)), None)
+            what = f"--world {name}" if name else f"--root {root}"
+            listed = ", ".join(f"{k}={old!r} (asked {new!r})" for k, (old, new) in changes.items())
+            raise common.UserError(f"the toy world in {root} was built with {listed}; rebuild it "
+                                   f"(python toy.py build {what} --force, same flags) or use another folder")
     if not done and progress:
         print(f"the toy world is missing or incomplete in {root}; building it now (about 10 minutes on "
               f"2 CPU cores; `python toy.py build` does the same)", file=sys.stderr)
@@ -785,7 +949,7 @@ def ensure_built(root=WORLD, progress=True, force=False, settings=None, threads=
         threads = min(threads, os.cpu_count() or 1)
         torch.set_num_threads(threads)
         try:
-            build(root, out, settings or BuildSettings(), progress, threads)
+            build(root, out, settings, progress, threads)
         finally:
             torch.set_num_threads(previous)
     return out
@@ -809,7 +973,9 @@ def build(root, out, settings, progress, threads):
 
     train, test, stats = build_data(model, tok, settings, progress)
     assert not {p["question"] for p in train} & {p["question"] for p in test}
-    for split, problems in [("train", train), ("test", test)]:
+    transfer, transfer_stats = build_transfer(model, tok, settings, train,
+                                              {p["question"] for p in train + test})
+    for split, problems in [("train", train), ("test", test), ("transfer", transfer)]:
         common.write_atomic(out[split], "".join(json.dumps(p) + "\n" for p in problems))
     info = {"settings": asdict(settings), "final_loss": round(final_loss, 4),
             "parameters": sum(p.numel() for p in model.parameters()),
@@ -817,7 +983,8 @@ def build(root, out, settings, progress, threads):
                         "data": round(time.time() - start - pretrain_s)},
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
             "threads": threads,
-            "n_train": len(train), "n_test": len(test), **stats}
+            "n_train": len(train), "n_test": len(test), "n_transfer": len(transfer), **stats,
+            **transfer_stats}
     common.write_atomic(os.path.join(root, "build.json"), json.dumps(info, indent=1))  # last: complete
 
 
@@ -852,19 +1019,51 @@ def probe(root=WORLD, samples=4, seed=0):
     return stats
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Build the toy world (base model + data), or probe a built one.")
+def command_line(argv=None):
+    """python toy.py build|probe [--world NAME | --root DIR] [--force] [--threads N] [--SETTING V ...]:
+    every BuildSettings field is a flag (--fault-rate 0.9; tuples as comma lists, --mix 0.5,0.3,0.2),
+    range-checked before a build starts and recorded in build.json."""
+    parser = argparse.ArgumentParser(description="Build a toy world (base model + data), or probe a built one.")
     parser.add_argument("command", choices=["build", "probe"])
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--world", choices=sorted(WORLDS), help="a named world (default toy; toy-v2 = the contrast)")
+    where.add_argument("--root", help="a folder of your own (any build settings)")
     parser.add_argument("--force", action="store_true", help="rebuild a complete folder too")
-    parser.add_argument("--root", default=WORLD)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (one when the cores are busy)")
-    parser.add_argument("--recovery", type=float, help="build: share of departing critique examples "
-                        "(default %(default)s = BuildSettings; 0 = the v1 teacher)")
-    args = parser.parse_args()
+    notes = common.field_help(BuildSettings)
+    for f in dataclasses.fields(BuildSettings):
+        convert = type(f.default)
+        if convert is tuple:
+            convert = lambda text, kind=type(f.default[0]): tuple(kind(x) for x in text.split(","))
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=convert, metavar="V",
+                            help=f"build setting (default {f.default}) {notes.get(f.name, '')}".strip())
+    args = parser.parse_args(argv)
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(BuildSettings)
+             if getattr(args, f.name) is not None}
+    root = os.path.join(HERE, WORLDS[args.world or "toy"][0]) if args.root is None else args.root
+    if not root.strip():
+        raise common.UserError("--root must name a folder")
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise common.UserError(f"--root {root} exists and is not a folder")
+    if args.threads < 1:
+        raise common.UserError(f"--threads must be >= 1, got {args.threads}")
     if args.command == "probe":
+        if flags:
+            raise common.UserError("build settings (" + ", ".join(flags) + ") apply to `build` only")
+        if not os.path.isfile(os.path.join(root, "build.json")):
+            raise common.UserError(f"no built toy world in {root}; build it first: python toy.py build")
         torch.set_num_threads(args.threads)
-        print(json.dumps(probe(args.root), indent=1))
-    else:
-        settings = BuildSettings(**({} if args.recovery is None else {"recovery": args.recovery}))
-        ensure_built(args.root, progress=True, force=args.force, settings=settings, threads=args.threads)
-        print(summary(args.root))
+        print(json.dumps(probe(root), indent=1))
+        return
+    named = named_settings(root)
+    settings = BuildSettings(**{**asdict(named or BuildSettings()), **flags}) if named or flags else None
+    if named and settings_changes(json.loads(json.dumps(asdict(named))), settings):
+        raise common.UserError(f"a named world's folder ({root}) holds its own settings; build other "
+                               f"settings into a folder of your own: --root DIR")
+    ensure_built(root, progress=True, force=args.force, settings=settings, threads=args.threads)
+    print(summary(root))
+
+
+if __name__ == "__main__":
+    with common.user_errors():
+        command_line()

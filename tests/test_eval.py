@@ -23,6 +23,7 @@ import common
 import contexts
 import eval as ev
 import selfdistill
+import toy
 from common import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -337,10 +338,13 @@ def test_compare_pools_seeds(tmp_path):
     assert reference["avg"]["best"]["spread"] == pytest.approx([0.1, 0.3])  # one seed: the CI
     table = ev.comparison_table(arms, shared, markdown=True)
     lines = table.splitlines()
-    assert lines[2] == "| arm | seeds | step | Pass@4 | Maj@4 | Avg@4 | len | unparsed |"
-    # the final checkpoint, mean ± std over seeds (one seed: the value; its CI is behind --ci)
-    assert "| critique | 2 | 30 | 60.0 ± 28.3 | 15.0 ± 7.1 | 30.0 ± 14.1 | 300.0 ± 0.0 | 0.0 ± 0.0 |" in lines
-    assert "| reference lr=0.001 | 1 | 20 | 20.0 | 5.0 | 10.0 | 200.0 | 0.0 |" in lines
+    assert lines[2] == "| arm | seeds | step | Pass@4 | Maj@4 | Avg@4 | len | unparsed | teacher ceiling |"
+    # the final checkpoint, mean ± std over seeds (one seed: the value; its CI is behind --ci),
+    # beside it the toy world's teacher with the arm's context (build.json)
+    ceilings = json.load(open(os.path.join(toy.WORLD, "build.json")))["ceilings"]
+    assert (f"| critique | 2 | 30 | 60.0 ± 28.3 | 15.0 ± 7.1 | 30.0 ± 14.1 | 300.0 ± 0.0 | 0.0 ± 0.0 | "
+            f"{100 * ceilings['critique']:.1f} |") in lines
+    assert f"| reference lr=0.001 | 1 | 20 | 20.0 | 5.0 | 10.0 | 200.0 | 0.0 | {100 * ceilings['reference']:.1f} |" in lines
     # the best checkpoint of the seed-mean curve, with its step
     assert "| critique | 100.0 ± 0.0 (20) | 25.0 ± 0.0 (20) | 50.0 ± 0.0 (20) | 200.0 ± 0.0 (20) |" in lines
     assert "| reference lr=0.001 | 40.0 (10) | 10.0 (10) | 20.0 (10) | 100.0 (10) |" in lines
@@ -471,18 +475,42 @@ def test_analyze_writes_html_and_json(tmp_path, tiny_model_dir, monkeypatch):
         ev.analyze(str(run_dir), step=7)
 
 
-def test_compare_adds_a_column_at_equal_rollouts(tmp_path):
-    # critique: 32 rollouts per step, 30 steps = 960; grpo: 8 × 32 = 256 per step, so step 4
-    # (1,024 rollouts) is closer to 960 than step 2 (512) or step 30 (7,680)
+def test_compare_shows_both_budget_axes(tmp_path):
+    """Arms with other budgets get the budget table: each arm at equal questions (the most any arm
+    saw), at equal rollouts (the fewest any arm drew) and the rollouts it needed to reach a score."""
+    # critique: 32 questions × 1 a step, 30 steps = 960 rollouts; grpo: 32 × 8 = 256 a step, so
+    # step 4 (1,024) is the closest to 960; the rollout-matched grpo: 4 × 8 = 32 a step, 30 steps
+    # = 960 rollouts but only 120 questions, so it never reaches equal questions (960)
     runs = [fake_run(tmp_path, "c0", 0, {0: 0.1, 10: 0.3, 20: 0.5, 30: 0.4}),
             fake_run(tmp_path, "g0", 0, {0: 0.1, 2: 0.15, 4: 0.2, 30: 0.6}, arm="grpo",
-                     samples_per_question=8)]
+                     samples_per_question=8),
+            fake_run(tmp_path, "m0", 0, {0: 0.1, 10: 0.2, 20: 0.25, 30: 0.3}, arm="grpo",
+                     samples_per_question=8, batch_size=4, max_steps=30)]
     arms, shared = ev.compare_runs(runs)
-    table = ev.comparison_table(arms, shared, markdown=True)
-    assert table.splitlines()[2].endswith("| unparsed | Avg@4 ≈960 |")
-    critique_row, grpo_row = table.splitlines()[5:7]
-    assert critique_row.startswith("| critique |") and critique_row.endswith("| 40.0 (30) |")
-    assert grpo_row.startswith("| grpo |") and grpo_row.endswith("| 20.0 (4) |")
-    assert "grpo 256" in table and "critique 32" in table
+    table = ev.comparison_table(arms, shared, markdown=True, reach=0.45)
+    assert ("| arm | questions/step | rollouts/step | questions | rollouts | Avg@4 final | Avg@4 at 960 "
+            "questions | Avg@4 at 960 rollouts | rollouts to Avg@4 ≥ 45 |") in table
+    assert "| critique | 32 | 32 | 960 | 960 | 40.0 (30) | 40.0 (30) | 40.0 (30) | 640 |" in table
+    assert "| grpo | 32 | 256 | 960 | 7680 | 60.0 (30) | 60.0 (30) | 20.0 (4) | 7680 |" in table
+    assert "| grpo batch_size=4 max_steps=30 | 4 | 32 | 120 | 960 | 30.0 (30) | — | 30.0 (30) | — |" in table
+    assert ev.rollouts_to_reach(arms[0], 0.5) == 640 and ev.rollouts_to_reach(arms[2], 0.9) is None
     same = ev.comparison_table(*ev.compare_runs(runs[:1]), markdown=True)
-    assert "rollouts" not in same  # equal budgets: no extra column
+    assert "rollouts/step" not in same  # equal budgets: no budget table
+    grpo_only = ev.comparison_table(*ev.compare_runs(runs[1:2]), markdown=True)
+    assert "teacher ceiling" not in grpo_only  # GRPO has no teacher
+
+
+def test_compare_shows_the_transfer_probe(tmp_path):
+    """Transfer rows (split "transfer") stay out of the test table and get their own, base and final."""
+    run = fake_run(tmp_path, "t", 0, {0: 0.1, 10: 0.3, 20: 0.5})
+    with open(os.path.join(run, "eval.jsonl"), "a") as f:
+        for step, avg in ((0, 0.05), (20, 0.07)):
+            row = {"step": step, "n": 4, "k": 4, "questions": 7, "temperature": 1.0, "avg": avg, "pass": avg,
+                   "maj": avg, "length": 1, "unparseable": 0, "truncated": 0, "split": "transfer",
+                   "ci": {m: [0, 1] for m in ev.METRICS}}
+            f.write(json.dumps(row) + "\n")
+    arms, shared = ev.compare_runs([run])
+    assert arms[0]["avg"]["final"]["value"] == 0.5 and arms[0]["avg"]["final"]["step"] == 20
+    assert arms[0]["transfer"]["base"]["value"] == 0.05 and arms[0]["transfer"]["final"]["value"] == 0.07
+    table = ev.comparison_table(arms, shared, markdown=True)
+    assert "Transfer probe (7 problems" in table and "| critique | 5.0 | 7.0 (20) | 50.0 (20) |" in table

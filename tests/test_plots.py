@@ -130,13 +130,13 @@ def test_per_step_table_hand_computed(runs, capsys):
 def test_compare_has_a_base_row_and_an_unparseable_column(runs):
     arms, shared = ev.compare_runs(runs)
     lines = ev.comparison_table(arms, shared, markdown=True).splitlines()
-    assert lines[2] == "| arm | seeds | step | Pass@4 | Maj@4 | Avg@4 | len | unparsed | Avg@4 ≈64 |"
+    assert lines[2] == "| arm | seeds | step | Pass@4 | Maj@4 | Avg@4 | len | unparsed | teacher ceiling |"
     # the base of seed 0 is shared by critique-s0 and grpo-s0 (equal base_key): it counts once,
     # so the base row pools seeds 0 and 1: Avg (0.1 + 0.2) / 2
     assert lines[4] == "| base (step 0) | 2 | 0 | 30.0 ± 14.1 | 7.5 ± 3.5 | 15.0 ± 7.1 | 30.0 ± 0.0 | 0.0 ± 0.0 |  |"
     # unparseable at the final step (2): critique (0.02 + 0.06) / 2
     assert lines[5].startswith("| critique | 2 | 2 |") and "| 4.0 ± 2.8 |" in lines[5]
-    assert lines[6].startswith("| grpo | 1 | 2 |") and "| 10.0 |" in lines[6]
+    assert lines[6].startswith("| grpo | 1 | 2 |") and "| 10.0 |" in lines[6] and lines[6].endswith("| — |")
 
 
 def test_bases_of_different_models_get_a_row_each(tmp_path):

@@ -248,7 +248,7 @@ def test_a_full_or_read_only_disk_is_one_line(code_, text, tiny_model_dir, data,
 
 def test_a_missing_toy_world_says_it_is_built_and_how_long(tmp_path, capsys):
     import toy
-    settings_ = toy.BuildSettings(steps=2, n_train=2, n_test=1, samples=2, max_correct=2, score_batch=8)
+    settings_ = toy.BuildSettings(steps=2, n_train=2, n_test=1, n_transfer=1, samples=2, max_correct=2, score_batch=8)
     toy.ensure_built(str(tmp_path / "world"), progress=True, settings=settings_)
     assert "toy world is missing or incomplete" in capsys.readouterr().err
     toy.ensure_built(str(tmp_path / "world"), progress=True, settings=settings_)

@@ -220,7 +220,7 @@ def test_tokenizer_round_trips_and_tags_are_single_tokens(tmp_path):
 
 def test_tiny_build_writes_a_complete_folder(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    settings = toy.BuildSettings(steps=2, n_train=3, n_test=2, samples=2, max_new_tokens=4,
+    settings = toy.BuildSettings(steps=2, n_train=3, n_test=2, n_transfer=2, samples=2, max_new_tokens=4,
                                  score_batch=8)
     root = str(tmp_path / "world")
     out = toy.ensure_built(root, progress=False, settings=settings)

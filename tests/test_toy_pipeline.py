@@ -17,7 +17,7 @@ ANALYSIS = ("analysis/A_mean", "analysis/rollouts", "analysis/A_prefix", "analys
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    settings = toy.BuildSettings(steps=20, n_train=8, n_test=4, samples=2, max_correct=2)
+    settings = toy.BuildSettings(steps=20, n_train=8, n_test=4, n_transfer=3, samples=2, max_correct=2)
     return toy.ensure_built(str(tmp_path_factory.mktemp("world")), progress=False, settings=settings)
 
 
