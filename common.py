@@ -21,7 +21,10 @@ import random
 import re
 import shutil
 import signal
+import stat
+import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -38,7 +41,8 @@ class UserError(Exception):
 @contextlib.contextmanager
 def user_errors():
     """A user's mistake (or an unreachable critic) becomes one line on stderr and exit code 2;
-    SELFDISTILL_DEBUG=1 shows the traceback instead."""
+    SELFDISTILL_DEBUG=1 shows the traceback instead. Ctrl-C that reaches here (evaluation, or a
+    second one during training) is one line too, with exit code 130."""
     try:
         yield
     except (UserError, ConnectionError) as e:
@@ -46,16 +50,33 @@ def user_errors():
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except OSError as e:  # the user's disk or paths: full, read-only, not permitted
-        if os.environ.get("SELFDISTILL_DEBUG") or e.errno not in DISK_ERRORS:
+    except KeyboardInterrupt:
+        if os.environ.get("SELFDISTILL_DEBUG"):
+            raise
+        print("stopped by Ctrl-C; finished work is kept (checkpoints, eval.jsonl rows): rerun the same "
+              "command to continue", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+    except OSError as e:  # the user's disk or paths: full, read-only, not permitted, in the way
+        if os.environ.get("SELFDISTILL_DEBUG") or e.errno not in DISK_ERRORS | PATH_ERRORS.keys():
             raise
         where = f" {e.filename}" if e.filename else ""
-        print(f"error: cannot write{where}: {e.strerror}; free space or choose a writable out_dir",
-              file=sys.stderr)
+        if e.errno in PATH_ERRORS:
+            print(f"error: cannot use{where}: {e.strerror} ({PATH_ERRORS[e.errno]}); check out_dir, "
+                  f"--run and --out", file=sys.stderr)
+        else:
+            print(f"error: cannot write{where}: {e.strerror}; free space or choose a writable out_dir",
+                  file=sys.stderr)
         sys.exit(2)
 
 
 DISK_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
+# A path that cannot be used as given: each errno with what usually causes it.
+PATH_ERRORS = {errno.EEXIST: "a file or a dangling link is in the way",
+               errno.ENOENT: "a folder on the way is missing, or a link points nowhere",
+               errno.ELOOP: "a symbolic link points back at itself",
+               errno.ENOTDIR: "a file stands where a folder should be",
+               errno.EISDIR: "a folder stands where a file should be",
+               errno.ENAMETOOLONG: "the name is too long"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,6 +196,7 @@ def parse_command_line(cls, choices, argv, description):
 
 
 INT_LIMIT = 2 ** 31 - 1  # larger integers overflow torch's and the tokenizers' index types
+MAX_CRITIC_RETRIES = 10  # more would only wait longer: critic.py caps a critique's total time anyway
 
 
 def check_numbers(cfg):
@@ -207,6 +229,12 @@ def check_consistency(cfg):
             raise UserError(f"config key '{key}' must be at least 0")
     if not cfg.critic_timeout > 0:
         raise UserError("config key 'critic_timeout' must be positive (seconds)")
+    if cfg.lora_alpha < 1:
+        raise UserError("config key 'lora_alpha' must be at least 1 (the adapter's update is scaled by "
+                        "lora_alpha / lora_r: with 0 the run would never learn)")
+    if cfg.critic_retries > MAX_CRITIC_RETRIES:
+        raise UserError(f"config key 'critic_retries' must lie in 0..{MAX_CRITIC_RETRIES} (a critique gets "
+                        f"a few critic_timeouts in all, retries included)")
     for key in ("batch_size", "micro_batch", "max_new_tokens", "generation_batch",
                 "lora_r", "eval_samples", "samples_per_question", "checkpoint_every"):
         if getattr(cfg, key) < 1:
@@ -376,6 +404,11 @@ def load_jsonl(path, need_solution=False, normalize=None):
             raise UserError(f"{path}:{lineno}: each line needs a non-empty 'question' and 'answer'")
         if need_solution and not isinstance(record.get("solution"), str):
             raise UserError(f"{path}:{lineno}: context=reference needs a 'solution' on every line")
+        if isinstance(record["answer"], bool) or not isinstance(record["answer"], (int, str)):
+            kind = {list: "a list", dict: "an object", bool: "true/false", float: "a decimal number"}
+            raise UserError(f"{path}:{lineno}: 'answer' is {kind.get(type(record['answer']), 'not text')} "
+                            f"({json.dumps(record['answer'])[:40]}); write the gold answer as a string "
+                            f"(e.g. \"0.5\") or an integer")
         record["answer"] = str(record["answer"])
         if normalize and normalize(record["answer"]) == "":
             raise UserError(f"{path}:{lineno}: answer {record['answer']!r} is empty once LaTeX and "
@@ -718,40 +751,122 @@ def run_folder(cfg):
 
 
 class RunLock:
-    """One writer per run folder: RUN/.lock holds the writer's pid. A lock whose process is gone is
-    stale and taken over; one held by a live process is a one-line error. Released on release()
-    or at exit; a process may take its own lock again (an in-process rerun after an error)."""
+    """One writer per run folder: RUN/.lock holds the writer's pid. It appears atomically with the
+    pid in it (create_with_pid), so a reader never sees it empty. One held by a live process is a
+    one-line error; one whose process is gone is stale and taken over (take_over: by one starter
+    only, however many race). A lock that is not one plausible pid (a folder, a link, garbage, 0, -1,
+    a pid beyond pid_max) is a one-line error, never removed nor waited on: we cannot tell it is
+    stale. Released on release() or at exit; a process may take its own lock again (an in-process
+    rerun after an error)."""
 
     def __init__(self, run_dir, what):
         self.path = os.path.join(run_dir, ".lock")
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                holder = self.holder()
-                if holder is not None and holder != os.getpid() and alive(holder):
-                    raise UserError(f"run folder {run_dir} is in use by process {holder}; wait for it to "
-                                    f"finish (or stop it) before {what} there") from None
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(self.path)  # stale: its process is gone
-                continue
-            os.write(fd, f"{os.getpid()}\n".encode())
-            os.close(fd)
-            atexit.register(self.release)
-            return
-        raise UserError(f"cannot take the lock {self.path}; remove it if no process uses the run")
+        for _ in range(50):  # each retry means another starter moved the lock meanwhile
+            if create_with_pid(self.path):
+                break
+            holder = read_pid(self.path)
+            if holder is None:
+                continue  # released between our two looks
+            if holder != os.getpid() and alive(holder):
+                raise UserError(f"run folder {run_dir} is in use by process {holder}; wait for it to "
+                                f"finish (or stop it) before {what} there")
+            if holder == os.getpid() or self.take_over(holder):
+                break
+            time.sleep(0.02)  # another starter is taking the stale lock over: look again
+        else:
+            raise UserError(f"cannot take the lock {self.path}; remove it (and {self.path}.takeover) if "
+                            f"no process uses the run")
+        atexit.register(self.release)
 
-    def holder(self):
+    def take_over(self, stale):
+        """Replace the stale lock of dead process `stale` by ours in one rename, while holding
+        RUN/.lock.takeover: the lock is never absent (no third starter can create it) and only the
+        takeover's holder replaces it, after checking it still names `stale`. False when another
+        starter holds the takeover or the lock changed: the caller looks again."""
+        marker = self.path + ".takeover"
+        if not create_with_pid(marker):
+            return False
         try:
-            with open(self.path) as f:
-                return int(f.read().strip() or 0) or None
-        except (OSError, ValueError):
-            return None
+            if read_pid(self.path) != stale or alive(stale):
+                return False
+            tmp = write_pid_file(self.path)
+            os.replace(tmp, self.path)
+            return True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(marker)
 
     def release(self):
-        if self.holder() == os.getpid():
+        try:
+            mine = read_pid(self.path) == os.getpid()
+        except UserError:  # replaced by something else meanwhile: not ours to remove
+            return
+        if mine:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.path)
+
+
+def write_pid_file(path):
+    """A private file next to `path` that holds this process's pid; returns its name."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    return tmp
+
+
+def create_with_pid(path):
+    """Create `path` holding this process's pid, atomically; False when it exists. The pid is
+    written to a private file first and hard-linked into place (link fails if `path` exists, even
+    as a dangling link). A file system without hard links gets O_EXCL, where a reader may catch the
+    file empty for a moment: it then reports the lock as unreadable, while its writer is alive."""
+    tmp = write_pid_file(path)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.close(fd)
+        return True
+    finally:
+        os.remove(tmp)
+
+
+def pid_max():
+    try:
+        with open("/proc/sys/kernel/pid_max") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 2 ** 22  # Linux's ceiling; macOS's pids stay below 100000
+
+
+def read_pid(path):
+    """The pid in a lock file, or None when there is no file. Anything but a plain file holding
+    one pid in 1..pid_max is a one-line error: such a lock was not written by us, and is never
+    guessed to be stale."""
+    unusable = f"{path} is not a lock file this program wrote"
+    try:
+        kind = os.lstat(path).st_mode
+        if not stat.S_ISREG(kind):  # a folder, a link, a pipe (reading a pipe would hang)
+            what = "a folder" if stat.S_ISDIR(kind) else "a link" if stat.S_ISLNK(kind) else "not a file"
+            raise UserError(f"{unusable} ({what}); remove it if no process uses the run")
+        with open(path, "rb") as f:
+            text = f.read(32)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise UserError(f"{unusable} (unreadable: {e.strerror}); remove it if no process uses the run") from None
+    if not re.fullmatch(rb"[0-9]{1,12}\n?", text) or not 0 < int(text) <= pid_max():
+        raise UserError(f"{unusable} (it holds {text[:20]!r}, not a process id); remove it if no process "
+                        f"uses the run")
+    return int(text)
 
 
 def alive(pid):
@@ -815,11 +930,26 @@ def save_checkpoint(run_dir, step, model, optimizer, scheduler, state, tokenizer
     return final
 
 
+class NonFiniteAdapter(UserError, ValueError):
+    """A checkpoint whose adapter holds NaN or inf: damaged (a ValueError, see DAMAGED) for resume
+    and evaluation, a one-line error where nothing can skip it."""
+
+
+def load_adapter_file(checkpoint):
+    """A checkpoint's LoRA weights; NaN or inf in them (a disk error, a hand edit) is refused: a
+    run resumed from them would only ever produce NaN."""
+    from safetensors.torch import load_file
+    adapter = load_file(os.path.join(checkpoint, "adapter_model.safetensors"))
+    bad = next((name for name, w in adapter.items() if w.is_floating_point() and not torch.isfinite(w).all()), None)
+    if bad:
+        raise NonFiniteAdapter(f"the checkpoint {checkpoint} holds non-finite adapter weights ({bad})")
+    return adapter
+
+
 def load_checkpoint(path, model, optimizer, scheduler):
     """Read both files first, then apply them: a damaged checkpoint changes nothing."""
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-    adapter = load_file(os.path.join(path, "adapter_model.safetensors"))
+    adapter = load_adapter_file(path)
     state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
     missing = {"optimizer", "scheduler", "rng_torch", "rng_python", "step"} - set(state)
     if missing:
@@ -974,14 +1104,20 @@ def progress_bars():
     return sys.stderr.isatty()
 
 
+STOPPING = threading.Event()  # set by a stop signal during training: the HTTP critic abandons its requests
+
+
 def handle_signals():
-    """SIGINT/SIGTERM finish the current step and write a checkpoint; a second one quits at once."""
+    """SIGINT/SIGTERM finish the current step and write a checkpoint (a step waiting on the HTTP
+    critic is dropped instead: STOPPING); a second one quits at once."""
     stop = {"signal": None}
+    STOPPING.clear()
 
     def handler(signum, frame):
         if stop["signal"]:
             raise KeyboardInterrupt
         stop["signal"] = signum
+        STOPPING.set()
         print(f"\nsignal {signum}: finishing this step, then saving a checkpoint", file=sys.stderr)
 
     signal.signal(signal.SIGINT, handler)
@@ -990,8 +1126,41 @@ def handle_signals():
 
 
 def default_signals():
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # evaluation: Ctrl-C stops at once
+    """Evaluation: Ctrl-C stops at once (KeyboardInterrupt, one line through user_errors); a second
+    one while that unwinds, e.g. the trainer's forwarded copy of the same Ctrl-C, is ignored."""
+    def interrupt_once(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+    STOPPING.clear()
+    signal.signal(signal.SIGINT, interrupt_once)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def run_child(command, env=None):
+    """Run a child process (eval.py after training) to its end and return its exit code. SIGINT and
+    SIGTERM to this process are passed on to it and we still wait, so it never runs on alone."""
+    box = {"child": None, "early": []}
+
+    def forward(signum, frame):
+        if box["child"] is None:
+            box["early"].append(signum)  # it is being started: it gets the signal once it exists
+        else:
+            box["child"].send_signal(signum)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    try:
+        box["child"] = subprocess.Popen(command, env=env)
+        for signum in box["early"]:
+            box["child"].send_signal(signum)
+        code = box["child"].wait()
+    finally:
+        default_signals()
+    if code < 0:  # it died of signal -code without a word (SIGTERM); Ctrl-C makes it say so itself
+        print(f"stopped by signal {-code} during the evaluation; evaluated steps are kept, "
+              f"`python eval.py RUN` finishes it", file=sys.stderr)
+        return 128 - code
+    return code
 
 
 class Timer:

@@ -22,6 +22,7 @@ answers) -> list[str | None]` (None: the call failed), and a `check()` the train
 `validate_critique` decides whether a critique may enter the loss; an invalid one drops the
 sample (counted), it never silently becomes a reference solution.
 """
+import collections
 import http.client
 import json
 import logging
@@ -34,7 +35,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 
 import math_verify
 import torch
@@ -321,20 +321,37 @@ class HFCritic:
         return critiques
 
 
+class Stopped(Exception):
+    """A stop signal (common.STOPPING) abandoned the critic's requests: the step has no critiques."""
+
+
+class ReplyTooLarge(ValueError):
+    """The server's reply is larger than the critic reads: counted as a failed critique."""
+
+
+DEADLINE_TIMEOUTS = 3  # a critique gets at most this many × timeout in all: attempts, waits, reads
+MAX_BACKOFF = 30.0  # seconds: the longest wait between two attempts
+
+
 class HTTPCritic:
     """An OpenAI-compatible /chat/completions server (e.g. vLLM serving QwQ-32B), temperature 0.
 
     The API key is read from $api_key_env at each request and is never stored or logged.
     `timeout` applies per request (per socket operation); a request that times out, cannot
-    connect, or gets HTTP 5xx/429 is retried `retries` times with a short exponential backoff;
-    any other HTTP error or a malformed reply fails at once. A sample that failed is None."""
+    connect, or gets HTTP 5xx/429 is retried `retries` times with an exponential backoff of at most
+    MAX_BACKOFF, all within DEADLINE_TIMEOUTS × timeout per critique; any other HTTP error, a
+    malformed reply or one over `max_reply_bytes` fails at once. A sample that failed is None.
+    Requests run on daemon threads that a stop signal (common.STOPPING) abandons: the call then
+    raises Stopped at once instead of waiting for a server that may never answer."""
 
     def __init__(self, base_url, model, api_key_env="OPENAI_API_KEY", timeout=120, retries=3,
-                 max_tokens=4096, workers=4, backoff=1.0):
+                 max_tokens=4096, workers=4, backoff=1.0, max_reply_bytes=None):
         self.base_url = base_url.rstrip("/")
         self.model, self.api_key_env = model, api_key_env
         self.timeout, self.retries, self.max_tokens = timeout, retries, max_tokens
         self.workers, self.backoff = workers, backoff
+        # 64 bytes per token: JSON-escaped text (6 bytes per \uXXXX character) with room to spare
+        self.max_reply_bytes = max_reply_bytes or 64 * max_tokens + 2 ** 16
 
     def __repr__(self):
         return (f"HTTPCritic(base_url={self.base_url!r}, model={self.model!r}, "
@@ -351,7 +368,7 @@ class HTTPCritic:
         request = urllib.request.Request(self.base_url + "/models", headers=self.headers())
         try:
             with urllib.request.urlopen(request, timeout=min(self.timeout, 10)) as reply:
-                listing = json.loads(reply.read())
+                listing = json.loads(read_capped(reply, self.max_reply_bytes, time.monotonic() + 10))
         except urllib.error.HTTPError as error:
             error.close()
             if error.code in (401, 403):
@@ -369,23 +386,28 @@ class HTTPCritic:
             raise ValueError(f"critic at {self.base_url} does not serve {self.model!r} "
                              f"(it serves {', '.join(map(str, served[:5]))})")
 
-    def post(self, prompt):
-        """One request; returns the reply's text or raises."""
+    def post(self, prompt, deadline):
+        """One request; returns the reply's text or raises (TimeoutError past `deadline`)."""
         body = json.dumps({"model": self.model, "temperature": 0, "max_tokens": self.max_tokens,
                            "messages": [{"role": "user", "content": prompt}]}).encode()
         request = urllib.request.Request(self.base_url + "/chat/completions", data=body,
                                          headers=self.headers(), method="POST")
-        with urllib.request.urlopen(request, timeout=self.timeout) as reply:
-            content = json.loads(reply.read())["choices"][0]["message"]["content"]
+        timeout = max(0.01, min(self.timeout, deadline - time.monotonic()))
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            content = json.loads(read_capped(reply, self.max_reply_bytes, deadline))["choices"][0]["message"]["content"]
         if not isinstance(content, str):
             raise TypeError("the reply has no text content")
         return content
 
     def ask(self, prompt):
-        """One critique with bounded retries; None when it still failed."""
+        """One critique with bounded retries and a deadline; None when it still failed. Raises
+        Stopped when a stop signal came first."""
+        deadline = time.monotonic() + DEADLINE_TIMEOUTS * self.timeout
         for attempt in range(max(self.retries, 0) + 1):
+            if common.STOPPING.is_set():
+                raise Stopped
             try:
-                return clean_critique(self.post(prompt))
+                return clean_critique(self.post(prompt, deadline))
             except urllib.error.HTTPError as error:
                 error.close()
                 reason = f"HTTP {error.code}"
@@ -394,23 +416,69 @@ class HTTPCritic:
                                           f"${self.api_key_env} (HTTP {error.code})") from None
                 if error.code != 429 and error.code < 500:
                     break  # our request is wrong; repeating it will not help
+            except ReplyTooLarge as error:  # the same request would get the same reply
+                reason = str(error)
+                break
             except (OSError, http.client.HTTPException) as error:  # timeout, refused, reset
                 reason = " ".join(str(getattr(error, "reason", error)).split()) or type(error).__name__
             except (ValueError, KeyError, IndexError, TypeError) as error:  # not the expected JSON
                 reason = f"malformed reply ({type(error).__name__})"
                 break
-            if attempt < self.retries:
-                time.sleep(self.backoff * 2 ** attempt)
+            delay = min(self.backoff * 2 ** attempt, MAX_BACKOFF)
+            if attempt == self.retries or delay >= deadline - time.monotonic():
+                break  # no retry left, or no time for one
+            if common.STOPPING.wait(delay):  # not time.sleep: a stop signal ends the wait
+                raise Stopped
         log.warning("critic request failed after %d attempt(s): %s", attempt + 1, reason)
         return None
 
     def __call__(self, questions, responses, solutions, answers):
         prompts = [critic_prompt(*item) for item in zip(questions, responses, solutions, answers,
                                                         strict=True)]
-        if not prompts:
-            return []
-        with ThreadPoolExecutor(max_workers=min(self.workers, len(prompts))) as pool:
-            return list(pool.map(self.ask, prompts))
+        critiques, done, errors = [None] * len(prompts), [], []
+        todo = collections.deque(enumerate(prompts))
+
+        def work():  # one worker: prompts from the shared queue until it is empty, or an error
+            while not errors:
+                try:
+                    i, prompt = todo.popleft()
+                except IndexError:  # the queue is empty
+                    return
+                try:
+                    critiques[i] = self.ask(prompt)
+                except Exception as error:  # Stopped, a refused key: raised by the caller's thread
+                    errors.append(error)
+                    return
+                done.append(i)
+
+        workers = [threading.Thread(target=work, daemon=True) for _ in range(min(self.workers, len(prompts)))]
+        for worker in workers:
+            worker.start()
+        for worker in workers:  # short joins: a signal's handler runs in between and sets STOPPING
+            while worker.is_alive() and not common.STOPPING.is_set():
+                worker.join(0.1)
+        if len(done) < len(prompts) and common.STOPPING.is_set():
+            raise Stopped  # the workers still waiting are abandoned (daemon threads)
+        if errors:
+            raise errors[0]
+        return critiques
+
+
+def read_capped(reply, limit, deadline):
+    """A reply's body, at most `limit` bytes (ReplyTooLarge past it) and read by `deadline`
+    (TimeoutError past it: a server that trickles bytes still ends)."""
+    declared = reply.headers.get("Content-Length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ReplyTooLarge(f"reply of {declared} bytes, over the {limit}-byte cap")
+    parts, size = [], 0
+    while chunk := reply.read1(min(2 ** 16, limit + 1 - size)):  # what has arrived, not a full 64 KiB
+        parts.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise ReplyTooLarge(f"reply over the {limit}-byte cap")
+        if time.monotonic() > deadline:
+            raise TimeoutError("the reply did not arrive in time")
+    return b"".join(parts)
 
 
 def make_critic(kind, **settings):

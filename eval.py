@@ -60,6 +60,10 @@ import sys
 import textwrap
 from collections import Counter
 
+if __name__ == "__main__":  # Ctrl-C while torch loads (seconds, nothing written yet): exit 130, no traceback
+    import signal
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))
+
 import torch
 import yaml
 from safetensors import SafetensorError
@@ -173,13 +177,12 @@ def load_run_config(run_dir, trust_remote_code=False):
 def load_adapter(model, checkpoint):
     """Put a checkpoint's LoRA weights into the model (None: a zero adapter, i.e. the base)."""
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
     if checkpoint is None:
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.data.zero_()  # B = 0 makes the update s·BA exactly zero
         return
-    set_peft_model_state_dict(model, load_file(os.path.join(checkpoint, "adapter_model.safetensors")))
+    set_peft_model_state_dict(model, common.load_adapter_file(checkpoint))  # NaN/inf: NonFiniteAdapter
 
 
 def student_at(model, checkpoint):
@@ -1339,6 +1342,7 @@ def main(argv=None):
     parser.add_argument("--out", help="--analyze: output folder (default RUN/analysis or ./analysis/"
                         "NAME); --plot: the PNG (default analysis/training.png)")
     args = parser.parse_intermixed_args(argv)  # key=value may follow the options
+    common.default_signals()  # Ctrl-C: one line (user_errors), even when the trainer passes it on too
     with common.user_errors():
         for flag in ("samples", "questions", "k"):
             if getattr(args, flag) is not None and getattr(args, flag) < 1:

@@ -52,7 +52,6 @@ import dataclasses
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
 import warnings
@@ -136,7 +135,7 @@ class Config:
     critic_model: str = ""  # hf: folder or hub id; http: the served model's name
     critic_url: str = ""  # http: base URL, e.g. http://127.0.0.1:8000/v1
     critic_api_key_env: str = "OPENAI_API_KEY"  # http: environment variable that holds the API key
-    critic_timeout: float = 120.0  # http: seconds per request
+    critic_timeout: float = 120.0  # http: seconds per request (a critique gets at most 3x this in all, retries included)
     critic_retries: int = 3  # http: retries after a failed request
     critic_max_new_tokens: int = 1024  # critique length limit
     # logging, checkpoints, evaluation
@@ -437,6 +436,18 @@ def toy_restyle(cfg):
     return toy.restyle_step if cfg.critic == "rule" else None
 
 
+def drop_step_and_stop(run_dir, step, model, optimizer, scheduler, ema, state, stop, tokenizer):
+    """A stop signal came while the HTTP critic was waiting: nothing of this step is applied yet, so
+    the checkpoint of the `step` finished steps is written (if not already) and we stop; a resume
+    repeats this step in full, as if never begun."""
+    if step == 0:
+        print(f"stopped by signal {stop['signal']} during the first step; nothing to save yet")
+        sys.exit(128 + stop["signal"])
+    common.save_checkpoint(run_dir, step, model, optimizer, scheduler,
+                           {"step": step, "ema": ema, "nonfinite": state["nonfinite"]}, tokenizer)
+    common.stop_if_asked(stop, False, state["nonfinite"], step)
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop: sample → judge → teacher → student → loss → step → log → checkpoint.
 
@@ -495,8 +506,13 @@ def train(cfg):
         critiques, valid, context_texts = [None] * n, [True] * n, [None] * n
         with timer("critic"):
             if is_critique or analyse:
-                critiques = judge([r["question"] for r in per_rollout], texts,
-                                  [r.get("solution", "") for r in per_rollout], [r["answer"] for r in per_rollout])
+                try:
+                    critiques = judge([r["question"] for r in per_rollout], texts,
+                                      [r.get("solution", "") for r in per_rollout], [r["answer"] for r in per_rollout])
+                except critic.Stopped:  # a signal abandoned the HTTP critic's requests
+                    if world == 1:  # this step never happened: save the last finished one and stop
+                        drop_step_and_stop(run_dir, step, model, optimizer, scheduler, ema, state, stop, tokenizer)
+                    critiques = [None] * n  # under torchrun the ranks stop together, after this step
             if is_critique:  # the arm's form of each valid critique (the two controls rewrite it)
                 valid = [c is not None and critic.validate_critique(t, c, r["answer"])[0]
                          for t, c, r in zip(texts, critiques, per_rollout)]
@@ -613,15 +629,16 @@ def main(argv=None):
     with common.user_errors():
         cfg = load_config(sys.argv[1:] if argv is None else argv)
         run_dir, model = train(cfg)
-    if cfg.eval_at_end:  # eval.py in its own process: it imports this file, never the reverse
-        del model
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        here = os.path.dirname(os.path.abspath(__file__))
-        trust = ["--trust-remote-code"] if cfg.trust_remote_code else []  # given on this command line
-        env = common.child_group_env()  # under torchrun, eval.py's processes form their own group
-        common.leave_group()
-        sys.exit(subprocess.run([sys.executable, os.path.join(here, "eval.py"), run_dir, *trust], env=env).returncode)
+        if cfg.eval_at_end:  # eval.py in its own process: it imports this file, never the reverse
+            del model
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            here = os.path.dirname(os.path.abspath(__file__))
+            trust = ["--trust-remote-code"] if cfg.trust_remote_code else []  # given on this command line
+            env = common.child_group_env()  # under torchrun, eval.py's processes form their own group
+            common.leave_group()
+            # our SIGINT/SIGTERM are passed on to it, and we wait: it never runs on alone
+            sys.exit(common.run_child([sys.executable, os.path.join(here, "eval.py"), run_dir, *trust], env))
 
 
 if __name__ == "__main__":
