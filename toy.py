@@ -14,17 +14,33 @@ Task: left-to-right integer chains such as `2+7+5-9`, solved in the paper's step
      = own last result, style mix) and `after_error_mass` (how the critique-conditioned teacher
      reads a student's error).
 
-`ensure_built()` builds 5 once, deterministically from a seed, into toy_world/, which ships in the
-repository so the quickstart starts at once; build.json records the settings, timings and the base
-model's measured accuracies (overall, per style, with a critique, with the reference). Rebuild:
+`ensure_built()` builds 5 once, deterministically from a seed, into a world's folder; build.json
+records the settings, timings and the base model's measured accuracies (overall, per style, with
+each arm's context: the `ceilings`), and the regime (`kept_at_zero`: kept problems at 0/16;
+`right_on_faulty`: how often the solver writes a misconception right). Two named worlds ship, so
+the quickstart starts at once (`model=NAME`; any built folder works as `model=DIR` too):
 
-    python toy.py build --force            # --recovery 0 builds v1's teacher (see 2 below)
-    python toy.py probe                    # trace stats and the teacher's after-error mass
+    toy     toy_world/     v3, the headline: fault_rate 1.0, the solver fails its misconceptions
+                           systematically (the paper's regime: the fix is not in its samples)
+    toy-v2  toy_world_v2/  the contrast: fault_rate 0.8, it writes them right a fifth of the time,
+                           which a binary reward finds
+
+    python toy.py build --world toy --force          # rebuild a named world (bit-identical)
+    python toy.py build --root DIR --fault-rate 0.9  # any BuildSettings field is a checked flag
+    python toy.py build --root DIR --recovery 0      # v1's teacher (see 2 below)
+    python toy.py probe [--world toy-v2]             # trace stats and the teacher's after-error mass
+
+A built world asked for other settings than its build.json's is an error that says to rebuild.
+Besides train/test, a world has a transfer split (build_transfer): filtered problems none of whose
+faulty facts lies on any train question's chain, evaluated at step 0 and at a run's last checkpoint.
 
 Prompts (contexts.PROMPTS["toy"] through the chat template; each tag and special is one token):
     student  <|user|>2+7+5-9<|end|><|assistant|>
     teacher  <|user|>2+7+5-9\nfix: <critique><|end|><|assistant|>    (or "\nref: <reference>")
     response <step_1> 2+7=9 ... <answer> 5<|end|>
+
+World v3: the same code as v2 with fault_rate 1.0 (see the README's comparison: at 0.8 GRPO's
+binary reward found the fix in its own samples, 53-57 % of its groups had a reward contrast).
 
 World v2 (v1's comparison was decided by the world, not the method; see the README):
   - arithmetic is the only lever: one solver style (a+b=r), so there is no style to choose (v1 had
@@ -35,7 +51,8 @@ World v2 (v1's comparison was decided by the world, not the method; see the READ
 
 Choices built into the base model (they shape the comparison; say so next to any result):
   0. ASSUMPTION (`faulty_share`, `fault_rate`): a fixed 30 % of the step facts a±b have one wrong
-     result, which the solver's own traces write 80 % of the time (faulty_facts, solver_trace).
+     result, which the solver's own traces write every time in v3 (80 % in v2; faulty_facts,
+     solver_trace). Its critique- and reference-conditioned examples write them right.
   1. It is pretrained to follow critiques: after `fix: <critique>` the target is the critique's
      trace. A real instruct model follows feedback only as well as it happens to.
   2. ASSUMPTION (`recovery`, v2): a share of the critique examples departs from the critique at one
