@@ -236,6 +236,12 @@ def departure_index(response_ids, critique_ids):
     return next((t for t in range(n) if response_ids[t] != critique_ids[t]), n)
 
 
+def span_end(tokenizer, response_ids, critique_text):
+    """distill_span=through_first_divergence: the distilled span's length, through the first token
+    that leaves the critique's verbatim prefix (contexts.distilled_span takes it)."""
+    return 1 + departure_index(response_ids, tokenizer(critique_text, add_special_tokens=False)["input_ids"])
+
+
 # ---------------------------------------------------------------------------------------------
 # Where each step sits among a response's tokens (for the per-token advantage A_t).
 

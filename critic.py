@@ -42,6 +42,7 @@ import torch
 import common
 from common import UserError
 from contexts import check_chat_template, parse_steps, render_prompt
+import sampler
 
 log = logging.getLogger("critic")
 
@@ -300,7 +301,7 @@ class HFCritic:
         """Greedy completions of a few prompts, decoded with special tokens kept (the think tags
         are special in some tokenizers and clean_critique needs them)."""
         ids = [render_prompt(self.tokenizer, p, thinking=True) for p in prompts]
-        out, truncated = common.generate(self.model, self.tokenizer, ids, self.max_new_tokens, temperature=0,
+        out, truncated = sampler.generate(self.model, self.tokenizer, ids, self.max_new_tokens, temperature=0,
                                          batch_size=len(ids), stop=self.stop_ids)
         return [self.tokenizer.decode(row if cut else row[:-1], skip_special_tokens=False)
                 for row, cut in zip(out, truncated)]
@@ -479,6 +480,29 @@ def read_capped(reply, limit, deadline):
         if time.monotonic() > deadline:
             raise TimeoutError("the reply did not arrive in time")
     return b"".join(parts)
+
+
+MAX_CRITIC_RETRIES = 10  # more would only wait longer: a critique's total time is capped anyway
+
+
+def check_settings(cfg):
+    """The critic's own settings in a run's config (selfdistill.check_consistency): one-line errors."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", cfg.critic_api_key_env):
+        raise UserError("config key 'critic_api_key_env' must be the NAME of an environment variable "
+                        "(e.g. OPENAI_API_KEY) that holds the key, not the key itself; it was not saved")
+    if not cfg.critic_timeout > 0:
+        raise UserError("config key 'critic_timeout' must be positive (seconds)")
+    if cfg.critic_retries > MAX_CRITIC_RETRIES:
+        raise UserError(f"config key 'critic_retries' must lie in 0..{MAX_CRITIC_RETRIES} (a critique gets "
+                        f"a few critic_timeouts in all, retries included)")
+
+
+def check_reachable(cfg):
+    """A model critic that a critique arm calls must be named: a URL (http) or a model (hf)."""
+    if cfg.critic == "http" and not cfg.critic_url:
+        raise UserError("critic=http needs critic_url (e.g. http://127.0.0.1:8000/v1)")
+    if cfg.critic == "hf" and not cfg.critic_model:
+        raise UserError("critic=hf needs critic_model (a folder or hub id)")
 
 
 def make_critic(kind, **settings):

@@ -48,30 +48,31 @@ Commands:
     torchrun --nproc_per_node=4 selfdistill.py --context critique run=NAME   # data-parallel
 """
 import contextlib
-import dataclasses
 import math
-import os
-import signal
+import re
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+from tqdm import tqdm
 
+import chunked_head
 import common
 import contexts
 import critic
-import toy
+import ema_teacher
+import options
+import ranks
+import runfolder
+import sampler
+import world
 from common import UserError
-
-# peft calls a transformers method that transformers 5 deprecates; nothing for users to act on.
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
 
 # ---------------------------------------------------------------------------------------------
 # Config: defaults are the toy world; configs/*.yaml hold overrides only.
+
 
 @dataclass
 class Config:
@@ -158,36 +159,77 @@ CHOICES = {
 }
 
 
+def check_consistency(cfg):
+    """Settings that are out of range, or each valid but contradicting one another. Every number
+    finite and in 0..INT_LIMIT (options.check_numbers), the run name a plain folder name
+    (runfolder.check_run_name) and the critic's own settings sane (critic.check_settings) first."""
+    options.check_numbers(cfg)
+    runfolder.check_run_name(cfg.run)
+    critic.check_settings(cfg)
+    for key in ("token_clip", "epochs"):
+        if getattr(cfg, key) < 0:
+            raise UserError(f"config key '{key}' must be at least 0")
+    if cfg.lora_alpha < 1:
+        raise UserError("config key 'lora_alpha' must be at least 1 (the adapter's update is scaled by "
+                        "lora_alpha / lora_r: with 0 the run would never learn)")
+    for key in ("batch_size", "micro_batch", "max_new_tokens", "generation_batch",
+                "lora_r", "eval_samples", "samples_per_question", "checkpoint_every"):
+        if getattr(cfg, key) < 1:
+            raise UserError(f"config key '{key}' must be at least 1")
+    for key in ("max_steps", "weight_decay", "grad_clip", "top_k", "warmup_steps", "chunk_size"):
+        if getattr(cfg, key) < 0:
+            raise UserError(f"config key '{key}' must be at least 0 (0 = off)")
+    if not cfg.lr > 0:
+        raise UserError("config key 'lr' must be positive")
+    if cfg.max_steps == 0 and not cfg.epochs > 0:
+        raise UserError("config key 'epochs' must be positive (or set max_steps)")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise UserError("config key 'lora_dropout' must lie in [0, 1)")
+    if not 0 < cfg.top_p <= 1:
+        raise UserError("config key 'top_p' must lie in (0, 1] (1 = off)")
+    if cfg.support == "topk" and cfg.topk < 1:
+        raise UserError("config key 'topk' must be at least 1 with support=topk")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
+        raise UserError(f"config key 'device' must be auto, cpu, mps, cuda or cuda:N, got '{cfg.device}'")
+    G = cfg.samples_per_question
+    if cfg.arm == "grpo" and G < 2:
+        raise UserError("grpo needs samples_per_question >= 2 (the advantage is relative to the group)")
+    if cfg.batch_size % ranks.world_size():
+        raise UserError(f"batch_size = {cfg.batch_size} does not divide across {ranks.world_size()} processes "
+                        f"(torchrun --nproc_per_node); use a multiple of {ranks.world_size()}")
+    if (cfg.batch_size * G) % min(cfg.micro_batch, cfg.batch_size * G):
+        raise UserError(f"batch_size·samples_per_question = {cfg.batch_size * G} is not divisible "
+                        f"by micro_batch = {cfg.micro_batch}")
+    if not 0.0 <= cfg.jsd_alpha <= 1.0:
+        raise UserError("jsd_alpha must lie in [0, 1]")
+    if not 0.0 < cfg.ema_rate <= 1.0:
+        raise UserError("ema_rate must lie in (0, 1]")
+    if cfg.temperature <= 0 or cfg.logit_temperature <= 0:
+        raise UserError("temperature and logit_temperature must be positive")
+    if cfg.distill_span != "all" and not cfg.arm.startswith("critique"):
+        raise UserError("distill_span=through_first_divergence needs a critique arm (the span ends "
+                        "where the response leaves the critique's verbatim prefix)")
+    if cfg.support == "sampled" and cfg.divergence != "reverse":
+        raise UserError("support=sampled estimates reverse KL only; set divergence=reverse")
+    if cfg.arm.startswith("critique"):  # the arms that call the critic at every step
+        critic.check_reachable(cfg)
+
+
 def resolve(cfg):
-    """The derived values, computed once: G, the run name, the prompt set and the length budget."""
-    toy_model = toy.is_world_model(cfg.model)
-    if cfg.prompts == "auto":
-        cfg.prompts = "toy" if toy_model else "instruct"
-    elif cfg.prompts == "toy" and not toy_model:  # a chat model would see a bare question
-        raise UserError(f"prompts=toy is the toy world's prompt set (the question alone, no instruction); "
-                        f"model={cfg.model} is not a toy-world model: leave prompts at auto (instruct)")
+    """The derived values, computed once: G, the run name, and what the model decides (the prompt
+    set and the length budget: world.model_settings)."""
+    world.model_settings(cfg)
     if cfg.samples_per_question == 0:
         cfg.samples_per_question = 8 if cfg.arm == "grpo" else 1
     if not cfg.run:
         cfg.run = f"{cfg.arm}-s{cfg.seed}"
-    if toy_model:  # model=toy, or a built world's model folder: that world's build.json
-        budget = toy.budget(toy.world_root(cfg.model))
-        if cfg.max_new_tokens == 0:
-            cfg.max_new_tokens = budget
-        elif cfg.max_new_tokens != budget:
-            print(f"warning: max_new_tokens={cfg.max_new_tokens} differs from the toy world's budget "
-                  f"{budget} (build.json), which its difficulty filter used", file=sys.stderr)
-    elif cfg.max_new_tokens == 0:
-        cfg.max_new_tokens = 512
-    if not toy_model and (cfg.toy_order, cfg.toy_phrasing) != ("grouped", "other"):
-        raise UserError("config keys 'toy_order' and 'toy_phrasing' apply to toy-world models only")
-    common.check_consistency(cfg)
+    check_consistency(cfg)
     return cfg
 
 
 def load_config(argv):
     """--config FILE.yaml, then --context/--run, then key=value overrides; all checked."""
-    values = common.parse_command_line(Config, CHOICES, argv, "Self-distillation with designed feedback.")
+    values = options.parse_command_line(Config, CHOICES, argv, "Self-distillation with designed feedback.")
     if "context" in values:  # --context names the arm, as the paper names each by its context
         values["arm"] = values.pop("context")
     return resolve(Config(**values))
@@ -196,6 +238,7 @@ def load_config(argv):
 # ---------------------------------------------------------------------------------------------
 # Divergences and the GRPO loss: pure functions of logits. Student first, teacher second; the
 # teacher is a target (its logits come from a no_grad forward), the gradient flows into the student.
+
 
 def support_log_probs(student_logits, teacher_logits, support="full", topk=100, topk_side="student",
                       topk_tail=False, temperature=1.0):
@@ -275,51 +318,8 @@ def policy_gradient_loss(logp, advantages, mask, n_tokens):
 
 
 # ---------------------------------------------------------------------------------------------
-# From hidden states to per-token values without a (T, V) tensor. The LM head and the per-token
-# function run over chunks of positions, and each chunk's gradient w.r.t. the hidden states is
-# taken right there (one extra matmul), so nothing of size V outlives its chunk and nothing is
-# recomputed in the backward pass.
-
-CHUNK_LOGITS_MB = 112  # chunk_size=0: one chunk's (C, V) float32 logits take at most this many MiB
-
-
-def chunk_positions(chunk_size, vocab_size):
-    """Positions per chunk: chunk_size, or for 0 the most whose (C, V) float32 logits fit in
-    CHUNK_LOGITS_MB. A chunk holds about eight tensors of that size at once: at Qwen3's V = 151,936,
-    193 positions and ≈ 0.9 GB; at the toy's V = 111, a whole micro-batch in one chunk. The LM head's
-    matmuls run faster on more rows (README, Performance)."""
-    return chunk_size or max(1, int(CHUNK_LOGITS_MB * 2 ** 20 // (4 * vocab_size)))
-
-
-class ChunkedHead(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, per_token_fn, chunk_size):
-        # hidden (N, d): the student's hidden states at response positions; weight (V, d): LM head.
-        # per_token_fn(logits (C, V), positions slice) -> (C,) values, differentiable in logits.
-        N = hidden.shape[0]
-        values = torch.zeros(N, dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
-        weight = weight.detach()
-        C = chunk_positions(chunk_size, weight.shape[0])
-        for i in range(0, N, C):
-            positions = slice(i, min(i + C, N))
-            with torch.enable_grad():
-                logits = (hidden[positions].detach() @ weight.T).requires_grad_(grad_hidden is not None)
-                chunk_values = per_token_fn(logits, positions)  # (C,)
-                if grad_hidden is not None:
-                    (grad_logits,) = torch.autograd.grad(chunk_values.sum(), logits)  # (C, V)
-                    grad_hidden[positions] = grad_logits.to(weight.dtype) @ weight  # (C, d)
-                    del grad_logits  # freed now, not while the next chunk's divergence peaks
-            values[positions] = chunk_values.detach().float()
-        ctx.save_for_backward(grad_hidden)
-        return values
-
-    @staticmethod
-    def backward(ctx, grad_values):
-        # Each value depends only on its own position, so the upstream gradient is a per-row scale.
-        (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_values[:, None].to(grad_hidden.dtype), None, None, None
-
+# The two losses on one micro-batch, from hidden states: the LM head and the per-token function run
+# chunk by chunk (chunked_head.ChunkedHead), so no (T, V) tensor is held.
 
 def sd_loss(student_h, teacher_h, weight, sampled_ids, mask, span, n_sequences, cfg, with_advantage=False):
     """L_SD on one micro-batch: 1/|ŷ| Σ_{t in span} D(π_T ‖ π_θ)(t), summed over its sequences and
@@ -344,7 +344,7 @@ def sd_loss(student_h, teacher_h, weight, sampled_ids, mask, span, n_sequences, 
                                 cfg.topk_side, cfg.topk_tail, cfg.jsd_alpha, sampled_ids[positions],
                                 cfg.token_clip, cfg.logit_temperature)
 
-    values = ChunkedHead.apply(student_h, weight, per_token, cfg.chunk_size)  # (N,) D(t)
+    values = chunked_head.ChunkedHead.apply(student_h, weight, per_token, cfg.chunk_size)  # (N,) D(t)
     grid = torch.zeros(mask.shape, device=mask.device).masked_scatter(mask, values)  # (B, T)
     # 1/|ŷ| Σ_t over the distilled tokens: the divisor is the full response length
     loss = ((grid * span).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / n_sequences
@@ -363,7 +363,7 @@ def grpo_loss(student_h, weight, sampled_ids, advantages, mask, n_tokens, cfg):
             entropy[positions] = -(logp.exp() * logp).sum(-1)
         return logp.gather(-1, sampled_ids[positions, None]).squeeze(-1)
 
-    logp = ChunkedHead.apply(student_h, weight, per_token, cfg.chunk_size)  # (N,)
+    logp = chunked_head.ChunkedHead.apply(student_h, weight, per_token, cfg.chunk_size)  # (N,)
     grid = torch.zeros(mask.shape, device=mask.device).masked_scatter(mask, logp)  # (B, T)
     loss = policy_gradient_loss(grid, advantages, mask, n_tokens)
     return loss, {"entropy": entropy.sum().item(), "tokens": logp.numel()}
@@ -372,195 +372,178 @@ def grpo_loss(student_h, weight, sampled_ids, advantages, mask, n_tokens, cfg):
 # ---------------------------------------------------------------------------------------------
 # Teachers and what they see.
 
-def lora_modules(model):
-    return [(name, m) for name, m in model.named_modules() if hasattr(m, "get_delta_weight")
-            and "default" in getattr(m, "lora_A", {})]
-
-
-@torch.no_grad()
-def ema_update(ema, model, rate):
-    """ΔW_T ← (1 − rate)·ΔW_T + rate·ΔW_θ for every adapted matrix (an EMA of s·BA, not of A, B)."""
-    for name, module in lora_modules(model):
-        delta = module.get_delta_weight("default").float()
-        if name not in ema:
-            ema[name] = torch.zeros_like(delta)
-        ema[name].mul_(1 - rate).add_(delta, alpha=rate)
-
 
 @contextlib.contextmanager
 def teacher_weights(model, teacher, ema):
     """base: the adapter switched off (the initial model); ema: off, plus x·ΔW_Tᵀ added to each
-    adapted layer's output; live: the current weights as they are."""
+    adapted layer's output (ema_teacher.py); live: the current weights as they are."""
     if teacher == "live":
         yield
         return
-    hooks = []
-    with model.disable_adapter():
-        for name, module in lora_modules(model) if teacher == "ema" else []:
-            if name in ema:
-                def hook(layer, args, output, delta=ema[name]):
-                    return output + F.linear(args[0].to(delta.dtype), delta).to(output.dtype)
-                hooks.append(module.base_layer.register_forward_hook(hook))
+    with model.disable_adapter(), ema_teacher.added(model, ema if teacher == "ema" else {}):
+        yield
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop's named steps. Each is plumbing around the method; what the teacher sees, where the
+# gradient stops and the loss stay in train() below.
+
+
+def sample_rollouts(cfg, model, tokenizer, per_rollout, step, rank):
+    """1. One response per rollout from the student, which sees the question only; the step's seed
+    (a resumed run samples the same; under torchrun each chunk of rollouts by its place in the step).
+    Returns (prompt_ids, responses (ids through EOS), truncated, texts)."""
+    prompt_ids = [contexts.student_prompt_ids(tokenizer, r["question"], cfg.prompts, cfg.student_thinking)
+                  for r in per_rollout]
+    responses, truncated = sampler.generate(model, tokenizer, prompt_ids, cfg.max_new_tokens, cfg.temperature,
+                                            cfg.top_p, cfg.top_k, cfg.generation_batch,
+                                            seed=common.step_seed(cfg, step), first=rank * len(prompt_ids))
+    return prompt_ids, responses, truncated, [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+
+
+def judge_rollouts(cfg, judge, per_rollout, texts, analyse):
+    """2. The teacher's context c for each rollout: the arm's form of its critique, or the reference
+    (the record's solution; under the toy world's alignment dial the dial's, world.load_records).
+    Returns (critiques, valid, context_texts, stopped): an invalid critique drops its rollout;
+    stopped: a signal abandoned the HTTP critic's requests (no critique came back)."""
+    n, is_critique = len(per_rollout), cfg.arm.startswith("critique")
+    critiques, valid, context_texts, stopped = [None] * n, [True] * n, [None] * n, False
+    if is_critique or analyse:
         try:
-            yield
-        finally:
-            for h in hooks:
-                h.remove()
+            critiques = judge([r["question"] for r in per_rollout], texts,
+                              [r.get("solution", "") for r in per_rollout], [r["answer"] for r in per_rollout])
+        except critic.Stopped:
+            stopped = True
+    if is_critique:  # the arm's form of each valid critique (the two controls rewrite it)
+        restyle = world.toy_restyle(cfg)
+        valid = [c is not None and critic.validate_critique(t, c, r["answer"])[0]
+                 for t, c, r in zip(texts, critiques, per_rollout)]
+        context_texts = [contexts.critique_form(cfg.arm, t, c, restyle) if ok else c
+                         for t, c, ok in zip(texts, critiques, valid)]
+    elif cfg.arm == "reference":
+        context_texts = [r["solution"] for r in per_rollout]
+    return critiques, valid, context_texts, stopped
 
 
-def toy_dial(cfg):
-    """True when the toy world's references are rebuilt with non-default alignment knobs."""
-    return toy.is_world_model(cfg.model) and (cfg.toy_order, cfg.toy_phrasing) != ("grouped", "other")
+def kept_rollouts(cfg, rewards, responses, valid):
+    """The rollouts that enter the loss, and the loss's divisor: the whole step's count, summed over
+    processes under torchrun: GRPO's kept tokens (of samples with A_i ≠ 0), self-distillation's kept
+    sequences (a valid context). Returns (keep, divisor, zero_signal, advantages (None for SD))."""
+    if cfg.arm == "grpo":
+        advantages, flat_groups = grpo_advantages(rewards.view(-1, cfg.samples_per_question))
+        advantages = advantages.view(-1)
+        keep = [i for i in range(len(responses)) if advantages[i] != 0]  # A_i = 0: no signal
+        n_tokens, flat_groups = ranks.all_sum([sum(len(responses[i]) for i in keep), flat_groups])
+        return keep, n_tokens, flat_groups / cfg.batch_size, advantages
+    keep = [i for i in range(len(responses)) if valid[i]]
+    [n_sequences] = ranks.all_sum([len(keep)])
+    return keep, n_sequences, 1 - n_sequences / (cfg.batch_size * cfg.samples_per_question), None
 
 
-def teacher_context(cfg, record):
-    """The reference solution the teacher sees in the `reference` arm."""
-    if toy_dial(cfg):  # the alignment dial: a reference that follows the chain and/or its phrasing
-        return toy.reference_solution(record["question"], cfg.toy_order, cfg.toy_phrasing)
-    return record["solution"]
+def teacher_inputs(cfg, tokenizer, per_rollout, responses, critiques, context_texts, keep):
+    """The kept rollouts' teacher prompts (x with its context c) and where their distilled spans end
+    (None: the whole response): {i: ids}, {i: end}."""
+    prompts = {i: contexts.teacher_prompt_ids(tokenizer, per_rollout[i]["question"], context_texts[i], cfg.arm,
+                                              cfg.prompts, cfg.teacher_thinking, cfg.max_context_tokens)
+               for i in keep}
+    ends = {i: None if cfg.distill_span == "all" else contexts.span_end(tokenizer, responses[i], critiques[i])
+            for i in keep}
+    return prompts, ends
 
 
-def exact_answers(cfg):
-    """The toy world's answers are integers, checked exactly; any other model's go to math-verify."""
-    return toy.is_world_model(cfg.model)
-
-
-def make_judge(cfg, device):
-    """The frozen critic: the toy world's rule critic, or a model critic (critic.py)."""
-    return toy.RuleCritic() if cfg.critic == "rule" else critic.from_config(cfg, device)
-
-
-def toy_restyle(cfg):
-    """The no-prefix critique control's rewrite of a step: on toy chains (the rule critic reads
-    nothing else), the reference-only wording; a model critic's steps are kept as written."""
-    return toy.restyle_step if cfg.critic == "rule" else None
-
-
-def drop_step_and_stop(run_dir, step, model, optimizer, scheduler, ema, state, stop, tokenizer):
-    """A stop signal came while the HTTP critic was waiting: nothing of this step is applied yet, so
-    the checkpoint of the `step` finished steps is written (if not already) and we stop; a resume
-    repeats this step in full, as if never begun."""
-    if step == 0:
-        print(f"stopped by signal {stop['signal']} during the first step; nothing to save yet")
-        sys.exit(128 + stop["signal"])
-    common.save_checkpoint(run_dir, step, model, optimizer, scheduler,
-                           {"step": step, "ema": ema, "nonfinite": state["nonfinite"]}, tokenizer)
-    common.stop_if_asked(stop, False, state["nonfinite"], step)
+def start_run(cfg, device, rank):
+    """Everything before the loop that can fail, in the order a mistake should surface (the data and
+    the run folder before the model loads): (records, run_dir, lock, judge, model, tokenizer)."""
+    with ranks.rank0_first(rank):  # under torchrun, rank 0 builds a missing toy world alone
+        model_path, train_path, test_path = world.resolve_paths(cfg)  # "toy" = the built toy world
+    records = world.load_records(cfg, train_path, need_solution=cfg.arm == "reference")
+    if cfg.eval_at_end:
+        common.load_jsonl(test_path, normalize=critic.normalize_answer)  # a typo must not cost the whole run
+    lock = runfolder.RunLock(runfolder.run_folder(cfg), "training") if rank == 0 else None  # one writer
+    run_dir = runfolder.prepare_run_dir(cfg) if rank == 0 else runfolder.run_folder(cfg)  # prints cfg
+    judged = cfg.arm.startswith("critique") or cfg.analysis_every
+    judge = world.make_judge(cfg, device, records) if judged else None  # frozen
+    model, tokenizer = common.load_model(cfg, model_path, device)
+    common.check_fits(model, tokenizer, cfg, records)
+    vocab = model.get_base_model().get_output_embeddings().weight.shape[0]
+    if cfg.support == "topk" and cfg.topk >= vocab:
+        raise UserError(f"support=topk with topk={cfg.topk} >= the vocabulary size {vocab} is "
+                        f"support=full; set support=full or a smaller topk")
+    return records, run_dir, lock, judge, model, tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
 # The loop: sample → judge → teacher → student → loss → step → log → checkpoint.
 
+
 def train(cfg):
-    from tqdm import tqdm
     device = common.pick_device(cfg)
-    rank, world = common.init_ranks(device)  # (0, 1) alone; under torchrun this process's place
-    with common.rank0_first(rank):  # under torchrun, rank 0 builds a missing toy world alone
-        model_path, train_path, test_path = toy.resolve_paths(cfg)  # "toy" = the built toy world
-    records = common.load_jsonl(train_path, cfg.arm == "reference" and not toy_dial(cfg), critic.normalize_answer)
-    if cfg.eval_at_end:
-        common.load_jsonl(test_path, normalize=critic.normalize_answer)  # a typo must not cost the whole run
-    lock = common.RunLock(common.run_folder(cfg), "training") if rank == 0 else None  # one writer per run
-    run_dir = common.prepare_run_dir(cfg) if rank == 0 else common.run_folder(cfg)
-    if rank == 0:
-        print(f"config ({os.path.join(run_dir, 'config.yaml')}): "
-              + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
-    is_critique = cfg.arm.startswith("critique")
-    if cfg.critic == "rule" and (is_critique or cfg.analysis_every):
-        toy.check_rule_critic(records)  # the rule critic reads toy chains only
-    judge = make_judge(cfg, device) if is_critique or cfg.analysis_every else None  # frozen
-    model, tokenizer = common.load_model(cfg, model_path, device)
-    common.check_fits(model, tokenizer, cfg, records)
-    params = [p for p in model.parameters() if p.requires_grad]  # the LoRA factors only
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(records) / cfg.batch_size))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, common.lr_lambda(cfg, total_steps))
+    rank, world_size = ranks.init_ranks(device)  # (0, 1) alone; under torchrun this process's place
+    records, run_dir, lock, judge, model, tokenizer = start_run(cfg, device, rank)
+    params, optimizer, scheduler, total_steps = common.optimizer_for(cfg, model, len(records))
     weight = model.get_base_model().get_output_embeddings().weight  # (V, d) the frozen LM head
-    if cfg.support == "topk" and cfg.topk >= weight.shape[0]:
-        raise UserError(f"support=topk with topk={cfg.topk} >= the vocabulary size {weight.shape[0]} is "
-                        f"support=full; set support=full or a smaller topk")
-    with common.rank0_first(rank):  # rank 0 moves damaged checkpoints aside and trims the logs
-        state = common.resume(run_dir, model, optimizer, scheduler, writer=rank == 0)  # {"step", "ema", "nonfinite"}
-    model.train()  # LoRA dropout on in the student's forward; generation and the teacher use eval mode
-    ema, stop, G, pad = state["ema"], common.handle_signals(), cfg.samples_per_question, tokenizer.pad_token_id
-    exact = exact_answers(cfg)
-    for step in tqdm(range(state["step"], total_steps), initial=state["step"], total=total_steps, desc=cfg.run,
-                     disable=rank > 0 or not common.progress_bars()):
+    with ranks.rank0_first(rank):  # rank 0 moves damaged checkpoints aside and trims the logs
+        state = runfolder.resume(run_dir, model, optimizer, scheduler, writer=rank == 0)
+    model.train()  # LoRA dropout on in the student's forward; generation and the teacher: eval mode
+    ema, stop, G = state["ema"], common.handle_signals(), cfg.samples_per_question
+    exact = world.exact_answers(cfg)  # the toy world's integers exactly, decided once
+    for step in tqdm(range(state["step"], total_steps), initial=state["step"], total=total_steps,
+                     desc=cfg.run, disable=rank > 0 or not common.progress_bars()):
         timer, step_start = common.Timer(device), time.perf_counter()
-        torch.manual_seed(common.step_seed(cfg, step))  # per step, so a resumed run samples the same
-        batch = [records[i] for i in common.batch_for_step(len(records), cfg.batch_size, step, cfg.seed)]
-        batch = common.share(batch, rank, world)  # this process's questions (all of them alone)
-        per_rollout = [r for r in batch for _ in range(G)]  # the record of each rollout: G per question
+        torch.manual_seed(common.step_seed(cfg, step))  # per step: a resumed run samples the same
+        order = common.batch_for_step(len(records), cfg.batch_size, step, cfg.seed)
+        batch = ranks.share([records[i] for i in order], rank, world_size)  # this process's share
+        per_rollout = [r for r in batch for _ in range(G)]  # each rollout's record: G per question
         # 1. sample ŷ ~ π_θ(· | x): the student sees the question only
         with timer("generate"):
-            prompt_ids = [contexts.student_prompt_ids(tokenizer, r["question"], cfg.prompts, cfg.student_thinking)
-                          for r in per_rollout]
-            responses, truncated = common.generate(model, tokenizer, prompt_ids, cfg.max_new_tokens, cfg.temperature,
-                                                   cfg.top_p, cfg.top_k, cfg.generation_batch,
-                                                   seed=common.step_seed(cfg, step), first=rank * len(prompt_ids))
-            texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-        rewards = torch.tensor([critic.reward(t, r["answer"], exact) for t, r in zip(texts, per_rollout)])
+            prompt_ids, responses, truncated, texts = sample_rollouts(cfg, model, tokenizer,
+                                                                      per_rollout, step, rank)
+        rewards = torch.tensor([critic.reward(t, r["answer"], exact)
+                                for t, r in zip(texts, per_rollout)])
         # 2. judge: the teacher's context c for each rollout (an invalid critique drops its rollout)
-        analyse = cfg.analysis_every > 0 and (step + 1) % cfg.analysis_every == 0 and cfg.arm != "grpo"
-        n = len(per_rollout)
-        critiques, valid, context_texts = [None] * n, [True] * n, [None] * n
+        analyse = cfg.arm != "grpo" and cfg.analysis_every and (step + 1) % cfg.analysis_every == 0
         with timer("critic"):
-            if is_critique or analyse:
-                try:
-                    critiques = judge([r["question"] for r in per_rollout], texts,
-                                      [r.get("solution", "") for r in per_rollout], [r["answer"] for r in per_rollout])
-                except critic.Stopped:  # a signal abandoned the HTTP critic's requests
-                    if world == 1:  # this step never happened: save the last finished one and stop
-                        drop_step_and_stop(run_dir, step, model, optimizer, scheduler, ema, state, stop, tokenizer)
-                    critiques = [None] * n  # under torchrun the ranks stop together, after this step
-            if is_critique:  # the arm's form of each valid critique (the two controls rewrite it)
-                valid = [c is not None and critic.validate_critique(t, c, r["answer"])[0]
-                         for t, c, r in zip(texts, critiques, per_rollout)]
-                context_texts = [contexts.critique_form(cfg.arm, t, c, toy_restyle(cfg)) if ok else c
-                                 for t, c, ok in zip(texts, critiques, valid)]
-            elif cfg.arm == "reference":
-                context_texts = [teacher_context(cfg, r) for r in per_rollout]
-        # 3-5. teacher and student on the same ŷ; the loss's gradient accumulates over micro-batches.
-        # The normalisers are the whole step's counts, summed over processes under torchrun.
-        totals, keep, A_parts = {"loss": 0.0, "divergence": 0.0, "entropy": 0.0, "tokens": 0}, [], []
-        if cfg.arm == "grpo":
-            advantages, flat_groups = grpo_advantages(rewards.view(-1, G))
-            advantages = advantages.view(-1)
-            keep = [i for i in range(n) if advantages[i] != 0]  # A_i = 0: no signal
-            n_tokens, flat_groups = common.all_sum([sum(len(responses[i]) for i in keep), flat_groups])
-            n_kept, zero_signal = n_tokens, flat_groups / cfg.batch_size  # n_kept: the step's loss count
-        else:
-            keep = [i for i in range(n) if valid[i]]
-            [n_kept] = common.all_sum([len(keep)])  # sequences in the loss, the step's divisor
-            zero_signal = 1 - n_kept / (cfg.batch_size * G)
+            critiques, valid, context_texts, stopped = judge_rollouts(cfg, judge, per_rollout,
+                                                                      texts, analyse)
+        if stopped and world_size == 1:  # the step never happened: save the last one, stop
+            runfolder.drop_step_and_stop(run_dir, step, model, optimizer, scheduler, ema, state,
+                                         stop, tokenizer)
+        # 3-5. teacher and student on the same ŷ; the loss's gradient accumulates over
+        # micro-batches, each divided by the whole step's `divisor` (GRPO: tokens, SD: sequences)
+        keep, divisor, zero_signal, advantages = kept_rollouts(cfg, rewards, responses, valid)
+        if cfg.arm != "grpo":
+            teacher_ids, span_ends = teacher_inputs(cfg, tokenizer, per_rollout, responses,
+                                                    critiques, context_texts, keep)
+        totals, A_parts = {"loss": 0.0, "divergence": 0.0, "entropy": 0.0, "tokens": 0}, []
         for start in range(0, len(keep), cfg.micro_batch):
             part = keep[start:start + cfg.micro_batch]
+            student_ids, ys = [prompt_ids[i] for i in part], [responses[i] for i in part]
             if cfg.arm == "grpo":  # −A_i · log π_θ(ŷ_t), token mean over the batch's kept samples
-                rows = contexts.build_rows([prompt_ids[i] for i in part], [responses[i] for i in part], pad)
+                rows = contexts.build_rows(student_ids, ys, tokenizer.pad_token_id)
             else:  # [student prompt ‖ ŷ] and [teacher prompt(c) ‖ ŷ]: the same ŷ ids (asserted)
-                rows, teacher_rows = contexts.build_pair([prompt_ids[i] for i in part], [contexts.teacher_prompt_ids(
-                    tokenizer, per_rollout[i]["question"], context_texts[i], cfg.arm, cfg.prompts, cfg.teacher_thinking,
-                    cfg.max_context_tokens) for i in part], [responses[i] for i in part], pad)
+                rows, teacher_rows = contexts.build_pair(
+                    student_ids, [teacher_ids[i] for i in part], ys, tokenizer.pad_token_id)
             mask = rows["response_mask"].to(device)  # (B, T): ŷ's tokens, right-aligned
-            sampled_ids = rows["input_ids"][:, -mask.shape[1]:].to(device)[mask]  # (N,) the tokens ŷ_t
+            T = mask.shape[1]
+            sampled_ids = rows["input_ids"][:, -T:].to(device)[mask]  # (N,) the tokens ŷ_t
             if cfg.arm == "grpo":
                 with timer("student"):
-                    student_h = common.response_hidden(model, rows, mask.shape[1], device)[mask]  # (N, d)
-                    loss, stats = grpo_loss(student_h, weight, sampled_ids, advantages[part].to(device),
-                                            mask, n_tokens, cfg)
+                    student_h = chunked_head.response_hidden(model, rows, T, device)[mask]  # (N, d)
+                    loss, stats = grpo_loss(student_h, weight, sampled_ids,
+                                            advantages[part].to(device), mask, n_tokens=divisor,
+                                            cfg=cfg)
                     loss.backward()
             else:
                 # 3. teacher π_T(·|x, c, ŷ<t): no gradient, the adapter switched off (teacher=base)
                 with timer("teacher"), torch.no_grad(), common.eval_mode(model), \
                         teacher_weights(model, cfg.teacher, ema):
-                    teacher_h = common.response_hidden(model, teacher_rows, mask.shape[1], device)[mask]
+                    teacher_h = chunked_head.response_hidden(model, teacher_rows, T, device)[mask]
                 # 4. student π_θ(·|x, ŷ<t): the question only, LoRA on, with gradient
                 with timer("student"):
-                    student_h = common.response_hidden(model, rows, mask.shape[1], device)[mask]  # (N, d)
-                    span = contexts.distilled_span(mask, [None if cfg.distill_span == "all" else 1 + contexts.departure_index(
-                        responses[i], tokenizer(critiques[i], add_special_tokens=False)["input_ids"]) for i in part])
-                    loss, stats = sd_loss(student_h, teacher_h, weight, sampled_ids, mask, span, n_kept, cfg,
-                                          with_advantage=analyse)
+                    student_h = chunked_head.response_hidden(model, rows, T, device)[mask]  # (N, d)
+                    span = contexts.distilled_span(mask, [span_ends[i] for i in part])  # ⊆ mask
+                    loss, stats = sd_loss(student_h, teacher_h, weight, sampled_ids, mask, span,
+                                          n_sequences=divisor, cfg=cfg, with_advantage=analyse)
                     loss.backward()
                 totals["divergence"] += stats["divergence"]
                 if analyse:
@@ -568,57 +551,28 @@ def train(cfg):
             totals["loss"] += loss.item()
             totals["entropy"] += stats["entropy"]
             totals["tokens"] += stats["tokens"]
-        # 6. update the LoRA weights (a non-finite loss or gradient skips the update); under torchrun
-        # the processes' gradients are summed first, and every process takes the same step
+        # 6. update the LoRA weights (a non-finite loss or gradient skips the update)
         with timer("optimizer"):
-            if n_kept:
-                common.sum_gradients(params)
-            *sums, asked = common.all_sum([*totals.values(), bool(stop["signal"])])
-            totals = dict(zip(totals, sums))
-            stop["signal"] = stop["signal"] or (signal.SIGTERM if asked else None)  # one stops, all stop
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
-            finite = math.isfinite(totals["loss"]) and math.isfinite(grad_norm)
-            if finite:
-                optimizer.step()
-                if cfg.teacher == "ema":
-                    ema_update(ema, model, cfg.ema_rate)
-            state["nonfinite"] = 0 if finite else state["nonfinite"] + 1
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            totals, grad_norm, finite = common.optimizer_step(cfg, model, params, optimizer,
+                                                              scheduler, ema, totals, divisor,
+                                                              state, stop)
         # 7. log (under torchrun, every process's rollouts in rank order; rank 0 writes)
         analysed = list(zip(*[[responses[i] for i in keep], A_parts, [texts[i] for i in keep],
                               [critiques[i] for i in keep]])) if analyse else []
-        if world > 1:
-            per_rollout, texts, responses, truncated, context_texts, valid, analysed = (common.gather(x) for x in (
-                per_rollout, texts, responses, truncated, context_texts, valid, analysed))
-            rewards = torch.tensor(common.gather(rewards.tolist()))
-        record = {"step": step + 1, "train/loss": totals["loss"], "train/reward": rewards.mean().item(),
-                  "train/response_len": sum(map(len, responses)) / len(responses),
-                  "train/truncated": sum(truncated) / len(truncated),
-                  "train/critique_invalid": valid.count(False), "train/zero_signal": zero_signal,
-                  "train/leak_rate": common.leak_rate(texts, cfg.prompts),
-                  "train/context_overlap": common.context_overlap(tokenizer, responses, context_texts),
-                  "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
-                  "train/nonfinite": int(not finite), **timer.record()}
-        if totals["tokens"]:  # absent, not 0, when no token entered the loss
-            record["train/entropy"] = totals["entropy"] / totals["tokens"]
-            if cfg.arm != "grpo":  # no teacher, no divergence in grpo
-                record["train/kl"] = totals["divergence"] / totals["tokens"]
-        if analysed:
-            record.update(contexts.advantage_stats(tokenizer, *map(list, zip(*analysed))))
-        record["time/step"] = round(time.perf_counter() - step_start, 3)  # all of it up to this line
+        rewards, per_rollout, texts, responses, truncated, context_texts, valid, analysed = \
+            ranks.gather_rollouts(world_size, rewards, per_rollout, texts, responses, truncated,
+                                  context_texts, valid, analysed)
+        record = runfolder.step_record(
+            cfg, tokenizer, step + 1, totals, rewards, responses, truncated, texts, context_texts,
+            valid, zero_signal, analysed, grad_norm=grad_norm, lr=scheduler.get_last_lr()[0],
+            finite=finite, times=timer.record())
+        record["time/step"] = round(time.perf_counter() - step_start, 3)  # all of it up to here
         if rank == 0:
-            common.log_step(run_dir, record, total_steps, finite, cfg.sample_every, per_rollout, texts, rewards,
-                            context_texts, valid, truncated)
-        # 8. checkpoint
-        give_up = not finite and state["nonfinite"] >= cfg.max_nonfinite
-        if rank == 0 and (step + 1 == total_steps or (step + 1) % cfg.checkpoint_every == 0 or stop["signal"]
-                          or give_up):
-            common.save_checkpoint(run_dir, step + 1, model, optimizer, scheduler,
-                                   {"step": step + 1, "ema": ema, "nonfinite": state["nonfinite"]}, tokenizer)
-        if stop["signal"] or give_up:
-            common.barrier()  # under torchrun the others wait for rank 0's checkpoint before leaving
-        common.stop_if_asked(stop, give_up, state["nonfinite"], step + 1)
+            runfolder.log_step(run_dir, record, total_steps, finite, cfg.sample_every,
+                               per_rollout, texts, rewards, context_texts, valid, truncated)
+        # 8. checkpoint (and stop, on a signal or too many non-finite steps)
+        runfolder.checkpoint_and_stop(cfg, run_dir, rank, step + 1, total_steps, finite, state,
+                                      stop, ema, model, optimizer, scheduler, tokenizer)
     common.default_signals()
     if lock:
         lock.release()
@@ -633,12 +587,7 @@ def main(argv=None):
             del model
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            here = os.path.dirname(os.path.abspath(__file__))
-            trust = ["--trust-remote-code"] if cfg.trust_remote_code else []  # given on this command line
-            env = common.child_group_env()  # under torchrun, eval.py's processes form their own group
-            common.leave_group()
-            # our SIGINT/SIGTERM are passed on to it, and we wait: it never runs on alone
-            sys.exit(common.run_child([sys.executable, os.path.join(here, "eval.py"), run_dir, *trust], env))
+            sys.exit(common.evaluate_in_child(run_dir, cfg.trust_remote_code))
 
 
 if __name__ == "__main__":

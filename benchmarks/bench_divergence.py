@@ -4,7 +4,7 @@ KL(T‖S) → backward to the student's hidden states, for one row of T response
 Two ways to do it:
   naive  what peers do: both sides' full (T, V) logits and log-probabilities live at once,
          token_divergence over all of them, mean, backward through autograd.
-  ours   selfdistill.ChunkedHead: the LM head and token_divergence run over chunks of positions,
+  ours   chunked_head.ChunkedHead: the LM head and token_divergence run over chunks of positions,
          the teacher's chunk logits under no_grad, each chunk's gradient taken on the spot
          (the per-token function selfdistill.sd_loss passes, minus its entropy metric and its
          optional A_t; --entropy also times it with the metric, as every training step runs it).
@@ -16,7 +16,7 @@ built before the clock starts). The two must give the same loss (rel 1e-5) and g
 
     python benchmarks/bench_divergence.py --quick          # seconds: V=8192, d=256, T=512
     python benchmarks/bench_divergence.py                  # Qwen3-1.7B head: V=151936, d=2048, T=2048
-    python benchmarks/bench_divergence.py --chunk 0        # the chunk from selfdistill.CHUNK_LOGITS_MB
+    python benchmarks/bench_divergence.py --chunk 0        # the chunk from chunked_head.CHUNK_LOGITS_MB
     python benchmarks/bench_divergence.py --T 512 --chunk 192
 
 The last line is key=value pairs; the targets are memory_ratio <= 0.125 at time_ratio <= 1.2.
@@ -41,7 +41,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from selfdistill import ChunkedHead, Config, chunk_positions, token_divergence  # noqa: E402
+from chunked_head import ChunkedHead, chunk_positions  # noqa: E402
+from selfdistill import Config, token_divergence  # noqa: E402
 
 
 def memory_mb(key):
@@ -136,7 +137,7 @@ def main():
     parser.add_argument("--d", type=int, default=2048, help="hidden size (Qwen3-1.7B: 2048)")
     parser.add_argument("--T", type=int, default=2048, help="response tokens in the row")
     parser.add_argument("--chunk", type=int, default=Config.chunk_size, help="positions per chunk for ours "
-                        f"(0: auto, from selfdistill.CHUNK_LOGITS_MB; default: the training default, {Config.chunk_size})")
+                        f"(0: auto, from chunked_head.CHUNK_LOGITS_MB; default: the training default, {Config.chunk_size})")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per variant (median; "
                         "default 3, 1 with --quick)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

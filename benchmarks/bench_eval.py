@@ -3,7 +3,7 @@ eval.sample_answers and of the row eval.evaluate_steps builds from it, each time
 wrapper (~1 µs a call) around the function that does it:
 
   prompts    contexts.student_prompt_ids: the chat template, once per question
-  generate   common.generate: HF generate (prefill, decoding steps, sampling), 256 rows a call
+  generate   sampler.generate: HF generate (prefill, decoding steps, sampling), 256 rows a call
   decode     tokenizer.decode of every sample
   answers    critic.extract_answer and critic.answers_match on every sample
   summarize  eval.question_scores and eval.summarize (Pass@k, Maj@k, bootstrap CIs)
@@ -38,6 +38,8 @@ import critic  # noqa: E402
 import eval as evaluation  # noqa: E402
 import selfdistill  # noqa: E402
 import toy  # noqa: E402
+import sampler  # noqa: E402
+import world  # noqa: E402
 
 PARTS = ("prompts", "generate", "decode", "answers", "summarize", "toy")
 
@@ -71,12 +73,12 @@ def one_evaluation(model, tokenizer, cfg, device, records, step):
             setattr(owner, name, original)
     seconds["other"] = time.perf_counter() - start - sum(seconds.values())  # glue inside sample_answers
     start = time.perf_counter()
-    exact = selfdistill.exact_answers(cfg)
+    exact = world.exact_answers(cfg)
     evaluation.summarize([evaluation.question_scores(*s[:5], cfg.eval_samples, exact) for s in scored])
     seconds["summarize"] = time.perf_counter() - start
     if cfg.model == "toy":
         start = time.perf_counter()
-        evaluation.toy_instruments(scored)
+        world.toy_instruments(scored)
         seconds["toy"] = time.perf_counter() - start
     seconds["total"] = sum(seconds.values())
     samples = json.dumps([[s[0], s[1], s[2], s[3], s[5]] for s in scored])
@@ -100,7 +102,7 @@ def main():
                             f"out_dir={tmp}"], check=True, stdout=subprocess.DEVNULL)
         cfg = evaluation.load_run_config(run_dir)
         device = common.pick_device(cfg)
-        model_path, _, test_path = toy.resolve_paths(cfg)
+        model_path, _, test_path = world.resolve_paths(cfg)
         records = common.load_jsonl(test_path, normalize=critic.normalize_answer)
         records = records[:cfg.eval_questions or len(records)]
         model, tokenizer = common.load_model(cfg, model_path, device)

@@ -1,10 +1,10 @@
 """Does sampling get faster than a plain `generate`? Three ways to draw the same rollouts from the
 toy world's base model (with its fresh LoRA adapter, as in training), timed in rotating order:
 
-  dynamic  `model.generate` with the default dynamic KV cache (HF's loop; common.generate runs its
-           own, `common.decode`, whose effect on a whole evaluation benchmarks/bench_eval.py measures)
+  dynamic  `model.generate` with the default dynamic KV cache (HF's loop; sampler.generate runs its
+           own, `sampler.decode`, whose effect on a whole evaluation benchmarks/bench_eval.py measures)
   static   the same call with `cache_implementation="static"` (a preallocated cache; what
-           common.generate does with static_cache=True, as the toy build samples)
+           sampler.generate does with static_cache=True, as the toy build samples)
   loop     a hand-written decoding loop: one forward per token on the dynamic cache, multinomial
            sampling at T = 1, no logits processors or stopping criteria; EOS is ignored
 
@@ -28,6 +28,8 @@ import common  # noqa: E402
 import contexts  # noqa: E402
 import selfdistill  # noqa: E402
 import toy  # noqa: E402
+import sampler  # noqa: E402
+import toy_build  # noqa: E402
 
 
 def hand_loop(model, rows, new_tokens):
@@ -57,11 +59,11 @@ def main():
     args = parser.parse_args()
     cfg = selfdistill.load_config([f"threads={args.threads}"])  # sampling settings: the run's defaults
     device = common.pick_device(cfg)
-    built = toy.ensure_built()
+    built = toy_build.ensure_built()
     model, tokenizer = common.load_model(cfg, built["model_dir"], device)
     model.eval()
     questions = [r["question"] for r in common.load_jsonl(built["test"])]
-    stop = common.eos_ids(model, tokenizer)
+    stop = sampler.eos_ids(model, tokenizer)
     print(f"{time.strftime('%Y-%m-%d')} | torch {torch.__version__}, {torch.get_num_threads()} threads "
           f"| toy model + LoRA | {args.new_tokens} new tokens per row")
     for n in args.rows:
@@ -69,9 +71,9 @@ def main():
                    for i in range(n)]
         rows = contexts.build_rows(prompts, [[] for _ in prompts], tokenizer.pad_token_id)
         settings = (tokenizer, stop, args.new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
-        dynamic = common.sampling_config(*settings)
+        dynamic = sampler.sampling_config(*settings)
         dynamic.min_new_tokens = args.new_tokens  # no early stop: every way does the same work
-        static = common.sampling_config(*settings, static_cache=True)
+        static = sampler.sampling_config(*settings, static_cache=True)
         static.min_new_tokens = args.new_tokens
         ways = {
             "dynamic": lambda: model.generate(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"],

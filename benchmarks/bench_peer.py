@@ -216,10 +216,10 @@ def parity_reward(response, gold, *settings):
 def reward_function(kind, cfg):
     """The reward of one decoded response, as ours computes it in selfdistill.train (the same call)."""
     import critic
-    import selfdistill
+    import world
     if kind == "parity":
         return parity_reward
-    exact = selfdistill.exact_answers(cfg)  # the toy world: integers compared exactly
+    exact = world.exact_answers(cfg)  # the toy world: integers compared exactly
     return lambda response, gold: critic.reward(response, gold, exact)
 
 
@@ -260,10 +260,10 @@ def run_trl(args, out_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
     import common
     import contexts
-    import toy
+    import world
     cfg = our_config(args, out_dir)
     torch.set_num_threads(cfg.threads)
-    model_dir, train_path, _ = toy.resolve_paths(cfg)
+    model_dir, train_path, _ = world.resolve_paths(cfg)
     records = common.load_jsonl(train_path, need_solution=args.arm == "reference")
     order = [i for step in range(cfg.max_steps)  # our questions, step by step, in our order
              for i in common.batch_for_step(len(records), cfg.batch_size, step, cfg.seed)]

@@ -43,6 +43,8 @@ import common  # noqa: E402
 import contexts  # noqa: E402
 import selfdistill  # noqa: E402
 import toy  # noqa: E402
+import sampler  # noqa: E402
+import toy_build  # noqa: E402
 
 # Shapes of the random models (Qwen3-1.7B's from its published config.json).
 SHAPES = {
@@ -93,16 +95,16 @@ def bare_parts(cfg, model_path, train_path, device, samples):
     gold = [r for r in batch for _ in range(cfg.samples_per_question)]
     prompts = [contexts.student_prompt_ids(tokenizer, r["question"], cfg.prompts, cfg.student_thinking)
                for r in gold]
-    stop, pad = common.eos_ids(model, tokenizer), tokenizer.pad_token_id
+    stop, pad = sampler.eos_ids(model, tokenizer), tokenizer.pad_token_id
     rows = contexts.build_rows(prompts, [[] for _ in prompts], pad)  # left-padded prompts alone
     torch.manual_seed(common.step_seed(cfg, 0))
     model.eval()
     with timer("generate"), torch.no_grad():
         out = model.generate(input_ids=rows["input_ids"].to(device),
                              attention_mask=rows["attention_mask"].to(device),
-                             generation_config=common.sampling_config(tokenizer, stop, cfg.max_new_tokens,
+                             generation_config=sampler.sampling_config(tokenizer, stop, cfg.max_new_tokens,
                                                                       cfg.temperature, cfg.top_p, cfg.top_k))
-    responses, _ = common.cut_at_stop(out[:, rows["input_ids"].shape[1]:], stop)
+    responses, _ = sampler.cut_at_stop(out[:, rows["input_ids"].shape[1]:], stop)
     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
     same = texts == [s["response"] for s in samples]
     # the step's rows: its own contexts and validity, as samples.jsonl recorded them
@@ -166,10 +168,10 @@ def step_config(args, model_name, model_path, train_path, context, r, folder):
 
 def bench(model_name, args, folder):
     if model_name == "toy":
-        built = toy.ensure_built()
+        built = toy_build.ensure_built()
         model_path, train_path, context = built["model_dir"], built["train"], "critique"
     else:
-        model_path, train_path, context = os.path.join(folder, model_name), toy.ensure_built()["train"], "reference"
+        model_path, train_path, context = os.path.join(folder, model_name), toy_build.ensure_built()["train"], "reference"
         if not os.path.isdir(model_path):
             dtype = step_config(args, model_name, model_path, train_path, context, 1, folder).dtype
             n = build_random_model(model_name, model_path, dtype)

@@ -6,7 +6,7 @@ test_critic.py and test_eval.py without repeating their cases.
 
 Most checks run in-process (`selfdistill.main([...])` / `eval.main([...])` with capsys); one runs
 `selfdistill.py` as a subprocess to see the real stderr and exit code. Where a mistake must be
-caught before a model loads, `common.load_model` (or `common.generate`, before training starts)
+caught before a model loads, `common.load_model` (or `sampler.generate`, before training starts)
 is replaced by a tripwire.
 
 | mistake | how it is handled |
@@ -78,6 +78,8 @@ import selfdistill
 from common import UserError
 from conftest import run_main, run_settings
 from selfdistill import load_config
+import compare
+import sampler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -442,7 +444,7 @@ def test_compare_the_same_run_twice(tiny_model_dir, data, tmp_path):
     with open(os.path.join(run_dir, "eval.jsonl"), "w") as f:
         f.write(json.dumps(row) + "\n")
     try:
-        arms, _ = ev.compare_runs([run_dir, run_dir])  # e.g. runs/critique-s* runs/critique-s0
+        arms, _ = compare.compare_runs([run_dir, run_dir])  # e.g. runs/critique-s* runs/critique-s0
     except UserError as e:
         assert "twice" in str(e)
     else:

@@ -11,6 +11,8 @@ import common
 import selfdistill
 from common import UserError
 from selfdistill import load_config
+import options
+import toy_build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,8 +57,8 @@ def test_the_length_budget_follows_the_world(tiny_model_dir, tmp_path):
     world = tmp_path / "world"
     os.makedirs(world / "model")
     (world / "build.json").write_text('{"settings": {"max_new_tokens": 40}}')
-    assert load_config(["model=toy"]).max_new_tokens == toy.budget()
-    assert load_config([f"model={toy.WORLD}/model"]).max_new_tokens == toy.budget()
+    assert load_config(["model=toy"]).max_new_tokens == toy_build.budget()
+    assert load_config([f"model={toy_build.WORLD}/model"]).max_new_tokens == toy_build.budget()
     assert load_config([f"model={world / 'model'}"]).max_new_tokens == 40
     assert load_config([f"model={tiny_model_dir}"]).max_new_tokens == 512
 
@@ -129,8 +131,8 @@ def test_contradictory_settings(argv, fragment):
 def test_help_lists_every_field_with_its_comment():
     out = subprocess.run([sys.executable, "selfdistill.py", "--help"], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout
-    comments = common.field_help(selfdistill.Config)
-    for name in common.fields_of(selfdistill.Config):
+    comments = options.field_help(selfdistill.Config)
+    for name in options.fields_of(selfdistill.Config):
         assert name in out and comments[name][:20] in out, name
 
 

@@ -6,7 +6,7 @@ and malformed critiques dropped); think-block removal; the local HF critic on a 
 HTTP critic's contract against a local OpenAI-compatible server (the key is sent but never shown,
 timeouts and garbage become None after bounded retries, 5xx is retried, other 4xx is not, an
 unreachable server fails at startup with one line); which critic a config builds (critic=rule:
-the toy world's toy.RuleCritic through selfdistill.make_judge; critic.make_critic and
+the toy world's toy.RuleCritic through world.make_judge; critic.make_critic and
 critic.from_config build the model critics, hf and http, only)."""
 import json
 import socket
@@ -20,6 +20,7 @@ from common import UserError
 from critic import (HFCritic, HTTPCritic, answers_match, clean_critique, critic_prompt, extract_answer,
                     from_config, make_critic, reward, validate_critique)
 from toy import RuleCritic
+import world
 
 # ---------------------------------------------------------------------------------------------
 # Answers
@@ -225,11 +226,11 @@ def test_make_critic_and_rule_critic(monkeypatch):
 
 
 def test_make_judge_and_from_config(server):
-    judge = selfdistill.make_judge(selfdistill.Config(critic="rule"), "cpu")
+    judge = world.make_judge(selfdistill.Config(critic="rule"), "cpu")
     assert isinstance(judge, RuleCritic)
     cfg = selfdistill.Config(critic="http", critic_url=server.url, critic_model="critic-model",
                              critic_timeout=5)
-    judge = selfdistill.make_judge(cfg, "cpu")
+    judge = world.make_judge(cfg, "cpu")
     assert isinstance(judge, HTTPCritic) and judge.base_url == server.url and judge.model == "critic-model"
     assert judge(*ARGS) == [GOOD]
     assert isinstance(from_config(cfg, "cpu"), HTTPCritic)

@@ -19,10 +19,11 @@ import math
 import pytest
 import torch
 
+import chunked_head
 import contexts
 import selfdistill
-from selfdistill import (ChunkedHead, Config, grpo_advantages, policy_gradient_loss, sd_loss,
-                         token_divergence)
+from chunked_head import ChunkedHead
+from selfdistill import Config, grpo_advantages, policy_gradient_loss, sd_loss, token_divergence
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -623,13 +624,13 @@ def test_auto_chunk_from_the_memory_budget(monkeypatch):
     """chunk_size=0 takes the most positions whose (C, V) float32 logits fit in CHUNK_LOGITS_MB (at
     least 1); an explicit chunk_size is kept as given; ChunkedHead runs the chunks it says, and the
     result equals brute force."""
-    budget = selfdistill.CHUNK_LOGITS_MB * 2 ** 20
+    budget = chunked_head.CHUNK_LOGITS_MB * 2 ** 20
     for V in (111, 8192, 151_936, 262_144):
-        C = selfdistill.chunk_positions(0, V)
+        C = chunked_head.chunk_positions(0, V)
         assert C * V * 4 <= budget < (C + 1) * V * 4
-        assert selfdistill.chunk_positions(7, V) == 7
-    assert selfdistill.chunk_positions(0, 151_936) == 193  # Qwen3's head: the figure in the docstring
-    assert selfdistill.chunk_positions(0, budget) == 1  # a row of logits over the budget: one position
+        assert chunked_head.chunk_positions(7, V) == 7
+    assert chunked_head.chunk_positions(0, 151_936) == 193  # Qwen3's head: the figure in the docstring
+    assert chunked_head.chunk_positions(0, budget) == 1  # a row of logits over the budget: one position
     student_h, teacher_h, weight, upstream = head_inputs()  # 10 positions, V = weight.shape[0]
     monkeypatch.setattr(selfdistill, "CHUNK_LOGITS_MB", 3.5 * 4 * weight.shape[0] / 2 ** 20)  # 3 rows
     seen = []

@@ -25,6 +25,9 @@ import eval as ev
 import selfdistill
 import toy
 from common import UserError
+import analyze
+import compare
+import toy_build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -107,7 +110,7 @@ def direct_logp(model, prompt, response):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("chunk_size", [5, 0])  # 0: the chunk from selfdistill.CHUNK_LOGITS_MB
+@pytest.mark.parametrize("chunk_size", [5, 0])  # 0: the chunk from chunked_head.CHUNK_LOGITS_MB
 def test_advantages_equal_direct_log_probs(lora_model, chunk_size, monkeypatch):
     cfg, model, tok = lora_model
     monkeypatch.setattr(cfg, "chunk_size", chunk_size)
@@ -115,7 +118,7 @@ def test_advantages_equal_direct_log_probs(lora_model, chunk_size, monkeypatch):
     responses = [tok("<step_1> 2+7=9 <step_2> 9+5=15 <answer> 15")["input_ids"] + [tok.eos_token_id],
                  tok("<answer> 8")["input_ids"]]  # different lengths: the batch is padded
     context = "<step_1> 2+7=9 <step_2> 9+5=14 <answer> 14"
-    A = ev.batch_advantages(model, tok, cfg, torch.device("cpu"), questions, responses,
+    A = analyze.batch_advantages(model, tok, cfg, torch.device("cpu"), questions, responses,
                             {"critique": [context, context]})["critique"]
     for q, r, a in zip(questions, responses, A):
         student = contexts.student_prompt_ids(tok, q, cfg.prompts)
@@ -126,7 +129,7 @@ def test_advantages_equal_direct_log_probs(lora_model, chunk_size, monkeypatch):
         assert a.shape == (len(r),)
         assert expected.abs().max() > 1e-3  # the LoRA really changes the student
         torch.testing.assert_close(a, expected, atol=1e-4, rtol=1e-4)
-    one = ev.token_advantages(model, tok, questions[0], responses[0], context, "critique", cfg, "cpu")
+    one = analyze.token_advantages(model, tok, questions[0], responses[0], context, "critique", cfg, "cpu")
     torch.testing.assert_close(one, A[0], atol=1e-5, rtol=1e-5)
 
 
@@ -137,21 +140,21 @@ def test_analysis_masks_and_contexts(lora_model):
     critique = toy.rule_critique("2+7+5-3", text, "11")
     item = {"question": "2+7+5-3", "answer": "11", "solution": toy.reference_solution("2+7+5-3"),
             "response_ids": tok(text)["input_ids"] + [tok.eos_token_id], "text": text,
-            "critique": critique, "wrong_step": ev.first_wrong_step(text, critique)}
+            "critique": critique, "wrong_step": analyze.first_wrong_step(text, critique)}
     assert item["wrong_step"] == 1
-    texts = ev.analysis_contexts(cfg, item, ev.KINDS)
+    texts = analyze.analysis_contexts(cfg, item, analyze.KINDS)
     assert texts["critique"] == critique and texts["reference"] == item["solution"]
     assert "9+5=15 is wrong; correct: 9+5=14" in texts["critique_quoting"]
     assert "2+7=9" not in texts["critique_no_prefix"] and "9 plus 5 is 14" in texts["critique_no_prefix"]
-    [result] = ev.analyze_rollouts(model, tok, cfg, "cpu", [item])
+    [result] = analyze.analyze_rollouts(model, tok, cfg, "cpu", [item])
     start, end = result["wrong_span"]
     assert "".join(result["tokens"][start:end]).strip() == "9+5=15"
     assert "".join(result["tokens"][result["step_starts"][0]:]).startswith("<step_1>")
-    for kind in ev.KINDS:
+    for kind in analyze.KINDS:
         A = torch.tensor(result["contexts"][kind]["A"])
         assert A.shape == (len(item["response_ids"]),)
         assert result["summary"][kind]["wrong"] == pytest.approx(A[start:end].mean().item(), abs=1e-3)
-    summary = ev.summarize_contexts([result, result], ev.KINDS)
+    summary = analyze.summarize_contexts([result, result], analyze.KINDS)
     assert summary["critique"]["wrong"]["n"] == 2 and summary["critique"]["wrong"]["std"] == 0
 
 
@@ -163,7 +166,7 @@ def test_analysis_masks_and_contexts(lora_model):
     ("<step_1> 1+1=3", None, None),                                     # the critic failed
 ])
 def test_first_wrong_step(response, critique, expected):
-    assert ev.first_wrong_step(response, critique) == expected
+    assert analyze.first_wrong_step(response, critique) == expected
 
 
 def test_advantage_stats_by_hand(tiny):
@@ -221,8 +224,8 @@ def test_advantage_stats_by_hand(tiny):
 def test_analysis_config_of_a_model_is_resolved(tiny_model_dir):
     """--analyze / --prepare on a model (not a run) get the derived values a run would have."""
     import toy
-    for target, budget in (("toy", toy.budget()), (tiny_model_dir, 512)):
-        cfg, run_dir = ev.analysis_config(target, ["threads=1"])
+    for target, budget in (("toy", toy_build.budget()), (tiny_model_dir, 512)):
+        cfg, run_dir = ev.target_config(target, ["threads=1"])
         assert run_dir is None and cfg.max_new_tokens == budget and cfg.samples_per_question == 1
 
 
@@ -272,7 +275,7 @@ def test_advantage_summary():
     A = torch.tensor([1.0, -1.0, 0.0, -4.0, -2.0, 5.0])
     prefix = torch.tensor([1, 1, 1, 0, 0, 0], dtype=torch.bool)
     wrong = torch.tensor([0, 0, 0, 1, 1, 0], dtype=torch.bool)
-    s = ev.advantage_summary(A, prefix, wrong, ~(prefix | wrong))
+    s = analyze.advantage_summary(A, prefix, wrong, ~(prefix | wrong))
     assert s == {"prefix": 0.0, "wrong": -3.0, "after": 5.0, "prefix_abs": pytest.approx(2 / 3),
                  "focus": pytest.approx(4.5)}
 
@@ -282,7 +285,7 @@ def test_pooled_focus_is_a_ratio_of_means_not_a_mean_of_ratios():
                                          "prefix_abs": 1e-6, "focus": 2e6}}},
                {"summary": {"critique": {"prefix": 0.0, "wrong": -4.0, "after": None,
                                          "prefix_abs": 2.0, "focus": 2.0}}}]
-    pooled = ev.summarize_contexts(results, ["critique"])["critique"]["focus_pooled"]
+    pooled = analyze.summarize_contexts(results, ["critique"])["critique"]["focus_pooled"]
     assert pooled["mean"] == pytest.approx(3.0 / (1.0 + 0.5e-6))
     assert pooled["median_per_rollout"] == pytest.approx((2e6 + 2.0) / 2) and pooled["n"] == 2
 
@@ -293,7 +296,7 @@ def test_html_escapes_tokens():
               "wrong_step": 1, "wrong_span": [1, 3],
               "contexts": {"critique": {"text": "<step_1> </pre><b>", "A": [0.5, -1, -20, 2, 0, 1]}},
               "summary": {"critique": {"prefix": 0.1, "wrong": -2.0, "after": None, "focus": 3.0}}}
-    page = ev.render_html([result], ["critique"], "t<itle>")
+    page = analyze.render_html([result], ["critique"], "t<itle>")
     assert "<script>" not in page and "</pre><b>" not in page and "<step_1>" not in page
     assert "&lt;step_1&gt;" in page and " a&lt;b" in page and " &amp; " in page
     assert "↵<br>" in page and "&quot;&#x27;" in page and "1&lt;2 &amp; 3" in page
@@ -326,7 +329,7 @@ def test_compare_pools_seeds(tmp_path):
     runs = [fake_run(tmp_path, "c0", 0, {0: 0.1, 10: 0.3, 20: 0.5, 30: 0.4}),
             fake_run(tmp_path, "c1", 1, {0: 0.1, 10: 0.5, 20: 0.5, 30: 0.2}),
             fake_run(tmp_path, "r0", 0, {0: 0.1, 10: 0.2, 20: 0.1}, arm="reference", lr=1e-3)]
-    arms, shared = ev.compare_runs(runs)
+    arms, shared = compare.compare_runs(runs)
     critique, reference = arms
     assert critique["label"] == "critique" and critique["seeds"] == [0, 1]
     assert reference["label"] == "reference lr=0.001" and shared == {}
@@ -336,12 +339,12 @@ def test_compare_pools_seeds(tmp_path):
     assert final["spread"] == pytest.approx(0.14142, abs=1e-4)  # std of (0.4, 0.2), n - 1
     assert critique["length"]["best"]["step"] == 20  # length is shown at the Avg-best step
     assert reference["avg"]["best"]["spread"] == pytest.approx([0.1, 0.3])  # one seed: the CI
-    table = ev.comparison_table(arms, shared, markdown=True)
+    table = compare.comparison_table(arms, shared, markdown=True)
     lines = table.splitlines()
     assert lines[2] == "| arm | seeds | step | Pass@4 | Maj@4 | Avg@4 | len | unparsed | teacher ceiling |"
     # the final checkpoint, mean ± std over seeds (one seed: the value; its CI is behind --ci),
     # beside it the toy world's teacher with the arm's context (build.json)
-    ceilings = json.load(open(os.path.join(toy.WORLD, "build.json")))["ceilings"]
+    ceilings = json.load(open(os.path.join(toy_build.WORLD, "build.json")))["ceilings"]
     assert (f"| critique | 2 | 30 | 60.0 ± 28.3 | 15.0 ± 7.1 | 30.0 ± 14.1 | 300.0 ± 0.0 | 0.0 ± 0.0 | "
             f"{100 * ceilings['critique']:.1f} |") in lines
     assert f"| reference lr=0.001 | 1 | 20 | 20.0 | 5.0 | 10.0 | 200.0 | 0.0 | {100 * ceilings['reference']:.1f} |" in lines
@@ -354,10 +357,10 @@ def test_compare_labels_runs_that_differ_in_length_budget_apart(tmp_path, capsys
     """A toy run at its world's budget is the default; one at another budget says so (quietly)."""
     import toy
     runs = [fake_run(tmp_path, "a", 0, {0: 0.1, 10: 0.3}),
-            fake_run(tmp_path, "b", 0, {0: 0.1, 10: 0.3}, max_new_tokens=toy.budget() + 8)]
+            fake_run(tmp_path, "b", 0, {0: 0.1, 10: 0.3}, max_new_tokens=toy_build.budget() + 8)]
     capsys.readouterr()
-    labels = [arm["label"] for arm in ev.compare_runs(runs)[0]]
-    assert labels == ["critique", f"critique max_new_tokens={toy.budget() + 8}"]
+    labels = [arm["label"] for arm in compare.compare_runs(runs)[0]]
+    assert labels == ["critique", f"critique max_new_tokens={toy_build.budget() + 8}"]
     assert "warning" not in capsys.readouterr().err
 
 
@@ -370,10 +373,10 @@ def test_toy_table_shows_what_moved(tmp_path):
             row["toy"] = {"step_arith": arith, "step_chain": 1.0, "answer_own": 0.99,
                           "styles": {"plain": 1.0}, "style_accuracy": {"plain": row["avg"]}}
             f.write(json.dumps(row) + "\n")
-    arms, shared = ev.compare_runs([run])
+    arms, shared = compare.compare_runs([run])
     assert arms[0]["toy"]["base"]["step_arith"] == 0.5 and arms[0]["toy"]["best"]["step_arith"] == 0.9
     assert arms[0]["toy"]["final"]["step_arith"] == 0.8
-    table = ev.comparison_table(arms, shared, markdown=True)
+    table = compare.comparison_table(arms, shared, markdown=True)
     assert "| step_arith base | step_arith best | step_arith final |" in table
     assert "| critique | 50.0 | 90.0 | 80.0 |" in table and "plain 100" in table
 
@@ -381,7 +384,7 @@ def test_toy_table_shows_what_moved(tmp_path):
 def test_compare_needs_eval_jsonl(tmp_path):
     run_dir = fake_run(tmp_path, "a", 0, {})
     with pytest.raises(UserError, match="no eval.jsonl"):
-        ev.compare_runs([run_dir])
+        compare.compare_runs([run_dir])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,15 +467,15 @@ def test_analyze_writes_html_and_json(tmp_path, tiny_model_dir, monkeypatch):
         return [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts], [False] * len(texts)
 
     monkeypatch.setattr(common, "generate", fake_generate)
-    summary = ev.analyze(str(run_dir), rollouts=5)
+    summary = analyze.analyze(str(run_dir), rollouts=5)
     assert summary["critique"]["wrong"]["n"] == 2  # the right rollout is not analysed
     saved = json.loads((run_dir / "analysis" / "advantage_step_000000.json").read_text())
     assert [r["wrong_step"] for r in saved["rollouts"]] == [2, 1]
-    assert set(saved["rollouts"][0]["contexts"]) == set(ev.KINDS)
+    assert set(saved["rollouts"][0]["contexts"]) == set(analyze.KINDS)
     page = (run_dir / "analysis" / "advantage_step_000000.html").read_text()
     assert page.count("<h2>") == 2 and "critique_no_prefix" in page and "http" not in page
     with pytest.raises(UserError, match="no checkpoint for step 7"):
-        ev.analyze(str(run_dir), step=7)
+        analyze.analyze(str(run_dir), step=7)
 
 
 def test_compare_shows_both_budget_axes(tmp_path):
@@ -486,17 +489,17 @@ def test_compare_shows_both_budget_axes(tmp_path):
                      samples_per_question=8),
             fake_run(tmp_path, "m0", 0, {0: 0.1, 10: 0.2, 20: 0.25, 30: 0.3}, arm="grpo",
                      samples_per_question=8, batch_size=4, max_steps=30)]
-    arms, shared = ev.compare_runs(runs)
-    table = ev.comparison_table(arms, shared, markdown=True, reach=0.45)
+    arms, shared = compare.compare_runs(runs)
+    table = compare.comparison_table(arms, shared, markdown=True, reach=0.45)
     assert ("| arm | questions/step | rollouts/step | questions | rollouts | Avg@4 final | Avg@4 at 960 "
             "questions | Avg@4 at 960 rollouts | rollouts to Avg@4 ≥ 45 |") in table
     assert "| critique | 32 | 32 | 960 | 960 | 40.0 (30) | 40.0 (30) | 40.0 (30) | 640 |" in table
     assert "| grpo | 32 | 256 | 960 | 7680 | 60.0 (30) | 60.0 (30) | 20.0 (4) | 7680 |" in table
     assert "| grpo batch_size=4 max_steps=30 | 4 | 32 | 120 | 960 | 30.0 (30) | — | 30.0 (30) | — |" in table
-    assert ev.rollouts_to_reach(arms[0], 0.5) == 640 and ev.rollouts_to_reach(arms[2], 0.9) is None
-    same = ev.comparison_table(*ev.compare_runs(runs[:1]), markdown=True)
+    assert compare.rollouts_to_reach(arms[0], 0.5) == 640 and compare.rollouts_to_reach(arms[2], 0.9) is None
+    same = compare.comparison_table(*compare.compare_runs(runs[:1]), markdown=True)
     assert "rollouts/step" not in same  # equal budgets: no budget table
-    grpo_only = ev.comparison_table(*ev.compare_runs(runs[1:2]), markdown=True)
+    grpo_only = compare.comparison_table(*compare.compare_runs(runs[1:2]), markdown=True)
     assert "teacher ceiling" not in grpo_only  # GRPO has no teacher
 
 
@@ -509,8 +512,8 @@ def test_compare_shows_the_transfer_probe(tmp_path):
                    "maj": avg, "length": 1, "unparseable": 0, "truncated": 0, "split": "transfer",
                    "ci": {m: [0, 1] for m in ev.METRICS}}
             f.write(json.dumps(row) + "\n")
-    arms, shared = ev.compare_runs([run])
+    arms, shared = compare.compare_runs([run])
     assert arms[0]["avg"]["final"]["value"] == 0.5 and arms[0]["avg"]["final"]["step"] == 20
     assert arms[0]["transfer"]["base"]["value"] == 0.05 and arms[0]["transfer"]["final"]["value"] == 0.07
-    table = ev.comparison_table(arms, shared, markdown=True)
+    table = compare.comparison_table(arms, shared, markdown=True)
     assert "Transfer probe (7 problems" in table and "| critique | 5.0 | 7.0 (20) | 50.0 (20) |" in table

@@ -9,7 +9,7 @@ and the rewrite of config.yaml are atomic (temporary file, then rename).
 Non-finite steps are made in-process, without editing the code: `selfdistill.token_divergence` (what
 sd_loss calls) is wrapped to return NaN (a non-finite loss) or a finite value whose gradient is NaN
 (finite loss, non-finite gradient) on chosen steps; the steps are counted by wrapping
-`common.generate` (one call per training step). Signals and kills need a real process: those tests run
+`sampler.generate` (one call per training step). Signals and kills need a real process: those tests run
 `selfdistill.py` as a subprocess on the tiny model from conftest.py (the SIGKILL test starts six,
 about 25 s)."""
 import contextlib
@@ -30,6 +30,8 @@ import torch
 
 import common
 import selfdistill
+import runfolder
+import sampler
 from conftest import run_main, run_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,7 +74,7 @@ def poison(monkeypatch, mode, bad_steps):
     loss: the per-token values are NaN. gradient: the values stay finite, their gradient is NaN
     (0·√u at u = 0 has value 0 and gradient 0·∞)."""
     calls = {"generate": 0}
-    real_generate, real_divergence = common.generate, selfdistill.token_divergence
+    real_generate, real_divergence = sampler.generate, selfdistill.token_divergence
 
     def generate(*args, **kwargs):
         calls["generate"] += 1
@@ -205,7 +207,7 @@ def test_signal_writes_a_final_checkpoint_and_the_same_command_resumes(signum, t
     assert stopped[0] == (f"stopped by signal {int(signum)} after step {step}; checkpoint saved, "
                           f"rerun the same command to resume")
     assert 1 <= step < 4, "the signal came too late to test stopping early"
-    assert [os.path.basename(p) for p in common.checkpoint_dirs(run_dir)] == [f"step_{step:06d}"]
+    assert [os.path.basename(p) for p in runfolder.checkpoint_dirs(run_dir)] == [f"step_{step:06d}"]
     assert trainer_state(run_dir, step)["step"] == step
     # rerun the same command: resumes after that step and finishes
     code, out, err = run_main(args, capsys)
@@ -235,7 +237,7 @@ def check_checkpoints(run_dir, base):
     from safetensors.torch import load_file
     root = os.path.join(run_dir, "checkpoints")
     names = sorted(os.listdir(root)) if os.path.isdir(root) else []
-    listed = [os.path.basename(p) for p in common.checkpoint_dirs(run_dir)]
+    listed = [os.path.basename(p) for p in runfolder.checkpoint_dirs(run_dir)]
     steps = [n for n in names if n.startswith("step_")]
     assert listed == steps and all(n[len("step_"):].isdigit() and len(n) == 11 for n in steps), names
     assert set(names) <= set(steps) | {n for n in names if n.startswith(".tmp_step_")}, names
@@ -254,7 +256,7 @@ def check_checkpoints(run_dir, base):
 
 
 def newest_step(run_dir):
-    done = common.checkpoint_dirs(run_dir)
+    done = runfolder.checkpoint_dirs(run_dir)
     return int(os.path.basename(done[-1])[len("step_"):]) if done else 0
 
 
@@ -397,16 +399,16 @@ def test_a_kill_while_trimming_the_log_on_resume_loses_no_lines(tmp_path, monkey
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     crash_inside_writes_to(monkeypatch, "metrics.jsonl")
     with contextlib.suppress(Crash):
-        common.keep_lines_up_to(str(path), 2)  # a resume after step 2, killed while trimming
+        runfolder.keep_lines_up_to(str(path), 2)  # a resume after step 2, killed while trimming
     monkeypatch.undo()
     assert read_jsonl(path) in (rows, rows[:2])
 
 
 def test_a_kill_while_a_resume_rewrites_config_yaml_does_not_lock_the_run(tmp_path, monkeypatch):
     cfg = selfdistill.load_config(["--run", "r", f"out_dir={tmp_path}"])
-    common.prepare_run_dir(cfg)  # the first start
+    runfolder.prepare_run_dir(cfg)  # the first start
     crash_inside_writes_to(monkeypatch, "config.yaml")
     with contextlib.suppress(Crash):
-        common.prepare_run_dir(cfg)  # a resume, killed while it writes config.yaml
+        runfolder.prepare_run_dir(cfg)  # a resume, killed while it writes config.yaml
     monkeypatch.undo()
-    common.prepare_run_dir(cfg)  # the next resume with the very same settings
+    runfolder.prepare_run_dir(cfg)  # the next resume with the very same settings

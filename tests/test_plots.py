@@ -18,6 +18,8 @@ import yaml
 import common
 import eval as ev
 import selfdistill
+import analyze
+import compare
 
 
 def write_run(root, name, arm, seed, evals, metrics=(), **config):
@@ -72,9 +74,9 @@ def read_csv(path):
 def test_plot_without_matplotlib_writes_the_csv_and_a_hint(runs, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
     out = tmp_path / "figs" / "training.png"
-    assert ev.plot_training(runs, str(out)) == [str(tmp_path / "figs" / "training.csv")]
+    assert compare.plot_training(runs, str(out)) == [str(tmp_path / "figs" / "training.csv")]
     assert not out.exists()
-    assert capsys.readouterr().out.strip().endswith(f"pip install {ev.MATPLOTLIB}")
+    assert capsys.readouterr().out.strip().endswith(f"pip install {common.MATPLOTLIB}")
     rows = read_csv(tmp_path / "figs" / "training.csv")
     # Avg@k at the steps both seeds evaluated: step 4 (seed 0 only) is left out
     assert {s for a, m, s in rows if (a, m) == ("critique", "avg")} == {0, 2}
@@ -123,13 +125,13 @@ def test_per_step_table_hand_computed(runs, capsys):
     critique = next(line for line in lines if line.startswith("critique"))
     assert critique.split() == ["critique", "2", "15.0±7.1", "40.0±14.1"]
     assert next(line for line in lines if line.startswith("grpo")).split() == ["grpo", "1", "10.0", "40.0"]
-    markdown = ev.per_step_table(ev.compare_runs(runs)[0], markdown=True)
+    markdown = compare.per_step_table(compare.compare_runs(runs)[0], markdown=True)
     assert "| critique | 2 | 15.0 ± 7.1 | 40.0 ± 14.1 |" in markdown.splitlines()
 
 
 def test_compare_has_a_base_row_and_an_unparseable_column(runs):
-    arms, shared = ev.compare_runs(runs)
-    lines = ev.comparison_table(arms, shared, markdown=True).splitlines()
+    arms, shared = compare.compare_runs(runs)
+    lines = compare.comparison_table(arms, shared, markdown=True).splitlines()
     assert lines[2] == "| arm | seeds | step | Pass@4 | Maj@4 | Avg@4 | len | unparsed | teacher ceiling |"
     # the base of seed 0 is shared by critique-s0 and grpo-s0 (equal base_key): it counts once,
     # so the base row pools seeds 0 and 1: Avg (0.1 + 0.2) / 2
@@ -147,7 +149,7 @@ def test_bases_of_different_models_get_a_row_each(tmp_path):
     rows[0]["base_key"]["model"] = "another"
     with open(os.path.join(runs[1], "eval.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    lines = ev.comparison_table(*ev.compare_runs(runs), markdown=True).splitlines()
+    lines = compare.comparison_table(*compare.compare_runs(runs), markdown=True).splitlines()
     assert lines[4].startswith("| base of critique | 1 | 0 |") and "| 10.0 |" in lines[4]
     assert lines[5].startswith("| base of critique lr=0.001 | 1 | 0 |") and "| 50.0 |" in lines[5]
     assert not any("base (step 0)" in line for line in lines)
@@ -160,8 +162,8 @@ def test_plain_tables_fit_100_columns(tmp_path):
                       {s: (0.1 + 0.8 * s / 100 - 0.01 * seed, 0.123) for s in steps}, **extra)
             for seed in (0, 1, 2) for arm, name, extra in
             (("grpo", "", {}), ("reference", "aligned", long), ("critique_no_prefix", "", {}))]
-    arms, shared = ev.compare_runs(runs)
-    outputs = [ev.comparison_table(arms, shared, ci=True), ev.comparison_table(arms, shared), ev.per_step_table(arms)]
+    arms, shared = compare.compare_runs(runs)
+    outputs = [compare.comparison_table(arms, shared, ci=True), compare.comparison_table(arms, shared), compare.per_step_table(arms)]
     for text in outputs:
         assert max(len(line) for line in text.splitlines()) <= 100
     per_step = outputs[2]
@@ -185,18 +187,18 @@ def test_focus_is_na_without_a_correct_step_and_floored():
     prefix = torch.tensor([1, 0, 0, 0], dtype=torch.bool)  # the wrong step's tag alone
     wrong = torch.tensor([0, 1, 1, 0], dtype=torch.bool)
     after = ~(prefix | wrong)
-    alone = ev.advantage_summary(A, prefix, wrong, after, prefix_has_step=False)
+    alone = analyze.advantage_summary(A, prefix, wrong, after, prefix_has_step=False)
     assert alone["prefix"] is None and alone["prefix_abs"] is None and alone["focus"] is None
     assert alone["wrong"] == pytest.approx(-0.4)
     # a correct prefix that teacher and student score alike: the ratio divides by the floor
-    floored = ev.advantage_summary(A, prefix, wrong, after)
-    assert floored["focus"] == pytest.approx(0.4 / ev.FOCUS_FLOOR) and floored["focus"] < 1e3
+    floored = analyze.advantage_summary(A, prefix, wrong, after)
+    assert floored["focus"] == pytest.approx(0.4 / analyze.FOCUS_FLOOR) and floored["focus"] < 1e3
     results = [{"summary": {"critique": alone}}, {"summary": {"critique": {**floored, "prefix_abs": 0.2,
                                                                            "focus": 0.4 / 0.2}}}]
-    pooled = ev.summarize_contexts(results, ["critique"])["critique"]
+    pooled = analyze.summarize_contexts(results, ["critique"])["critique"]
     assert pooled["focus_pooled"] == {"mean": pytest.approx(2.0), "median_per_rollout": pytest.approx(2.0), "n": 1}
     assert pooled["wrong"]["n"] == 2 and pooled["prefix"]["n"] == 1
-    page = ev.render_html([fake_result([0.1, -0.5, -0.3, 0.0], alone)], ["critique"], "t", {"critique": pooled})
+    page = analyze.render_html([fake_result([0.1, -0.5, -0.3, 0.0], alone)], ["critique"], "t", {"critique": pooled})
     assert "prefix n/a, wrong step -0.40, after +0.00, focus n/a" in page
     assert "<td>critique</td><td>2</td><td>1</td>" in page  # rollouts, and those with a correct prefix
 
@@ -212,28 +214,28 @@ def test_colour_scale_is_the_95th_percentile_of_the_data():
     values = [i / 10 for i in range(-20, 21)]  # |A| = 0 … 2
     result = fake_result(values, {"prefix": None, "wrong": None, "after": None, "focus": None})
     result["tokens"] = [f"t{i}" for i in range(len(values))]
-    scale = ev.colour_scale([result], ["critique"])
+    scale = analyze.colour_scale([result], ["critique"])
     assert scale == pytest.approx(torch.quantile(torch.tensor([abs(v) for v in values]), 0.95).item())
     assert scale == pytest.approx(1.9)
-    page = ev.render_html([result], ["critique"], "t")
+    page = analyze.render_html([result], ["critique"], "t")
     assert "full colour at |A| ≥ 1.9 nats, the 95th percentile" in page
     assert 'rgba(215,48,39,1.00)" title="A = -2.000' in page  # beyond the scale: saturated
     assert 'rgba(69,117,180,0.50)" title="A = +0.950' not in page  # (0.95 is not a value here)
     assert 'rgba(215,48,39,0.53)" title="A = -1.000' in page  # 1.0 / 1.9
     zero = fake_result([0.0, 0.0], {"prefix": None, "wrong": None, "after": None, "focus": None})
-    assert ev.colour_scale([zero], ["critique"]) == 1.0
+    assert analyze.colour_scale([zero], ["critique"]) == 1.0
 
 
 def test_aligned_advantages_by_hand(tmp_path):
     one = fake_result([0.0, -1.0, -3.0, 0.5], {}, wrong_span=(1, 3))
     two = fake_result([0.2, 0.0, -1.0], {}, wrong_span=(2, 3))
-    curve = ev.aligned_advantages([one, two], ["critique"], window=2)["critique"]
+    curve = analyze.aligned_advantages([one, two], ["critique"], window=2)["critique"]
     # offsets: one at -1..2 (0.0, -1.0, -3.0, 0.5), two at -2..0 (0.2, 0.0, -1.0)
     assert curve["offset"] == [-2, -1, 0, 1, 2] and curve["n"] == [1, 2, 2, 1, 1]
     assert curve["mean"] == pytest.approx([0.2, 0.0, -1.0, -3.0, 0.5])
     assert curve["se"][0] is None and curve["se"][1] == pytest.approx(0.0)
     pytest.importorskip("matplotlib")
-    path = ev.plot_aligned({"critique": curve}, [one, two], str(tmp_path / "a.png"), "t")
+    path = analyze.plot_aligned({"critique": curve}, [one, two], str(tmp_path / "a.png"), "t")
     assert path and open(path, "rb").read(4) == b"\x89PNG"
 
 
@@ -254,17 +256,17 @@ def test_analyze_of_a_model_writes_under_analysis_name(tmp_path, tiny_model_dir,
 
     monkeypatch.setattr(common, "generate", scripted)
     monkeypatch.chdir(tmp_path)
-    ev.analyze(tiny_model_dir, [f"test_file={test_file}", "threads=1"], rollouts=2)
+    analyze.analyze(tiny_model_dir, [f"test_file={test_file}", "threads=1"], rollouts=2)
     out = tmp_path / "analysis" / os.path.basename(tiny_model_dir)
     saved = json.loads((out / "advantage_step_000000.json").read_text())
     assert [r["wrong_step"] for r in saved["rollouts"]] == [2, 1]
     critique = saved["summary"]["critique"]
     assert critique["prefix"]["n"] == 1 and critique["wrong"]["n"] == 2  # step 1 wrong: no prefix
     assert saved["rollouts"][1]["summary"]["critique"]["focus"] is None
-    assert saved["colour_scale"] > 0 and set(saved["aligned"]) == set(ev.KINDS)
+    assert saved["colour_scale"] > 0 and set(saved["aligned"]) == set(analyze.KINDS)
     page = (out / "advantage_step_000000.html").read_text()
     assert page.index("<table>") < page.index("<h2>") and "error focus, pooled" in page
-    if ev.pyplot() is not None:
+    if common.pyplot() is not None:
         assert (out / "advantage_step_000000_aligned.png").exists()
 
 

@@ -22,6 +22,8 @@ import common
 import eval as ev
 import selfdistill
 from common import UserError
+import runfolder
+import toy_build
 from conftest import run_main, run_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,7 +72,7 @@ def test_no_checkpoint_with_non_finite_weights(tiny_model_dir, data, tmp_path):
     with torch.no_grad():
         params[0][0, 0] = float("nan")
     with pytest.raises(UserError, match="non-finite weights"):
-        common.save_checkpoint(str(tmp_path), 1, model, optimizer, scheduler, {"step": 1})
+        runfolder.save_checkpoint(str(tmp_path), 1, model, optimizer, scheduler, {"step": 1})
     assert not os.path.exists(tmp_path / "checkpoints" / "step_000001")
 
 
@@ -85,7 +87,7 @@ def test_a_live_lock_refuses_a_second_writer(tmp_path, tiny_model_dir, data, cap
     try:
         (run_dir / ".lock").write_text(f"{holder.pid}\n")
         with pytest.raises(UserError, match=f"in use by process {holder.pid}"):
-            common.RunLock(str(run_dir), "training")
+            runfolder.RunLock(str(run_dir), "training")
         code, _, err = run_main(settings(tiny_model_dir, data, tmp_path) + ["--run", "busy"], capsys)
         one_line_error(code, err, f"in use by process {holder.pid}")
         assert not (run_dir / "config.yaml").exists()  # refused before anything was written
@@ -98,7 +100,7 @@ def test_a_stale_lock_is_taken_over_and_released(tmp_path):
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     (tmp_path / ".lock").write_text(f"{gone.pid}\n")
-    lock = common.RunLock(str(tmp_path), "training")
+    lock = runfolder.RunLock(str(tmp_path), "training")
     assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
     lock.release()
     assert not (tmp_path / ".lock").exists()
@@ -154,14 +156,14 @@ def test_a_truncated_last_jsonl_line_is_dropped_and_appends_stay_whole(tmp_path,
     path = str(tmp_path / "metrics.jsonl")
     with open(path, "w") as f:
         f.write('{"step": 1}\n{"step": 2}\n{"st')  # killed in the middle of the third write
-    assert common.read_jsonl(path) == [{"step": 1}, {"step": 2}]
-    common.append_jsonl(path, {"step": 3})
+    assert runfolder.read_jsonl(path) == [{"step": 1}, {"step": 2}]
+    runfolder.append_jsonl(path, {"step": 3})
     assert open(path).read() == '{"step": 1}\n{"step": 2}\n{"step": 3}\n'
     assert "truncated last line" in capsys.readouterr().err
     with open(path, "w") as f:
         f.write('{"step": 1}\nnot json\n{"step": 3}\n')  # damaged in the middle: say where
     with pytest.raises(UserError, match="metrics.jsonl:2 is damaged"):
-        common.read_jsonl(path)
+        runfolder.read_jsonl(path)
 
 
 def test_stray_names_under_checkpoints_are_ignored(tmp_path):
@@ -169,7 +171,7 @@ def test_stray_names_under_checkpoints_are_ignored(tmp_path):
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
     (tmp_path / "checkpoints" / "step_000004").write_text("a file, not a folder")
     (tmp_path / "checkpoints" / "notes.txt").write_text("")
-    assert [os.path.basename(p) for p in common.checkpoint_dirs(str(tmp_path))] == ["step_000002"]
+    assert [os.path.basename(p) for p in runfolder.checkpoint_dirs(str(tmp_path))] == ["step_000002"]
 
 
 def test_a_damaged_newest_checkpoint_is_skipped_on_resume(tiny_model_dir, data, tmp_path, capsys):
@@ -185,9 +187,9 @@ def test_a_damaged_newest_checkpoint_is_skipped_on_resume(tiny_model_dir, data, 
     code, out, err = run_main(argv, capsys)
     assert code == 0 and "step_000002" in err and "does not load" in err
     assert "resuming" in out and "after step 1" in out
-    assert [os.path.basename(p) for p in common.checkpoint_dirs(str(tmp_path / "r"))] == ["step_000001", "step_000002"]
+    assert [os.path.basename(p) for p in runfolder.checkpoint_dirs(str(tmp_path / "r"))] == ["step_000001", "step_000002"]
     assert (tmp_path / "r" / "checkpoints" / "step_000002.damaged").is_dir()
-    steps = [r["step"] for r in common.read_jsonl(str(tmp_path / "r" / "metrics.jsonl"))]
+    steps = [r["step"] for r in runfolder.read_jsonl(str(tmp_path / "r" / "metrics.jsonl"))]
     assert steps == [1, 2]
 
 
@@ -248,10 +250,10 @@ def test_a_full_or_read_only_disk_is_one_line(code_, text, tiny_model_dir, data,
 
 def test_a_missing_toy_world_says_it_is_built_and_how_long(tmp_path, capsys):
     import toy
-    settings_ = toy.BuildSettings(steps=2, n_train=2, n_test=1, n_transfer=1, samples=2, max_correct=2, score_batch=8)
-    toy.ensure_built(str(tmp_path / "world"), progress=True, settings=settings_)
+    settings_ = toy_build.BuildSettings(steps=2, n_train=2, n_test=1, n_transfer=1, samples=2, max_correct=2, score_batch=8)
+    toy_build.ensure_built(str(tmp_path / "world"), progress=True, settings=settings_)
     assert "toy world is missing or incomplete" in capsys.readouterr().err
-    toy.ensure_built(str(tmp_path / "world"), progress=True, settings=settings_)
+    toy_build.ensure_built(str(tmp_path / "world"), progress=True, settings=settings_)
     assert "missing" not in capsys.readouterr().err  # complete now: said once, built once
 
 
@@ -260,7 +262,7 @@ def test_compare_refuses_runs_evaluated_differently(tmp_path, capsys):
         run_dir = write_config(tmp_path / name)
         row = {"step": 0, "n": n, "k": n, "questions": 10, "temperature": 1.0, **{m: 0.5 for m in ev.METRICS},
                "ci": {m: [0.4, 0.6] for m in ev.METRICS}}
-        common.append_jsonl(os.path.join(run_dir, "eval.jsonl"), row)
+        runfolder.append_jsonl(os.path.join(run_dir, "eval.jsonl"), row)
     code, _, err = run_main(["--compare", str(tmp_path / "a"), str(tmp_path / "b")], capsys, script=ev)
     one_line_error(code, err, "evaluated with other settings")
 
@@ -312,7 +314,7 @@ def test_kills_during_an_append_and_during_evaluation_resume_to_the_same_results
     # 3. and once more: it finishes, with exactly the results of the run that was never killed
     assert run_script(args, tmp_path).wait(timeout=300) == 0, (tmp_path / "stderr.txt").read_text()[-2000:]
     for name in ("metrics.jsonl", "eval.jsonl", "samples.jsonl"):
-        ours = common.read_jsonl(str(run_dir / name))
-        theirs = common.read_jsonl(str(tmp_path / "a" / "r" / name))
+        ours = runfolder.read_jsonl(str(run_dir / name))
+        theirs = runfolder.read_jsonl(str(tmp_path / "a" / "r" / name))
         assert without_times(ours) == without_times(theirs), name
     assert not (run_dir / ".lock").exists()

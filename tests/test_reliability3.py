@@ -41,6 +41,7 @@ import common
 import critic
 import eval as ev
 from common import UserError
+import runfolder
 from conftest import run_main, run_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,8 +110,8 @@ while not os.path.exists(done):  # hold the lock until every starter has tried
 
 
 def dead_pid():
-    pid = common.pid_max() - 1
-    while common.alive(pid):
+    pid = runfolder.pid_max() - 1
+    while runfolder.alive(pid):
         pid -= 1
     return pid
 
@@ -157,7 +158,7 @@ def make_unusable_lock(path, kind):
         os.mkfifo(path)  # reading it would block forever
     else:
         text = {"garbage": "hello\n", "empty": "", "minus one": "-1\n", "zero": "0\n",
-                "beyond pid_max": f"{common.pid_max() + 1}\n", "binary": "\udcff\udcfe"}[kind]
+                "beyond pid_max": f"{runfolder.pid_max() + 1}\n", "binary": "\udcff\udcfe"}[kind]
         with open(path, "w", errors="surrogateescape") as f:
             f.write(text)
 
@@ -170,7 +171,7 @@ def test_a_lock_that_is_not_a_pid_is_reported_not_removed(kind, tmp_path):
     make_unusable_lock(path, kind)
     start = time.time()
     with pytest.raises(UserError) as e:
-        common.RunLock(str(tmp_path), "training")
+        runfolder.RunLock(str(tmp_path), "training")
     assert time.time() - start < 1
     assert "is not a lock file" in str(e.value) and "remove it if no process uses the run" in str(e.value)
     assert "\n" not in str(e.value) and os.path.lexists(path)
@@ -190,7 +191,7 @@ def test_an_interrupted_takeover_is_reported_not_waited_on(tmp_path):
     (tmp_path / ".lock.takeover").write_text(f"{dead_pid()}\n")
     start = time.time()
     with pytest.raises(UserError, match=r"remove it \(and .*\.lock\.takeover\) if no process uses the run"):
-        common.RunLock(str(tmp_path), "training")
+        runfolder.RunLock(str(tmp_path), "training")
     assert time.time() - start < 3
 
 
@@ -372,8 +373,8 @@ def test_sigterm_while_the_critic_hangs_stops_training_with_a_checkpoint(serve, 
     assert time.monotonic() - sent["at"] < 5
     assert "stopped by signal 15 after step 1; checkpoint saved" in out
     run_dir = tmp_path / "c"
-    assert [os.path.basename(p) for p in common.checkpoint_dirs(str(run_dir))] == ["step_000001"]
-    assert [r["step"] for r in common.read_jsonl(str(run_dir / "metrics.jsonl"))] == [1]
+    assert [os.path.basename(p) for p in runfolder.checkpoint_dirs(str(run_dir))] == ["step_000001"]
+    assert [r["step"] for r in runfolder.read_jsonl(str(run_dir / "metrics.jsonl"))] == [1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,7 +425,7 @@ def test_sigint_to_the_trainer_reaches_its_eval_child(tiny_model_dir, data, tmp_
     assert child, "eval.py never took the run's lock"
     trainer.send_signal(signal.SIGINT)
     assert trainer.wait(timeout=60) == 130
-    assert not common.alive(child)
+    assert not runfolder.alive(child)
     err = (tmp_path / "err.txt").read_text()
     assert "Traceback" not in err and err.count("stopped by Ctrl-C") == 1, err[-2000:]
     assert not lock.exists()
@@ -453,16 +454,16 @@ def test_a_nan_adapter_is_skipped_by_eval_and_moved_aside_on_resume(tiny_model_d
     code, _, err = run_main([str(run_dir), "--samples", "1", "--questions", "2"], capsys, script=ev)
     assert code == 0 and "Traceback" not in err, err[-2000:]
     assert f"warning: skipping the damaged checkpoint {newest} (NonFiniteAdapter)" in err
-    assert [r["step"] for r in common.read_jsonl(str(run_dir / "eval.jsonl"))] == [0, 1]
+    assert [r["step"] for r in runfolder.read_jsonl(str(run_dir / "eval.jsonl"))] == [0, 1]
     # --analyze and other callers that cannot skip: a one-line user error
     with pytest.raises(UserError, match="holds non-finite adapter weights"):
-        common.load_adapter_file(newest)
+        runfolder.load_adapter_file(newest)
     # resume moves it aside and trains step 2 again
     code, out, err = run_main(argv, capsys)
     assert code == 0, err[-2000:]
     assert "does not load (NonFiniteAdapter); moved it to step_000002.damaged" in err
     assert f"resuming {run_dir} after step 1" in out
-    assert all(torch.isfinite(w).all() for w in common.load_adapter_file(newest).values())
+    assert all(torch.isfinite(w).all() for w in runfolder.load_adapter_file(newest).values())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import pytest
 
 import toy
 from contexts import PROMPTS, parse_steps, student_prompt_ids, teacher_prompt_ids
+import toy_build
 
 ALL_STYLES = toy.STYLES + (toy.REFERENCE_STYLE,)
 
@@ -168,7 +169,7 @@ def test_critic_on_many_corrupted_attempts():
     cases = Counter()
     for _ in range(2000):
         q = toy.random_question(rng)
-        attempt = toy.corrupted_attempt(rng, q)
+        attempt = toy_build.corrupted_attempt(rng, q)
         gold = str(toy.chain_steps(q)[-1][3])
         case, critique = toy.critique_case(q, attempt, gold)
         cases[case] += 1
@@ -220,10 +221,10 @@ def test_tokenizer_round_trips_and_tags_are_single_tokens(tmp_path):
 
 def test_tiny_build_writes_a_complete_folder(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    settings = toy.BuildSettings(steps=2, n_train=3, n_test=2, n_transfer=2, samples=2, max_new_tokens=4,
+    settings = toy_build.BuildSettings(steps=2, n_train=3, n_test=2, n_transfer=2, samples=2, max_new_tokens=4,
                                  score_batch=8)
     root = str(tmp_path / "world")
-    out = toy.ensure_built(root, progress=False, settings=settings)
+    out = toy_build.ensure_built(root, progress=False, settings=settings)
     info = json.load(open(os.path.join(root, "build.json")))
     assert info["n_train"] == 3 and info["n_test"] == 2 and info["settings"]["steps"] == 2
     train = [json.loads(line) for line in open(out["train"])]
@@ -235,5 +236,5 @@ def test_tiny_build_writes_a_complete_folder(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out["model_dir"])
     assert tok.padding_side == "left" and model.config.vocab_size == len(tok)
     stamp = os.path.getmtime(os.path.join(root, "build.json"))
-    assert toy.ensure_built(root, progress=False, settings=settings) == out
+    assert toy_build.ensure_built(root, progress=False, settings=settings) == out
     assert os.path.getmtime(os.path.join(root, "build.json")) == stamp  # complete: not rebuilt

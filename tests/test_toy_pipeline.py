@@ -11,14 +11,16 @@ import pytest
 import eval as ev
 import selfdistill
 import toy
+import prepare
+import toy_build
 
 ANALYSIS = ("analysis/A_mean", "analysis/rollouts", "analysis/A_prefix", "analysis/A_wrong", "analysis/A_after")
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    settings = toy.BuildSettings(steps=20, n_train=8, n_test=4, n_transfer=3, samples=2, max_correct=2)
-    return toy.ensure_built(str(tmp_path_factory.mktemp("world")), progress=False, settings=settings)
+    settings = toy_build.BuildSettings(steps=20, n_train=8, n_test=4, n_transfer=3, samples=2, max_correct=2)
+    return toy_build.ensure_built(str(tmp_path_factory.mktemp("world")), progress=False, settings=settings)
 
 
 @pytest.mark.parametrize("context", ["critique", "reference"])
@@ -30,7 +32,7 @@ def test_micro_toy_run_trains_and_evaluates(context, world, tmp_path):
         "threads=1", "analysis_every=2",
         # the world's one length budget, as model=toy gets it (a model folder would default to 512,
         # which with the prompt does not fit the toy model's 512 positions)
-        f"max_new_tokens={toy.budget(os.path.dirname(world['model_dir']))}"])
+        f"max_new_tokens={toy_build.budget(os.path.dirname(world['model_dir']))}"])
     run_dir, _ = selfdistill.train(cfg)
     metrics = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert [m["step"] for m in metrics] == [1, 2] and all(m["train/kl"] >= 0 for m in metrics)
@@ -68,8 +70,8 @@ def test_prepare_converts_and_filters_openmath_records(world, tmp_path):
                       + json.dumps({"problem": "no answer"}) + "\n")
     # max_new_tokens is given: eval.analysis_config leaves it at 0 (unresolved), which generate
     # refuses (see test_eval.py::test_analysis_config_of_a_model_is_resolved, an expected failure)
-    budget = toy.budget(os.path.dirname(world["model_dir"]))
-    counts = ev.prepare(str(source), [world["model_dir"], "prompts=toy", "critic=rule", "threads=1",
+    budget = toy_build.budget(os.path.dirname(world["model_dir"]))
+    counts = prepare.prepare(str(source), [world["model_dir"], "prompts=toy", "critic=rule", "threads=1",
                                       f"max_new_tokens={budget}",
                                       f"train_file={world['train']}", f"test_file={world['test']}"],
                         out=str(tmp_path / "out"), test_size=1, samples=2, max_correct=1)

@@ -14,13 +14,15 @@ import selfdistill
 import toy
 from common import UserError
 from contexts import parse_steps
+import toy_build
+import world
 
 
 def test_departing_trace_continues_from_its_own_wrong_value():
     rng = random.Random(3)
     for _ in range(300):
         q = toy.random_question(rng, 3)
-        text, (start, end) = toy.departing_trace(rng, q, "plain")
+        text, (start, end) = toy_build.departing_trace(rng, q, "plain")
         steps, answer = parse_steps(text)
         parsed = [toy.parse_step(s) for s in steps]
         chain = toy.chain_steps(q)
@@ -36,16 +38,16 @@ def test_departing_trace_continues_from_its_own_wrong_value():
 
 def test_training_examples_mask_only_the_wrong_result():
     rng, tok = random.Random(0), toy.make_tokenizer()
-    settings = toy.BuildSettings(mix=(0, 1, 0), recovery=1.0)
+    settings = toy_build.BuildSettings(mix=(0, 1, 0), recovery=1.0)
     for _ in range(50):
-        prompt, response, no_loss = toy.training_example(rng, tok, settings, {})
+        prompt, response, no_loss = toy_build.training_example(rng, tok, settings, {})
         text = tok.decode(response[:-1])
         masked = tok.decode(response[no_loss[0]:no_loss[1]])
         steps = [toy.parse_step(s) for s in parse_steps(text)[0]]
         slip = next(p for p in steps if p[3] != toy.apply(*p[:3]))
         assert masked == str(slip[3])
-    old = toy.BuildSettings(mix=(0, 1, 0), recovery=0.0)  # the v1 teacher: always the critique
-    assert all(toy.training_example(rng, tok, old, {})[2] is None for _ in range(50))
+    old = toy_build.BuildSettings(mix=(0, 1, 0), recovery=0.0)  # the v1 teacher: always the critique
+    assert all(toy_build.training_example(rng, tok, old, {})[2] is None for _ in range(50))
 
 
 def test_trace_stats_counts_arithmetic_chaining_and_own_answer():
@@ -122,8 +124,8 @@ def test_through_first_divergence_is_refused_without_a_critique():
 
 
 def test_toy_runs_take_the_worlds_length_budget(capsys):
-    assert selfdistill.load_config([]).max_new_tokens == toy.budget()
-    selfdistill.load_config([f"max_new_tokens={toy.budget() + 1}"])
+    assert selfdistill.load_config([]).max_new_tokens == toy_build.budget()
+    selfdistill.load_config([f"max_new_tokens={toy_build.budget() + 1}"])
     assert "differs from the toy world's budget" in capsys.readouterr().err
     assert selfdistill.load_config(["model=some/model", "prompts=instruct"]).max_new_tokens == 512
 
@@ -132,14 +134,14 @@ def test_toy_runs_take_the_worlds_length_budget(capsys):
     ("<step_1> 2+7=9 <answer> 9", "9"), ("<step_1> 2+7=9 <answer> 8", "9"), ("<answer>9", "9"),
     ("\\boxed{9}", "9"), ("<step_1> 2+7=9", "9"), ("", "9"), ("<answer> 09", "9"), ("<answer> 2+7", "9")])
 def test_toy_reward_is_trainings(text, answer):
-    """The toy world trains on critic.reward's exact integer check (selfdistill.exact_answers)."""
-    assert selfdistill.exact_answers(selfdistill.load_config([]))
-    assert toy.is_correct(text, answer) is (critic.reward(text, answer, exact=True) == 1.0)
+    """The toy world trains on critic.reward's exact integer check (world.exact_answers)."""
+    assert world.exact_answers(selfdistill.load_config([]))
+    assert toy_build.is_correct(text, answer) is (critic.reward(text, answer, exact=True) == 1.0)
 
 
 def test_the_solvers_misconceptions_are_fixed_facts_written_at_their_rate():
-    faults = toy.faulty_facts(0, 0.3)
-    assert faults == toy.faulty_facts(0, 0.3) != toy.faulty_facts(1, 0.3)  # deterministic per seed
+    faults = toy_build.faulty_facts(0, 0.3)
+    assert faults == toy_build.faulty_facts(0, 0.3) != toy_build.faulty_facts(1, 0.3)  # deterministic per seed
     facts = [(a, op, b) for a in range(toy.MIN_VALUE, toy.MAX_VALUE + 1) for op in "+-" for b in toy.OPERANDS
              if toy.MIN_VALUE <= toy.apply(a, op, b) <= toy.MAX_VALUE]
     assert abs(len(faults) / len(facts) - 0.3) < 0.05
@@ -147,7 +149,7 @@ def test_the_solvers_misconceptions_are_fixed_facts_written_at_their_rate():
     rng, written, wrong = random.Random(7), 0, 0
     for _ in range(2000):
         q = toy.random_question(rng)
-        steps = [toy.parse_step(s) for s in parse_steps(toy.solver_trace(rng, q, "plain", faults, 0.8))[0]]
+        steps = [toy.parse_step(s) for s in parse_steps(toy_build.solver_trace(rng, q, "plain", faults, 0.8))[0]]
         for i, step in enumerate(steps):
             if i:
                 assert step[0] == steps[i - 1][3]  # always from its own written value
@@ -157,4 +159,4 @@ def test_the_solvers_misconceptions_are_fixed_facts_written_at_their_rate():
             else:
                 assert step[3] == toy.apply(*step[:3])  # a sound fact is never wrong
     assert abs(wrong / written - 0.8) < 0.03
-    assert toy.solver_trace(rng, "2+7+5-9", "plain", faults, 0.0) == toy.solve("2+7+5-9", "plain")
+    assert toy_build.solver_trace(rng, "2+7+5-9", "plain", faults, 0.0) == toy.solve("2+7+5-9", "plain")

@@ -18,10 +18,13 @@ import eval as ev
 import selfdistill
 import toy
 from common import UserError
+import sampler
+import toy_build
+import world
 
 
 def tiny(**changes):
-    return toy.BuildSettings(**{"steps": 2, "n_train": 3, "n_test": 2, "n_transfer": 2, "samples": 2,
+    return toy_build.BuildSettings(**{"steps": 2, "n_train": 3, "n_test": 2, "n_transfer": 2, "samples": 2,
                                 "max_correct": 2, "max_new_tokens": 48, "score_batch": 8, **changes})
 
 
@@ -29,7 +32,7 @@ def tiny(**changes):
 def world(tmp_path_factory):
     """A tiny world built in its own folder (not a named one), as `toy.py build --root DIR` does."""
     root = str(tmp_path_factory.mktemp("v3") / "world")
-    toy.ensure_built(root, progress=False, settings=tiny())
+    toy_build.ensure_built(root, progress=False, settings=tiny())
     return root
 
 
@@ -68,7 +71,7 @@ def world(tmp_path_factory):
 def test_a_bad_build_flag_is_one_line_before_any_work(flags, match, tmp_path, monkeypatch):
     monkeypatch.setattr(toy, "build", lambda *a, **k: pytest.fail("a build started"))
     with pytest.raises(UserError, match=match) as error:
-        toy.command_line(["build", "--root", str(tmp_path / "w"), *flags])
+        toy_build.command_line(["build", "--root", str(tmp_path / "w"), *flags])
     assert "\n" not in str(error.value)
     assert not os.path.exists(tmp_path / "w" / "build.json")
 
@@ -77,7 +80,7 @@ def test_a_bad_build_flag_is_one_line_before_any_work(flags, match, tmp_path, mo
                                   ["build", "--world", "toy-v9"], ["build", "--world", "toy", "--root", "x"]])
 def test_malformed_flags_are_argparse_errors(argv, capsys):
     with pytest.raises(SystemExit) as stop:
-        toy.command_line(argv)
+        toy_build.command_line(argv)
     assert stop.value.code == 2 and "error:" in capsys.readouterr().err
 
 
@@ -89,7 +92,7 @@ def test_the_command_line_refuses_odd_roots_and_probe_flags(tmp_path):
                         (["probe", "--root", str(tmp_path), "--fault-rate", "0.5"], "apply to `build` only"),
                         (["build", "--world", "toy-v2", "--fault-rate", "0.9"], "a folder of your own")]:
         with pytest.raises(UserError, match=match):
-            toy.command_line(argv)
+            toy_build.command_line(argv)
 
 
 def test_every_build_setting_is_a_flag(tmp_path, monkeypatch):
@@ -101,11 +104,11 @@ def test_every_build_setting_is_a_flag(tmp_path, monkeypatch):
               "mix": "0.2,0.3,0.5", "styles": "plain,spaced", "faulty_share": "0.2", "fault_rate": "0.9",
               "recovery": "0.1", "copy_prob": "0.4", "critique_min_ops": "2", "n_train": "9", "n_test": "8",
               "n_transfer": "7", "samples": "6", "max_correct": "1", "max_new_tokens": "40", "score_batch": "60"}
-    assert set(values) == {f for f in vars(toy.BuildSettings())}
+    assert set(values) == {f for f in vars(toy_build.BuildSettings())}
     argv = ["build", "--root", str(tmp_path / "w")]
     for name, value in values.items():
         argv += ["--" + name.replace("_", "-"), value]
-    toy.command_line(argv)
+    toy_build.command_line(argv)
     assert seen["mix"] == (0.2, 0.3, 0.5) and seen["styles"] == ("plain", "spaced")
     assert seen["fault_rate"] == 0.9 and seen["n_transfer"] == 7 and seen["steps"] == 7
 
@@ -118,62 +121,62 @@ def test_a_built_world_refuses_other_settings_and_keeps_its_own(world):
     info = json.load(open(os.path.join(world, "build.json")))
     assert info["settings"]["fault_rate"] == 1.0 and info["n_transfer"] == 2
     stamp = os.path.getmtime(os.path.join(world, "build.json"))
-    toy.ensure_built(world, progress=False, settings=tiny())  # the same settings: used as built
-    toy.ensure_built(world, progress=False)  # no settings asked: a folder of one's own is used as built
+    toy_build.ensure_built(world, progress=False, settings=tiny())  # the same settings: used as built
+    toy_build.ensure_built(world, progress=False)  # no settings asked: a folder of one's own is used as built
     assert os.path.getmtime(os.path.join(world, "build.json")) == stamp
     with pytest.raises(UserError, match=r"built with fault_rate=1.0 \(asked 0.8\); rebuild it") as error:
-        toy.ensure_built(world, progress=False, settings=tiny(fault_rate=0.8))
+        toy_build.ensure_built(world, progress=False, settings=tiny(fault_rate=0.8))
     assert "--force" in str(error.value) and "\n" not in str(error.value)
     with pytest.raises(UserError, match="fault_rate=1.0"):
-        toy.command_line(["build", "--root", world, "--fault-rate", "0.8", "--steps", "2", "--n-train", "3"])
+        toy_build.command_line(["build", "--root", world, "--fault-rate", "0.8", "--steps", "2", "--n-train", "3"])
     assert os.path.getmtime(os.path.join(world, "build.json")) == stamp
 
 
 def test_the_shipped_worlds_hold_their_names_settings():
-    for name, (folder, changes) in toy.WORLDS.items():
-        root = toy.world_root(name)
-        assert os.path.basename(root) == folder and toy.named_settings(root) == toy.BuildSettings(**changes)
+    for name, (folder, changes) in toy_build.WORLDS.items():
+        root = toy_build.world_root(name)
+        assert os.path.basename(root) == folder and toy_build.named_settings(root) == toy_build.BuildSettings(**changes)
         saved = json.load(open(os.path.join(root, "build.json")))["settings"]
-        assert toy.settings_changes(saved, toy.named_settings(root)) == {}, name
-    assert toy.named_settings(toy.WORLD).fault_rate == 1.0  # v3: the paper's regime
-    assert toy.named_settings(toy.world_root("toy-v2")).fault_rate == 0.8  # the contrast
+        assert toy_build.settings_changes(saved, toy_build.named_settings(root)) == {}, name
+    assert toy_build.named_settings(toy_build.WORLD).fault_rate == 1.0  # v3: the paper's regime
+    assert toy_build.named_settings(toy_build.world_root("toy-v2")).fault_rate == 0.8  # the contrast
 
 
 def test_a_named_world_built_with_other_settings_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(toy, "HERE", str(tmp_path))
     root = os.path.join(tmp_path, "toy_world")
-    toy.ensure_built(root, progress=False, settings=tiny())  # a toy_world folder of other settings
+    toy_build.ensure_built(root, progress=False, settings=tiny())  # a toy_world folder of other settings
     with pytest.raises(UserError, match="--world toy --force"):
-        toy.ensure_built(root, progress=False)  # what model=toy asks: BuildSettings()
+        toy_build.ensure_built(root, progress=False)  # what model=toy asks: BuildSettings()
 
 
 def test_transfer_split_of_the_shipped_worlds_lies_off_the_train_chains():
-    for name in toy.WORLDS:
-        root = toy.world_root(name)
+    for name in toy_build.WORLDS:
+        root = toy_build.world_root(name)
         info = json.load(open(os.path.join(root, "build.json")))
-        load = lambda split: [json.loads(line) for line in open(toy.paths(root)[split])]
+        load = lambda split: [json.loads(line) for line in open(toy_build.paths(root)[split])]
         train, test, transfer = load("train"), load("test"), load("transfer")
-        faults = set(toy.faulty_facts(info["settings"]["seed"], info["settings"]["faulty_share"]))
-        on_train = set().union(*(toy.chain_facts(p["question"]) for p in train))
+        faults = set(toy_build.faulty_facts(info["settings"]["seed"], info["settings"]["faulty_share"]))
+        on_train = set().union(*(toy_build.chain_facts(p["question"]) for p in train))
         assert len(transfer) == info["n_transfer"] == 200
         for p in transfer:
-            facts = toy.chain_facts(p["question"])
+            facts = toy_build.chain_facts(p["question"])
             assert facts & faults and not facts & faults & on_train, p
             assert p["answer"] == str(toy.chain_steps(p["question"])[-1][3])
         questions = [p["question"] for p in transfer]
         assert len(set(questions)) == len(questions)
         assert not set(questions) & {p["question"] for p in train + test}
         # the test split, by contrast, mostly repeats train chains' faulty facts
-        test_faults = [toy.chain_facts(p["question"]) & faults for p in test]
+        test_faults = [toy_build.chain_facts(p["question"]) & faults for p in test]
         assert sum(bool(f) and f <= on_train for f in test_faults) > 0.9 * len(test)
 
 
 def test_a_tiny_worlds_transfer_split_is_disjoint_too(world):
-    load = lambda split: [json.loads(line) for line in open(toy.paths(world)[split])]
-    faults = set(toy.faulty_facts(0, tiny().faulty_share))
-    on_train = set().union(*(toy.chain_facts(p["question"]) for p in load("train")))
+    load = lambda split: [json.loads(line) for line in open(toy_build.paths(world)[split])]
+    faults = set(toy_build.faulty_facts(0, tiny().faulty_share))
+    on_train = set().union(*(toy_build.chain_facts(p["question"]) for p in load("train")))
     assert len(load("transfer")) == 2
-    assert all(toy.chain_facts(p["question"]) & faults and not toy.chain_facts(p["question"]) & faults & on_train
+    assert all(toy_build.chain_facts(p["question"]) & faults and not toy_build.chain_facts(p["question"]) & faults & on_train
                for p in load("transfer"))
 
 
@@ -186,22 +189,22 @@ def test_a_world_folder_is_a_toy_model_everywhere(world, form):
     target = world if form == "root" else os.path.join(world, "model")
     cfg = selfdistill.load_config([f"model={target}", "toy_order=chain", "toy_phrasing=same"])
     assert cfg.prompts == "toy" and cfg.max_new_tokens == 48  # its build.json's budget, not toy_world's
-    model, train, test = toy.resolve_paths(cfg)
-    assert (model, train, test) == (os.path.join(world, "model"), toy.paths(world)["train"], toy.paths(world)["test"])
-    assert toy.transfer_path(cfg) == toy.paths(world)["transfer"]
-    assert selfdistill.toy_dial(cfg) and selfdistill.exact_answers(cfg)
+    model, train, test = world.resolve_paths(cfg)
+    assert (model, train, test) == (os.path.join(world, "model"), toy_build.paths(world)["train"], toy_build.paths(world)["test"])
+    assert world.transfer_path(cfg) == toy_build.paths(world)["transfer"]
+    assert selfdistill.toy_dial(cfg) and world.exact_answers(cfg)
     record = {"question": "2+7+5-9", "solution": toy.reference_solution("2+7+5-9")}
     assert selfdistill.teacher_context(cfg, record) == toy.solve("2+7+5-9", "plain")  # the dial applies
     ceiling = json.load(open(os.path.join(world, "build.json")))["ceilings"]["reference_aligned"]
-    assert ev.teacher_ceiling({**vars(cfg), "arm": "reference"}) == ceiling
+    assert world.teacher_ceiling({**vars(cfg), "arm": "reference"}) == ceiling
 
 
 def test_named_worlds_resolve_to_their_folders():
     cfg = selfdistill.load_config(["model=toy-v2"])
-    assert toy.resolve_paths(cfg)[0] == os.path.join(toy.HERE, "toy_world_v2", "model")
-    assert cfg.max_new_tokens == toy.budget(toy.world_root("toy-v2"))
-    assert toy.transfer_path(cfg).endswith(os.path.join("toy_world_v2", "transfer.jsonl"))
-    assert toy.transfer_path(selfdistill.load_config(["model=toy", "test_file=x.jsonl"])) is None  # own test set
+    assert world.resolve_paths(cfg)[0] == os.path.join(toy_build.HERE, "toy_world_v2", "model")
+    assert cfg.max_new_tokens == toy_build.budget(toy_build.world_root("toy-v2"))
+    assert world.transfer_path(cfg).endswith(os.path.join("toy_world_v2", "transfer.jsonl"))
+    assert world.transfer_path(selfdistill.load_config(["model=toy", "test_file=x.jsonl"])) is None  # own test set
 
 
 def test_a_chat_model_gets_no_dial(tiny_model_dir):
@@ -216,7 +219,7 @@ def test_a_chat_model_gets_no_dial(tiny_model_dir):
 def test_rollout_matched_grpo_draws_a_self_distillation_arms_rollouts(world, tmp_path, monkeypatch):
     """batch_size=4 with G = 8: 32 rollouts a step, what a self-distillation arm draws with its 32
     questions × 1; 4 questions a step, an eighth of theirs."""
-    drawn, generate = [], common.generate
+    drawn, generate = [], sampler.generate
     monkeypatch.setattr(common, "generate", lambda model, tok, prompts, *a, **k: (
         drawn.append(len(prompts)), generate(model, tok, prompts, *a, **k))[1])
     cfg = selfdistill.load_config(["--context", "grpo", f"model={world}", f"out_dir={tmp_path}", "run=m",

@@ -1,0 +1,146 @@
+"""Config parsing: a dataclass of defaults (selfdistill.Config, toy_build.BuildSettings) overridden
+by a YAML file, then by key=value words; every key and value checked against the dataclass, and
+each field's trailing comment is its `--help` line (one source of truth).
+
+What the values must satisfy together (ranges, cross-field rules) is the method's business:
+selfdistill.check_consistency.
+"""
+import argparse
+import dataclasses
+import difflib
+import inspect
+import math
+import os
+
+import yaml
+
+from common import UserError
+
+# ---------------------------------------------------------------------------------------------
+# Config: a dataclass of defaults (selfdistill.Config), overridden by YAML then key=value.
+
+TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def fields_of(cls):
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def field_help(cls):
+    """Each field's trailing comment, read from the class source (one source of truth)."""
+    out, fields = {}, fields_of(cls)
+    for line in inspect.getsource(cls).splitlines():
+        name, sep, rest = line.strip().partition(":")
+        if sep and name in fields and "#" in rest:
+            out[name] = rest.split("#", 1)[1].strip()
+    return out
+
+
+def check_key(cls, key):
+    if key not in fields_of(cls):
+        near = difflib.get_close_matches(key, fields_of(cls), n=1, cutoff=0.5)
+        hint = f" (did you mean '{near[0]}'?)" if near else " (see --help)"
+        raise UserError(f"unknown config key '{key}'{hint}")
+
+
+def coerce(cls, choices, key, value, from_text):
+    """Check (and, for command-line text, convert) one value against the field's type."""
+    kind = fields_of(cls)[key].type
+    kind = {"str": str, "int": int, "float": float, "bool": bool}.get(kind, kind)
+    if kind is float and isinstance(value, str):
+        from_text = True  # YAML reads 1e-3 (no dot) as a string; it is still a number
+    if from_text:
+        try:
+            if kind is bool:
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                value = value.lower() in ("true", "1", "yes")
+            else:
+                value = kind(value)
+        except ValueError:
+            raise UserError(f"config key '{key}' wants {TYPE_NAMES[kind]}, got '{value}'") from None
+    elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise UserError(f"config key '{key}' wants {TYPE_NAMES[kind]}, got {value!r} "
+                        f"({type(value).__name__})")
+    if key in choices and value not in choices[key]:
+        raise UserError(f"config key '{key}' must be one of {'|'.join(choices[key])}, got '{value}'")
+    return value
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice is an error instead of the last one winning."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if keys.count(key) > 1:
+                raise UserError(f"config key '{key}' is given twice (line {key_node.start_mark.line + 1})")
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml_config(path):
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path} not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            loaded = yaml.load(f, Loader=UniqueKeyLoader) or {}
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {path} is not UTF-8 text (bad byte at offset {e.start})") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise UserError(f"config file {path} is not valid YAML{line}") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"config file {path} must be a mapping of key: value")
+    return loaded
+
+
+def parse_overrides(cls, choices, items):
+    """key=value strings → {key: value}, each checked against the dataclass."""
+    values = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"expected key=value, got '{item}'")
+        check_key(cls, key)
+        values[key] = coerce(cls, choices, key, value, from_text=True)
+    return values
+
+
+def parse_command_line(cls, choices, argv, description):
+    """--config FILE.yaml, then --context/--run, then key=value overrides → {key: value}, checked."""
+    help_text, fields = field_help(cls), fields_of(cls)
+    epilog = "config fields (key=value):\n" + "\n".join(
+        f"  {name:<24} {fields[name].default!r:<12} {help_text.get(name, '')}" for name in fields)
+    parser = argparse.ArgumentParser(description=description, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--context", choices=choices["context"], help="the arm: what the teacher sees")
+    parser.add_argument("--config", help="YAML file of overrides")
+    parser.add_argument("--run", help="run name (rerun the same name to resume)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_intermixed_args(argv)  # key=value may come before and after the options
+    values = {}
+    if args.config:
+        for key, value in read_yaml_config(args.config).items():
+            check_key(cls, key)
+            values[key] = coerce(cls, choices, key, value, from_text=False)
+    values.update(parse_overrides(cls, choices, args.overrides))
+    values.update({k: v for k, v in (("context", args.context), ("run", args.run)) if v})
+    return values
+
+
+INT_LIMIT = 2 ** 31 - 1  # larger integers overflow torch's and the tokenizers' index types
+
+
+def check_numbers(cfg):
+    """Every float finite (a NaN passes `x < 0` checks and poisons the optimizer), every integer in
+    0..INT_LIMIT; then the per-field ranges in selfdistill.check_consistency."""
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"config key '{field.name}' must be a finite number, got {value}")
+        if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= INT_LIMIT:
+            raise UserError(f"config key '{field.name}' must lie in 0..{INT_LIMIT}, got {value}")

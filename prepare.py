@@ -1,0 +1,128 @@
+"""Data preparation: OpenMathReasoning records (`problem`, `generated_solution`, `expected_answer`;
+JSONL, or parquet with pyarrow) → the project's JSONL (`question`, `answer`, `solution`), kept by the
+paper's filter: the solver's Avg@16 below 5/16, a wrong rollout in step format, and a valid critique
+from the critic that reaches the expected answer. Writes OUT/train.jsonl, OUT/test.jsonl and
+OUT/prepare.json (the counts of what was dropped, and why).
+
+Commands:
+    python prepare.py omr.jsonl Qwen/Qwen3-1.7B critic=http critic_url=http://127.0.0.1:8000/v1 \\
+        critic_model=Qwen/QwQ-32B --out data/omr --test-size 30
+"""
+import argparse
+import json
+import os
+import random
+from collections import Counter
+
+if __name__ == "__main__":  # Ctrl-C while torch loads (seconds, nothing written yet): exit 130, no traceback
+    import signal
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))
+
+import torch
+
+import common
+import contexts
+import critic
+import sampler
+import world
+from common import UserError
+from eval import sample_answers, target_config
+
+# ---------------------------------------------------------------------------------------------
+# OpenMathReasoning records → our JSONL, with the paper's difficulty filter.
+
+
+def read_openmath(path):
+    """Records with problem, generated_solution, expected_answer from JSONL or parquet."""
+    if not os.path.isfile(path):
+        raise UserError(f"input file {path} not found")
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet
+        except ImportError:
+            raise UserError("reading parquet needs pyarrow (pip install pyarrow), or give a JSONL file") from None
+        rows = pyarrow.parquet.read_table(path).to_pylist()
+    else:
+        rows = []
+        for lineno, line in enumerate(open(path), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    keys = ("problem", "generated_solution", "expected_answer")
+    usable = [r for r in rows if isinstance(r, dict) and all(r.get(k) not in (None, "") for k in keys)]
+    if not usable:
+        raise UserError(f"none of the {len(rows)} records of {path} has problem, generated_solution and "
+                        f"expected_answer (the OpenMathReasoning fields)")
+    return [{"id": r.get("id", i), "question": r["problem"], "answer": str(r["expected_answer"]),
+             "solution": r["generated_solution"]} for i, r in enumerate(usable)], len(rows) - len(usable)
+
+
+def prepare(input_path, overrides=(), out="data/omr", test_size=30, samples=16, max_correct=4, seed=0):
+    """Keep the problems the paper kept: the solver's Avg@16 below 5/16 (at most `max_correct` of
+    `samples` right), a wrong rollout in well-formed steps, and a critic that, given it, writes a
+    valid critique reaching the expected answer. Writes OUT/train.jsonl, OUT/test.jsonl, OUT/prepare.json."""
+    records, skipped = read_openmath(input_path)
+    cfg, _ = target_config(overrides[0] if overrides else "toy", overrides[1:])
+    device = common.pick_device(cfg)
+    model, tokenizer = common.load_model(cfg, world.resolve_paths(cfg)[0], device)
+    judge = world.make_judge(cfg, device)
+    torch.manual_seed(seed)
+    counts = Counter(input=len(records) + skipped, missing_fields=skipped)
+    kept = []
+    for record, (answers, correct, *_) in zip(records, sample_answers(
+            model, tokenizer, cfg, device, records, samples, cfg.temperature, "solver Avg@16")):
+        if sum(correct) > max_correct:
+            counts["too_easy"] += 1
+            continue
+        # a wrong rollout in the step format, critiqued by the critic (greedy: one call suffices)
+        prompt = contexts.student_prompt_ids(tokenizer, record["question"], cfg.prompts, cfg.student_thinking)
+        ids, _ = sampler.generate(model, tokenizer, [prompt] * 4, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                 cfg.top_k, cfg.generation_batch)
+        texts = [tokenizer.decode(r, skip_special_tokens=True) for r in ids]
+        wrong = [t for t in texts if critic.reward(t, record["answer"], world.exact_answers(cfg)) == 0
+                 and contexts.STEP_TAG.search(t)]
+        if not wrong:
+            counts["no_wrong_stepped_rollout"] += 1
+            continue
+        critique = judge([record["question"]], wrong[:1], [record["solution"]], [record["answer"]])[0]
+        if critique is None or not critic.validate_critique(wrong[0], critique, record["answer"])[0]:
+            counts["critic_failed"] += 1
+            continue
+        kept.append(record)
+    random.Random(seed).shuffle(kept)
+    test, train = kept[:test_size], kept[test_size:]
+    os.makedirs(out, exist_ok=True)
+    for name, rows in (("train", train), ("test", test)):
+        with open(os.path.join(out, f"{name}.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    counts.update(kept=len(kept), train=len(train), test=len(test))
+    with open(os.path.join(out, "prepare.json"), "w") as f:
+        json.dump({"input": input_path, "seed": seed, "samples": samples, "max_correct": max_correct,
+                   "counts": dict(counts)}, f, indent=1)
+    print(", ".join(f"{k} {v}" for k, v in counts.items()) + f"; wrote {out}/train.jsonl, test.jsonl")
+    return dict(counts)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Convert and filter OpenMathReasoning records into train/test JSONL.",
+        epilog=__doc__[__doc__.index("Commands:"):], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", metavar="INPUT [MODEL] [key=value ...]",
+                        help="OpenMathReasoning records (.jsonl or .parquet), the solver (a model folder "
+                        "or hub id; default the toy world's), config overrides (the critic)")
+    parser.add_argument("--out", default="data/omr", help="output folder (default %(default)s)")
+    parser.add_argument("--test-size", type=int, default=30, help="test problems")
+    parser.add_argument("--seed", type=int, default=0, help="seed of sampling and split")
+    args = parser.parse_intermixed_args(argv)  # key=value may follow the options
+    common.default_signals()  # Ctrl-C: one line (user_errors)
+    with common.user_errors():
+        prepare(args.paths[0], args.paths[1:], args.out, args.test_size, seed=args.seed)
+
+
+if __name__ == "__main__":
+    main()

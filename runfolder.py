@@ -1,0 +1,418 @@
+"""The run folder, runs/NAME: its config, its JSONL logs, its lock, its checkpoints and resuming
+from them. Every file is written to a temporary name and renamed, so a kill never leaves half of
+one; a log line is one write, and a half-written last line is dropped with a warning.
+"""
+import atexit
+import contextlib
+import dataclasses
+import errno
+import json
+import os
+import pickle
+import random
+import re
+import shutil
+import stat
+import sys
+import time
+
+import torch
+import yaml
+
+import contexts
+import options
+import ranks
+import common
+from common import UserError
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes and JSONL logs.
+
+
+def write_atomic(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)  # a reader never sees half a file
+
+
+def append_jsonl(path, record):
+    """One line, written with a single write: a kill leaves at most one partial last line, which
+    the next append (or read) drops."""
+    line = (json.dumps(record) + "\n").encode()
+    with open(path, "a+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        if end:
+            f.seek(end - 1)
+            if f.read(1) != b"\n":  # a partial line from a killed writer: cut it off
+                drop_partial_last_line(f, path)
+        f.write(line)
+
+
+def drop_partial_last_line(f, path):
+    f.seek(0)
+    data = f.read()
+    f.truncate(data.rfind(b"\n") + 1)
+    print(f"warning: dropped a truncated last line of {path} (a write was interrupted)", file=sys.stderr)
+
+
+def read_jsonl(path):
+    """The records of a JSONL log; a truncated last line (an interrupted write) is dropped with a
+    warning, a damaged line elsewhere is a one-line error naming it."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    records = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            if lineno == len(lines):  # no newline after it: the last write was cut short
+                print(f"warning: ignoring a truncated last line of {path}", file=sys.stderr)
+                continue
+            raise UserError(f"{path}:{lineno} is damaged (not JSON); remove that line or the file") from None
+    return records
+
+
+def keep_lines_up_to(path, step):
+    """On resume, drop log lines written after the checkpoint (they will be written again)."""
+    if os.path.isfile(path):
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in read_jsonl(path) if r.get("step", 0) <= step))
+
+
+def check_run_name(run):
+    """The run name is one plain folder under out_dir (checked with the config, before anything runs)."""
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.=+-]*", run) or run in (".", ".."):
+        raise UserError(f"run name {run!r} must be a plain folder name (letters, digits, _ . = + -; "
+                        f"no '/', no leading '.'); use out_dir=... to put runs elsewhere")
+
+
+def run_folder(cfg):
+    """runs/NAME, created (the run name is checked to be one plain folder: check_run_name)."""
+    run_dir = os.path.join(cfg.out_dir, cfg.run)
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise UserError(f"{run_dir} exists and is not a folder; choose another --run or out_dir")
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise UserError(f"out_dir {cfg.out_dir} exists and is not a folder")
+    os.makedirs(run_dir, exist_ok=True)
+    return run_dir
+
+
+class RunLock:
+    """One writer per run folder: RUN/.lock holds the writer's pid. It appears atomically with the
+    pid in it (create_with_pid), so a reader never sees it empty. One held by a live process is a
+    one-line error; one whose process is gone is stale and taken over (take_over: by one starter
+    only, however many race). A lock that is not one plausible pid (a folder, a link, garbage, 0, -1,
+    a pid beyond pid_max) is a one-line error, never removed nor waited on: we cannot tell it is
+    stale. Released on release() or at exit; a process may take its own lock again (an in-process
+    rerun after an error)."""
+
+    def __init__(self, run_dir, what):
+        self.path = os.path.join(run_dir, ".lock")
+        for _ in range(50):  # each retry means another starter moved the lock meanwhile
+            if create_with_pid(self.path):
+                break
+            holder = read_pid(self.path)
+            if holder is None:
+                continue  # released between our two looks
+            if holder != os.getpid() and alive(holder):
+                raise UserError(f"run folder {run_dir} is in use by process {holder}; wait for it to "
+                                f"finish (or stop it) before {what} there")
+            if holder == os.getpid() or self.take_over(holder):
+                break
+            time.sleep(0.02)  # another starter is taking the stale lock over: look again
+        else:
+            raise UserError(f"cannot take the lock {self.path}; remove it (and {self.path}.takeover) if "
+                            f"no process uses the run")
+        atexit.register(self.release)
+
+    def take_over(self, stale):
+        """Replace the stale lock of dead process `stale` by ours in one rename, while holding
+        RUN/.lock.takeover: the lock is never absent (no third starter can create it) and only the
+        takeover's holder replaces it, after checking it still names `stale`. False when another
+        starter holds the takeover or the lock changed: the caller looks again."""
+        marker = self.path + ".takeover"
+        if not create_with_pid(marker):
+            return False
+        try:
+            if read_pid(self.path) != stale or alive(stale):
+                return False
+            tmp = write_pid_file(self.path)
+            os.replace(tmp, self.path)
+            return True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(marker)
+
+    def release(self):
+        try:
+            mine = read_pid(self.path) == os.getpid()
+        except UserError:  # replaced by something else meanwhile: not ours to remove
+            return
+        if mine:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+
+
+def write_pid_file(path):
+    """A private file next to `path` that holds this process's pid; returns its name."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    return tmp
+
+
+def create_with_pid(path):
+    """Create `path` holding this process's pid, atomically; False when it exists. The pid is
+    written to a private file first and hard-linked into place (link fails if `path` exists, even
+    as a dangling link). A file system without hard links gets O_EXCL, where a reader may catch the
+    file empty for a moment: it then reports the lock as unreadable, while its writer is alive."""
+    tmp = write_pid_file(path)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.close(fd)
+        return True
+    finally:
+        os.remove(tmp)
+
+
+def pid_max():
+    try:
+        with open("/proc/sys/kernel/pid_max") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 2 ** 22  # Linux's ceiling; macOS's pids stay below 100000
+
+
+def read_pid(path):
+    """The pid in a lock file, or None when there is no file. Anything but a plain file holding
+    one pid in 1..pid_max is a one-line error: such a lock was not written by us, and is never
+    guessed to be stale."""
+    unusable = f"{path} is not a lock file this program wrote"
+    try:
+        kind = os.lstat(path).st_mode
+        if not stat.S_ISREG(kind):  # a folder, a link, a pipe (reading a pipe would hang)
+            what = "a folder" if stat.S_ISDIR(kind) else "a link" if stat.S_ISLNK(kind) else "not a file"
+            raise UserError(f"{unusable} ({what}); remove it if no process uses the run")
+        with open(path, "rb") as f:
+            text = f.read(32)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise UserError(f"{unusable} (unreadable: {e.strerror}); remove it if no process uses the run") from None
+    if not re.fullmatch(rb"[0-9]{1,12}\n?", text) or not 0 < int(text) <= pid_max():
+        raise UserError(f"{unusable} (it holds {text[:20]!r}, not a process id); remove it if no process "
+                        f"uses the run")
+    return int(text)
+
+
+def alive(pid):
+    """True when process `pid` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): trust kill(pid, 0)
+
+
+def prepare_run_dir(cfg):
+    """Save the resolved config in runs/NAME (and print it); a rerun must use the same settings."""
+    run_dir = run_folder(cfg)
+    path = os.path.join(run_dir, "config.yaml")
+    resolved = dataclasses.asdict(cfg)
+    if os.path.isfile(path) and checkpoint_dirs(run_dir):  # nothing to resume: nothing to refuse
+        saved = options.read_yaml_config(path)
+        changed = [k for k in resolved if k != "eval_at_end" and saved.get(k) != resolved[k]]
+        if changed:
+            k = changed[0]
+            raise UserError(f"run '{cfg.run}' exists with {k}={saved.get(k)!r} (now {resolved[k]!r}); "
+                            f"resume with the same settings or choose another --run")
+    write_atomic(path, yaml.safe_dump(resolved, sort_keys=False))
+    print(f"config ({path}): " + ", ".join(f"{k}={v}" for k, v in resolved.items()))
+    return run_dir
+
+
+def checkpoint_dirs(run_dir):
+    """The checkpoint folders step_NNNNNN, oldest first; any other name under checkpoints/ is ignored."""
+    root = os.path.join(run_dir, "checkpoints")
+    names = sorted(n for n in os.listdir(root) if re.fullmatch(r"step_\d{6}", n)
+                   and os.path.isdir(os.path.join(root, n))) if os.path.isdir(root) else []
+    return [os.path.join(root, n) for n in names]
+
+
+def save_checkpoint(run_dir, step, model, optimizer, scheduler, state, tokenizer=None):
+    """The adapter (with an absolute base path, see load_model) and the tokenizer beside it, so
+    `AutoPeftModelForCausalLM.from_pretrained(checkpoint)` works from any folder; plus the trainer
+    state. Written to a temporary folder and renamed."""
+    final = os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
+    if os.path.isdir(final):
+        return final
+    if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+        raise UserError(f"the adapter has non-finite weights after step {step}; no checkpoint written "
+                        f"(the newest one is intact); lower lr or check the data")
+    tmp = os.path.join(run_dir, "checkpoints", f".tmp_step_{step:06d}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)  # the adapter only; PeftModel.from_pretrained(base, tmp) loads it
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng_torch": torch.get_rng_state(), "rng_python": random.getstate(), **state},
+               os.path.join(tmp, "trainer_state.pt"))
+    os.replace(tmp, final)
+    return final
+
+
+class NonFiniteAdapter(UserError, ValueError):
+    """A checkpoint whose adapter holds NaN or inf: damaged (a ValueError, see DAMAGED) for resume
+    and evaluation, a one-line error where nothing can skip it."""
+
+
+def load_adapter_file(checkpoint):
+    """A checkpoint's LoRA weights; NaN or inf in them (a disk error, a hand edit) is refused: a
+    run resumed from them would only ever produce NaN."""
+    from safetensors.torch import load_file
+    adapter = load_file(os.path.join(checkpoint, "adapter_model.safetensors"))
+    bad = next((name for name, w in adapter.items() if w.is_floating_point() and not torch.isfinite(w).all()), None)
+    if bad:
+        raise NonFiniteAdapter(f"the checkpoint {checkpoint} holds non-finite adapter weights ({bad})")
+    return adapter
+
+
+def load_checkpoint(path, model, optimizer, scheduler):
+    """Read both files first, then apply them: a damaged checkpoint changes nothing."""
+    from peft import set_peft_model_state_dict
+    adapter = load_adapter_file(path)
+    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
+    missing = {"optimizer", "scheduler", "rng_torch", "rng_python", "step"} - set(state)
+    if missing:
+        raise KeyError(f"trainer_state.pt lacks {sorted(missing)}")
+    set_peft_model_state_dict(model, adapter)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng_torch"])
+    random.setstate(state["rng_python"])
+    return state
+
+
+DAMAGED = (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError)  # + safetensors'
+
+
+def resume(run_dir, model, optimizer, scheduler, writer=True):
+    """Load the newest checkpoint that loads (a damaged one is skipped with a warning naming it) and
+    trim the logs to it: {"step", "ema", "nonfinite"}. writer=False (ranks > 0, after rank 0 has
+    resumed) only reads."""
+    from safetensors import SafetensorError
+    state = {"step": 0, "ema": {}, "nonfinite": 0}
+    for path in reversed(checkpoint_dirs(run_dir)):
+        try:
+            state = load_checkpoint(path, model, optimizer, scheduler)
+        except (*DAMAGED, SafetensorError) as e:
+            if not writer:
+                raise UserError(f"the checkpoint {path} does not load on this process (rank 0 loaded it)") from None
+            aside = path + ".damaged"  # out of the step_NNNNNN names, so it is rewritten, not reused
+            while os.path.exists(aside):
+                aside += "_"
+            os.replace(path, aside)
+            print(f"warning: the checkpoint {path} does not load ({type(e).__name__}); moved it to "
+                  f"{os.path.basename(aside)} and resuming from the one before it", file=sys.stderr)
+            continue
+        if writer:
+            print(f"resuming {run_dir} after step {state['step']}")
+        break
+    for name in ("metrics.jsonl", "samples.jsonl") if writer else ():
+        keep_lines_up_to(os.path.join(run_dir, name), state["step"])
+    return state
+
+
+def log_step(run_dir, record, total_steps, finite, sample_every, sample_records, texts, rewards,
+             context_texts, valid, truncated):
+    """One metrics line, one printed line, and every `sample_every` steps the samples with their
+    teacher contexts (reading them is how self-distillation is debugged)."""
+    from tqdm import tqdm
+    step = record["step"]
+    append_jsonl(os.path.join(run_dir, "metrics.jsonl"), record)
+    kl_text = f" | kl {record['train/kl']:.4f}" if "train/kl" in record else ""
+    tqdm.write(f"step {step}/{total_steps} | loss {record['train/loss']:.4f}{kl_text}"
+               f" | reward {record['train/reward']:.3f} | len {record['train/response_len']:.1f}"
+               f" | invalid {record['train/critique_invalid']} | {record['time/step']:.1f}s"
+               + ("" if finite else " | update skipped (non-finite)"))
+    if sample_every and step % sample_every == 0 or step == 1:
+        for i, r in enumerate(sample_records):
+            append_jsonl(os.path.join(run_dir, "samples.jsonl"),
+                         {"step": step, "id": r["id"], "question": r["question"], "response": texts[i],
+                          "reward": rewards[i].item(), "context": context_texts[i], "valid": valid[i],
+                          "truncated": truncated[i]})
+
+
+def stop_if_asked(stop, give_up, nonfinite, step):
+    """After the step's checkpoint: stop on too many non-finite steps, or on a signal."""
+    if give_up:
+        raise UserError(f"stopping: {nonfinite} steps in a row had a non-finite loss or gradient "
+                        f"(last at step {step}); lower lr or check the data")
+    if stop["signal"]:
+        print(f"stopped by signal {stop['signal']} after step {step}; checkpoint saved, "
+              f"rerun the same command to resume")
+        sys.exit(128 + stop["signal"])
+
+
+def drop_step_and_stop(run_dir, step, model, optimizer, scheduler, ema, state, stop, tokenizer):
+    """A stop signal came while the HTTP critic was waiting: nothing of this step is applied yet, so
+    the checkpoint of the `step` finished steps is written (if not already) and we stop; a resume
+    repeats this step in full, as if never begun."""
+    if step == 0:
+        print(f"stopped by signal {stop['signal']} during the first step; nothing to save yet")
+        sys.exit(128 + stop["signal"])
+    save_checkpoint(run_dir, step, model, optimizer, scheduler,
+                    {"step": step, "ema": ema, "nonfinite": state["nonfinite"]}, tokenizer)
+    stop_if_asked(stop, False, state["nonfinite"], step)
+
+
+def step_record(cfg, tokenizer, step, totals, rewards, responses, truncated, texts, context_texts, valid,
+                zero_signal, analysed, grad_norm, lr, finite, times):
+    """The step's metrics line (README, Metrics), all but the whole step's time (`time/step`)."""
+    record = {"step": step, "train/loss": totals["loss"], "train/reward": rewards.mean().item(),
+              "train/response_len": sum(map(len, responses)) / len(responses),
+              "train/truncated": sum(truncated) / len(truncated),
+              "train/critique_invalid": valid.count(False), "train/zero_signal": zero_signal,
+              "train/leak_rate": common.leak_rate(texts, cfg.prompts),
+              "train/context_overlap": common.context_overlap(tokenizer, responses, context_texts),
+              "train/grad_norm": grad_norm, "train/lr": lr, "train/nonfinite": int(not finite), **times}
+    if totals["tokens"]:  # absent, not 0, when no token entered the loss
+        record["train/entropy"] = totals["entropy"] / totals["tokens"]
+        if cfg.arm != "grpo":  # no teacher, no divergence in grpo
+            record["train/kl"] = totals["divergence"] / totals["tokens"]
+    if analysed:
+        record.update(contexts.advantage_stats(tokenizer, *map(list, zip(*analysed))))
+    return record
+
+
+def checkpoint_and_stop(cfg, run_dir, rank, step, total_steps, finite, state, stop, ema, model, optimizer,
+                        scheduler, tokenizer):
+    """8. After `step` finished steps: a checkpoint every checkpoint_every steps, at the end, on a stop
+    signal, and before giving up after max_nonfinite non-finite steps in a row; then stop if asked."""
+    give_up = not finite and state["nonfinite"] >= cfg.max_nonfinite
+    if rank == 0 and (step == total_steps or step % cfg.checkpoint_every == 0 or stop["signal"] or give_up):
+        save_checkpoint(run_dir, step, model, optimizer, scheduler,
+                        {"step": step, "ema": ema, "nonfinite": state["nonfinite"]}, tokenizer)
+    if stop["signal"] or give_up:
+        ranks.barrier()  # under torchrun the others wait for rank 0's checkpoint before leaving
+    stop_if_asked(stop, give_up, state["nonfinite"], step)

@@ -1,0 +1,144 @@
+"""The toy world as the scripts see it: the one seam between the method (selfdistill.py), the
+scripts that read runs (eval.py, compare.py, analyze.py, prepare.py) and the toy world (toy.py,
+toy_build.py). Every question a script asks of the world goes through here: is this model a toy
+world, where are its model and data, what is its length budget, are its answers checked exactly,
+which critic judges it, what reference the teacher sees (the alignment dial), what its
+instruments measure. Any other model answers "no" / "none" / the data files it was given.
+"""
+import json
+import math
+import os
+import sys
+
+import common
+import critic
+import toy
+import toy_build
+from common import UserError
+
+
+def is_world_model(model):
+    """True for a named world (model=toy, model=toy-v2) and for any built world's folder or its
+    model/ folder (build.json in the folder or beside it)."""
+    return toy_build.world_root(model) is not None
+
+
+def model_settings(cfg):
+    """The settings a run's model decides, set in place: the prompt set (`prompts=auto`: toy for a
+    toy-world model, instruct for any other) and the length budget (`max_new_tokens=0`: a toy
+    world's build.json, 512 otherwise); the toy-only keys are refused on any other model."""
+    toy_model = is_world_model(cfg.model)
+    if cfg.prompts == "auto":
+        cfg.prompts = "toy" if toy_model else "instruct"
+    elif cfg.prompts == "toy" and not toy_model:  # a chat model would see a bare question
+        raise UserError(f"prompts=toy is the toy world's prompt set (the question alone, no instruction); "
+                        f"model={cfg.model} is not a toy-world model: leave prompts at auto (instruct)")
+    if toy_model:  # model=toy, or a built world's model folder: that world's build.json
+        budget = toy_build.budget(toy_build.world_root(cfg.model))
+        if cfg.max_new_tokens == 0:
+            cfg.max_new_tokens = budget
+        elif cfg.max_new_tokens != budget:
+            print(f"warning: max_new_tokens={cfg.max_new_tokens} differs from the toy world's budget "
+                  f"{budget} (build.json), which its difficulty filter used", file=sys.stderr)
+    elif cfg.max_new_tokens == 0:
+        cfg.max_new_tokens = 512
+    if not toy_model and (cfg.toy_order, cfg.toy_phrasing) != ("grouped", "other"):
+        raise UserError("config keys 'toy_order' and 'toy_phrasing' apply to toy-world models only")
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a run's model and data are.
+
+
+def resolve_paths(cfg):
+    """A run's model folder and data files. A toy world (named or a folder) gives its model and,
+    for empty train_file / test_file, its data; any other model without data files gets the
+    default world's data."""
+    root = toy_build.world_root(cfg.model)
+    model, train, test = cfg.model, cfg.train_file, cfg.test_file
+    if root or not train or not test:
+        built = toy_build.ensure_built(root or toy_build.WORLD)
+        model = built["model_dir"] if root else model
+        train, test = train or built["train"], test or built["test"]
+    return model, train, test
+
+
+def transfer_path(cfg):
+    """The toy world's transfer split (toy_build.build_transfer) for a run on a toy world with the
+    world's own test set; None otherwise, or when the world has none (built before v3, or
+    n_transfer=0)."""
+    root = toy_build.world_root(cfg.model)
+    if not root or cfg.test_file:
+        return None
+    path = toy_build.paths(root)["transfer"]
+    return path if os.path.isfile(path) and os.path.getsize(path) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# What the teacher sees and who judges.
+
+
+def toy_dial(cfg):
+    """True when the toy world's references are rebuilt with non-default alignment knobs."""
+    return is_world_model(cfg.model) and (cfg.toy_order, cfg.toy_phrasing) != ("grouped", "other")
+
+
+def load_records(cfg, path, need_solution=False):
+    """A data file's records (common.load_jsonl, gold answers checked). Under the alignment dial
+    (toy_order / toy_phrasing) each record's `solution` is rewritten here, once, into the reference
+    the dial asks for (a route that follows the chain and/or the solver's wording): the reference
+    the teacher sees in the `reference` arm is then always the record's `solution`."""
+    dial = toy_dial(cfg)
+    records = common.load_jsonl(path, need_solution and not dial, critic.normalize_answer)
+    if dial:
+        for r in records:
+            r["solution"] = toy.reference_solution(r["question"], cfg.toy_order, cfg.toy_phrasing)
+    return records
+
+
+def exact_answers(cfg):
+    """The toy world's answers are integers, checked exactly; any other model's go to math-verify."""
+    return is_world_model(cfg.model)
+
+
+def make_judge(cfg, device, records=()):
+    """The frozen critic: the toy world's rule critic (which reads toy chains only: `records` it
+    could not critique are a one-line error), or a model critic (critic.py)."""
+    if cfg.critic != "rule":
+        return critic.from_config(cfg, device)
+    toy.check_rule_critic(records)
+    return toy.RuleCritic()
+
+
+def toy_restyle(cfg):
+    """The no-prefix critique control's rewrite of a step: on toy chains (the rule critic reads
+    nothing else), the reference-only wording; a model critic's steps are kept as written."""
+    return toy.restyle_step if cfg.critic == "rule" else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The world's instruments.
+
+
+def toy_instruments(scored):
+    """The toy world's attribution of a checkpoint's accuracy (toy.trace_stats over all samples)."""
+    return toy.trace_stats([t for s in scored for t in s[5]], [c for s in scored for c in s[1]])
+
+
+def teacher_ceiling(config):
+    """The toy world's measured accuracy of the base teacher with this arm's context (build.json's
+    `ceilings`, toy_build.follow_rates): with a fixed base teacher the student at best becomes it.
+    None for GRPO, a moving teacher, a dial setting not measured, or a model that is no toy world."""
+    root = toy_build.world_root(config.get("model", ""))
+    dial = (config.get("toy_order"), config.get("toy_phrasing"))
+    key = {("grouped", "other"): config["arm"], ("chain", "same"): "reference_aligned"}.get(dial)
+    if not root or config["arm"] == "grpo" or config.get("teacher") != "base" or key is None:
+        return None
+    if config["arm"] != "reference" and dial != ("grouped", "other"):
+        return None
+    try:
+        with open(os.path.join(root, "build.json")) as f:
+            value = json.load(f).get("ceilings", {}).get(key)
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
