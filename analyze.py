@@ -37,6 +37,7 @@ if __name__ == "__main__":  # Ctrl-C while torch loads (seconds, nothing written
 
 import torch
 
+import chunked_head
 import common
 import contexts
 import critic
@@ -44,7 +45,6 @@ import sampler
 import world
 from common import UserError
 from eval import checkpoint_steps, load_adapter, target_config
-import chunked_head
 
 # ---------------------------------------------------------------------------------------------
 # Per-token advantage A_t: one student forward, one teacher forward per context (batched rows).

@@ -26,11 +26,11 @@ import statistics
 import textwrap
 
 import common
+import options
 import selfdistill
 import world
 from common import UserError
 from eval import METRICS, in_split, load_run_config
-import options
 from runfolder import read_jsonl
 
 SAME_ARM_IGNORES = ("seed", "run", "out_dir", "device", "eval_at_end")  # do not change the experiment

@@ -40,9 +40,9 @@ import math_verify
 import torch
 
 import common
+import sampler
 from common import UserError
 from contexts import check_chat_template, parse_steps, render_prompt
-import sampler
 
 log = logging.getLogger("critic")
 

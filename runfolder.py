@@ -19,10 +19,10 @@ import time
 import torch
 import yaml
 
+import common
 import contexts
 import options
 import ranks
-import common
 from common import UserError
 
 # ---------------------------------------------------------------------------------------------

@@ -70,8 +70,8 @@ import critic
 import options
 import runfolder
 import sampler
-from contexts import ANSWER_TAG as ANSWER, build_rows, critique_form, parse_steps, render_steps
 from contexts import student_prompt_ids, teacher_prompt_ids
+from contexts import ANSWER_TAG as ANSWER, build_rows, critique_form, parse_steps, render_steps
 from toy import (MAX_OPS, after_error_mass, MIN_OPS, MIN_VALUE, MAX_VALUE, OPERANDS, STEP_PATTERNS, STYLES, apply,
                  chain_steps, format_step, iter_problems, generate_problems, make_model, make_tokenizer,
                  parse_question, parse_step, random_question, reference_solution, response_style,

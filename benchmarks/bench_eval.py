@@ -7,7 +7,7 @@ wrapper (~1 µs a call) around the function that does it:
   decode     tokenizer.decode of every sample
   answers    critic.extract_answer and critic.answers_match on every sample
   summarize  eval.question_scores and eval.summarize (Pass@k, Maj@k, bootstrap CIs)
-  toy        eval.toy_instruments (toy.trace_stats), the toy world's attribution
+  toy        world.toy_instruments (toy.trace_stats), the toy world's attribution
 
 Each repeat evaluates the run's last checkpoint from the seed eval.py uses, so every repeat must
 draw the same samples: the script checks a fingerprint of them (answers, verdicts, lengths, cuts,
@@ -36,9 +36,6 @@ import common  # noqa: E402
 import contexts  # noqa: E402
 import critic  # noqa: E402
 import eval as evaluation  # noqa: E402
-import selfdistill  # noqa: E402
-import toy  # noqa: E402
-import sampler  # noqa: E402
 import world  # noqa: E402
 
 PARTS = ("prompts", "generate", "decode", "answers", "summarize", "toy")

@@ -194,3 +194,18 @@ def critic_server(monkeypatch):
     yield server
     server.httpd.shutdown()
     server.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def lora_model(tiny_model_dir):
+    """(cfg, peft model in eval mode, tokenizer): the tiny model with a non-zero LoRA adapter, one per
+    test module (tests load other adapters into it)."""
+    import common
+    import selfdistill
+    cfg = selfdistill.Config(model=tiny_model_dir, prompts="instruct", lora_r=4, chunk_size=5, micro_batch=8)
+    model, tok = common.load_model(cfg, tiny_model_dir, torch.device("cpu"))
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)  # student ≠ teacher
+    return cfg, model.eval(), tok

@@ -49,14 +49,14 @@ is replaced by a tripwire.
 | resuming a run with a changed setting | exit 2: run 'R' exists with KEY=OLD (now NEW) |
 | a start that failed before any checkpoint, rerun fixed | accepted: a run with no checkpoint has nothing to resume |
 | `eval.py` on a run with no checkpoints | evaluates step 0 and says: RUN has no checkpoints yet |
-| `eval.py --compare` on a folder that is not a run | exit 2: DIR has no checkpoints and no config.yaml |
+| `compare.py` on a folder that is not a run | exit 2: DIR has no checkpoints and no config.yaml |
 | `eval.py` on a checkpoint folder instead of its run | exit 2: DIR ... not a selfdistill run folder |
 | `eval.py --k` larger than `--samples` | exit 2: k = K must lie in 1..samples (N) |
 | `eval.py --samples 0`, `--k 0`, `--temperature 0`, `--questions -1` | exit 2: --FLAG must be at least 1 / positive |
-| `eval.py --compare` given the same run twice (overlapping globs) | exit 2: RUN is given twice |
-| `eval.py --analyze` on a path that is neither run nor model | exit 2: PATH is neither a run folder nor a model folder |
-| `eval.py --prepare` on a missing input | exit 2: input file PATH not found |
-| `eval.py --prepare` on records without the OpenMathReasoning fields | exit 2: none of the records has problem, generated_solution and expected_answer |
+| `compare.py` given the same run twice (overlapping globs) | exit 2: RUN is given twice |
+| `analyze.py` on a path that is neither run nor model | exit 2: PATH is neither a run folder nor a model folder |
+| `prepare.py` on a missing input | exit 2: input file PATH not found |
+| `prepare.py` on records without the OpenMathReasoning fields | exit 2: none of the records has problem, generated_solution and expected_answer |
 | a run's config.yaml with a key this version does not know | exit 2: .../config.yaml: unknown config key 'K' |
 """
 import contextlib
@@ -71,15 +71,17 @@ import pytest
 import torch
 import yaml
 
+import analyze
 import common
+import compare
 import critic
 import eval as ev
+import prepare
+import sampler
 import selfdistill
 from common import UserError
 from conftest import run_main, run_settings
 from selfdistill import load_config
-import compare
-import sampler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -183,7 +185,7 @@ def test_topk_not_smaller_than_the_vocabulary(tiny_model_dir, data, tmp_path, mo
     # The tiny model's vocabulary has 102 tokens. Proposed: an error once V is known (after the
     # model loads), because topk >= V is exactly support=full and almost always a slip (an extra
     # zero, or topk meant as top_k). token_divergence itself keeps clamping (a pure function).
-    trip(monkeypatch, "generate")  # the error must come before training starts
+    trip(monkeypatch, "generate", sampler)  # the error must come before training starts
     line = one_line_error(["--context", "reference", *settings(tiny_model_dir, data, tmp_path,
                                                                support="topk", topk=100000)], capsys)
     assert "topk" in line and "102" in line and "support=full" in line
@@ -279,7 +281,7 @@ def test_lora_targets_that_match_nothing(targets, tiny_model_dir, data, tmp_path
 
 
 def test_a_lora_target_with_a_typo_among_valid_ones(tiny_model_dir, data, tmp_path, monkeypatch, capsys):
-    trip(monkeypatch, "generate")  # the error must come before training starts
+    trip(monkeypatch, "generate", sampler)  # the error must come before training starts
     line = one_line_error(["--context", "grpo", *settings(tiny_model_dir, data, tmp_path,
                                                           lora_targets="q_prj,v_proj")], capsys)
     assert "q_prj" in line
@@ -413,7 +415,7 @@ def test_eval_on_a_run_without_checkpoints_says_so(tiny_model_dir, data, tmp_pat
 
 
 def test_eval_on_folders_that_are_not_runs(tiny_model_dir, data, tmp_path, capsys):
-    line = one_line_error(["--compare", str(tmp_path)], capsys, script=ev)
+    line = one_line_error([str(tmp_path)], capsys, script=compare)
     assert line == f"error: {tmp_path} has no checkpoints and no config.yaml: not a selfdistill run folder"
     checkpoint = os.path.join(make_run(tmp_path, tiny_model_dir, data), "checkpoints", "step_000010")
     os.makedirs(checkpoint)
@@ -453,19 +455,19 @@ def test_compare_the_same_run_twice(tiny_model_dir, data, tmp_path):
 
 def test_analyze_on_a_path_that_is_neither_run_nor_model(tmp_path, capsys):
     missing = tmp_path / "runs" / "critque-s0"
-    line = one_line_error(["--analyze", str(missing)], capsys, script=ev)
+    line = one_line_error([str(missing)], capsys, script=analyze)
     assert line == f"error: {missing} is neither a run folder (no config.yaml) nor a model folder"
 
 
 def test_prepare_on_a_missing_input(tmp_path, capsys):
-    line = one_line_error(["--prepare", str(tmp_path / "omr.jsonl")], capsys, script=ev)
+    line = one_line_error([str(tmp_path / "omr.jsonl")], capsys, script=prepare)
     assert line == f"error: input file {tmp_path / 'omr.jsonl'} not found"
 
 
 def test_prepare_on_records_without_the_openmath_fields(tiny_model_dir, data, tmp_path, capsys, monkeypatch):
     trip(monkeypatch, "load_model")
-    line = one_line_error(["--prepare", data, tiny_model_dir, f"train_file={data}", f"test_file={data}",
-                           "--out", str(tmp_path / "out")], capsys, script=ev)
+    line = one_line_error([data, tiny_model_dir, f"train_file={data}", f"test_file={data}",
+                           "--out", str(tmp_path / "out")], capsys, script=prepare)
     assert "expected_answer" in line
 
 

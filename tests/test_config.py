@@ -7,12 +7,11 @@ import sys
 
 import pytest
 
-import common
+import options
 import selfdistill
+import toy_build
 from common import UserError
 from selfdistill import load_config
-import options
-import toy_build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,7 +52,6 @@ def test_prompts_follow_the_model(tiny_model_dir, tmp_path):
 def test_the_length_budget_follows_the_world(tiny_model_dir, tmp_path):
     """max_new_tokens=0: a toy-world model's budget comes from its own world's build.json (the
     shipped world's for model=toy), 512 for any other model."""
-    import toy
     world = tmp_path / "world"
     os.makedirs(world / "model")
     (world / "build.json").write_text('{"settings": {"max_new_tokens": 40}}')

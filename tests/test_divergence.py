@@ -632,7 +632,7 @@ def test_auto_chunk_from_the_memory_budget(monkeypatch):
     assert chunked_head.chunk_positions(0, 151_936) == 193  # Qwen3's head: the figure in the docstring
     assert chunked_head.chunk_positions(0, budget) == 1  # a row of logits over the budget: one position
     student_h, teacher_h, weight, upstream = head_inputs()  # 10 positions, V = weight.shape[0]
-    monkeypatch.setattr(selfdistill, "CHUNK_LOGITS_MB", 3.5 * 4 * weight.shape[0] / 2 ** 20)  # 3 rows
+    monkeypatch.setattr(chunked_head, "CHUNK_LOGITS_MB", 3.5 * 4 * weight.shape[0] / 2 ** 20)  # 3 rows
     seen = []
     per_token = forward_kl_per_token(teacher_h, weight)
 

@@ -28,10 +28,9 @@ import time
 import pytest
 import torch
 
-import common
-import selfdistill
 import runfolder
 import sampler
+import selfdistill
 from conftest import run_main, run_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,7 +87,7 @@ def poison(monkeypatch, mode, bad_steps):
             return values * float("nan")
         return values + 0.0 * (student_logits - student_logits.detach()).sqrt().sum(-1)
 
-    monkeypatch.setattr(common, "generate", generate)
+    monkeypatch.setattr(sampler, "generate", generate)
     monkeypatch.setattr(selfdistill, "token_divergence", divergence)
 
 
@@ -390,7 +389,7 @@ def crash_inside_writes_to(monkeypatch, name):
             f.write = f.writelines = die
         return f
 
-    monkeypatch.setattr(common, "open", fake_open, raising=False)
+    monkeypatch.setattr(runfolder, "open", fake_open, raising=False)
 
 
 def test_a_kill_while_trimming_the_log_on_resume_loses_no_lines(tmp_path, monkeypatch):

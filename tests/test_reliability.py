@@ -19,11 +19,12 @@ import torch
 import yaml
 
 import common
+import compare
 import eval as ev
-import selfdistill
-from common import UserError
 import runfolder
+import selfdistill
 import toy_build
+from common import UserError
 from conftest import run_main, run_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -243,13 +244,12 @@ def test_own_data_with_the_rule_critic(tiny_model_dir, tmp_path, capsys):
 def test_a_full_or_read_only_disk_is_one_line(code_, text, tiny_model_dir, data, tmp_path, capsys, monkeypatch):
     def refuse(*args, **kwargs):
         raise OSError(code_, text, str(tmp_path / "r" / "config.yaml.tmp"))
-    monkeypatch.setattr(common, "write_atomic", refuse)
+    monkeypatch.setattr(runfolder, "write_atomic", refuse)
     code, _, err = run_main(settings(tiny_model_dir, data, tmp_path) + ["--run", "r"], capsys)
     one_line_error(code, err, text)
 
 
 def test_a_missing_toy_world_says_it_is_built_and_how_long(tmp_path, capsys):
-    import toy
     settings_ = toy_build.BuildSettings(steps=2, n_train=2, n_test=1, n_transfer=1, samples=2, max_correct=2, score_batch=8)
     toy_build.ensure_built(str(tmp_path / "world"), progress=True, settings=settings_)
     assert "toy world is missing or incomplete" in capsys.readouterr().err
@@ -263,7 +263,7 @@ def test_compare_refuses_runs_evaluated_differently(tmp_path, capsys):
         row = {"step": 0, "n": n, "k": n, "questions": 10, "temperature": 1.0, **{m: 0.5 for m in ev.METRICS},
                "ci": {m: [0.4, 0.6] for m in ev.METRICS}}
         runfolder.append_jsonl(os.path.join(run_dir, "eval.jsonl"), row)
-    code, _, err = run_main(["--compare", str(tmp_path / "a"), str(tmp_path / "b")], capsys, script=ev)
+    code, _, err = run_main([str(tmp_path / "a"), str(tmp_path / "b")], capsys, script=compare)
     one_line_error(code, err, "evaluated with other settings")
 
 

@@ -16,7 +16,7 @@ a hang, a silent wrong result or lost work.
 | SIGTERM to training while the critic hangs | stops in ~1 s with the last finished step's checkpoint |
 | SIGINT to the trainer while its eval.py runs; SIGTERM to common.run_child's caller | passed on to the child; the parent waits for it; one line |
 | Ctrl-C during `eval.py RUN` | exit 130, one line, no traceback |
-| a checkpoint whose adapter holds NaN | eval skips it with a warning; resume moves it aside; --analyze: one line |
+| a checkpoint whose adapter holds NaN | eval skips it with a warning; resume moves it aside; analyze.py: one line |
 | lora_alpha=0, lora_alpha=-4, critic_retries=11 | exit 2 before anything is written |
 | a gold answer that is a JSON list, object, bool or decimal | exit 2 naming FILE:LINE (integers, strings accepted) |
 
@@ -40,8 +40,8 @@ import torch
 import common
 import critic
 import eval as ev
-from common import UserError
 import runfolder
+from common import UserError
 from conftest import run_main, run_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -455,7 +455,7 @@ def test_a_nan_adapter_is_skipped_by_eval_and_moved_aside_on_resume(tiny_model_d
     assert code == 0 and "Traceback" not in err, err[-2000:]
     assert f"warning: skipping the damaged checkpoint {newest} (NonFiniteAdapter)" in err
     assert [r["step"] for r in runfolder.read_jsonl(str(run_dir / "eval.jsonl"))] == [0, 1]
-    # --analyze and other callers that cannot skip: a one-line user error
+    # analyze.py and other callers that cannot skip: a one-line user error
     with pytest.raises(UserError, match="holds non-finite adapter weights"):
         runfolder.load_adapter_file(newest)
     # resume moves it aside and trains step 2 again

@@ -15,8 +15,8 @@ from collections import Counter
 import pytest
 
 import toy
-from contexts import PROMPTS, parse_steps, student_prompt_ids, teacher_prompt_ids
 import toy_build
+from contexts import PROMPTS, parse_steps, student_prompt_ids, teacher_prompt_ids
 
 ALL_STYLES = toy.STYLES + (toy.REFERENCE_STYLE,)
 

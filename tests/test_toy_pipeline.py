@@ -9,30 +9,31 @@ import os
 import pytest
 
 import eval as ev
+import prepare
 import selfdistill
 import toy
-import prepare
 import toy_build
+import world
 
 ANALYSIS = ("analysis/A_mean", "analysis/rollouts", "analysis/A_prefix", "analysis/A_wrong", "analysis/A_after")
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def micro_world(tmp_path_factory):
     settings = toy_build.BuildSettings(steps=20, n_train=8, n_test=4, n_transfer=3, samples=2, max_correct=2)
     return toy_build.ensure_built(str(tmp_path_factory.mktemp("world")), progress=False, settings=settings)
 
 
 @pytest.mark.parametrize("context", ["critique", "reference"])
-def test_micro_toy_run_trains_and_evaluates(context, world, tmp_path):
+def test_micro_toy_run_trains_and_evaluates(context, micro_world, tmp_path):
     cfg = selfdistill.load_config([
-        "--context", context, "--run", "micro", f"model={world['model_dir']}",
-        f"train_file={world['train']}", f"test_file={world['test']}", f"out_dir={tmp_path}",
+        "--context", context, "--run", "micro", f"model={micro_world['model_dir']}",
+        f"train_file={micro_world['train']}", f"test_file={micro_world['test']}", f"out_dir={tmp_path}",
         "max_steps=2", "batch_size=4", "micro_batch=4", "eval_questions=2", "eval_samples=2",
         "threads=1", "analysis_every=2",
         # the world's one length budget, as model=toy gets it (a model folder would default to 512,
         # which with the prompt does not fit the toy model's 512 positions)
-        f"max_new_tokens={toy_build.budget(os.path.dirname(world['model_dir']))}"])
+        f"max_new_tokens={toy_build.budget(os.path.dirname(micro_world['model_dir']))}"])
     run_dir, _ = selfdistill.train(cfg)
     metrics = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert [m["step"] for m in metrics] == [1, 2] and all(m["train/kl"] >= 0 for m in metrics)
@@ -52,28 +53,33 @@ def test_micro_toy_run_trains_and_evaluates(context, world, tmp_path):
     assert steps == [0, 2]
 
 
-def test_alignment_dial_rebuilds_the_reference():
-    record = {"question": "2+7+5-9", "solution": toy.reference_solution("2+7+5-9")}
+def test_alignment_dial_rewrites_the_reference_once_at_load(tmp_path):
+    """The reference arm's teacher sees each record's `solution`: as written without the dial, and
+    with it (toy_order / toy_phrasing) the dial's reference, rebuilt once when the file is loaded."""
+    record = {"question": "2+7+5-9", "answer": "5", "solution": toy.reference_solution("2+7+5-9")}
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(record) + "\n")
     default = selfdistill.Config(arm="reference")
     aligned = selfdistill.Config(arm="reference", toy_order="chain", toy_phrasing="same")
-    assert selfdistill.teacher_context(default, record) == record["solution"]
-    assert selfdistill.teacher_context(aligned, record) == toy.solve("2+7+5-9", "plain")
+    assert world.load_records(default, str(path), need_solution=True)[0]["solution"] == record["solution"]
+    assert world.load_records(aligned, str(path), need_solution=True)[0]["solution"] == \
+        toy.solve("2+7+5-9", "plain")
 
 
-def test_prepare_converts_and_filters_openmath_records(world, tmp_path):
-    """eval.py --prepare: OpenMathReasoning fields in, our JSONL out, the difficulty filter applied
+def test_prepare_converts_and_filters_openmath_records(micro_world, tmp_path):
+    """prepare.py: OpenMathReasoning fields in, our JSONL out, the difficulty filter applied
     with the solver's samples and the (rule) critic; every kept record is counted and split."""
     problems = toy.generate_problems(6, seed=5)
     source = tmp_path / "omr.jsonl"
     source.write_text("".join(json.dumps({"problem": p["question"], "expected_answer": p["answer"],
                                           "generated_solution": p["solution"]}) + "\n" for p in problems)
                       + json.dumps({"problem": "no answer"}) + "\n")
-    # max_new_tokens is given: eval.analysis_config leaves it at 0 (unresolved), which generate
-    # refuses (see test_eval.py::test_analysis_config_of_a_model_is_resolved, an expected failure)
-    budget = toy_build.budget(os.path.dirname(world["model_dir"]))
-    counts = prepare.prepare(str(source), [world["model_dir"], "prompts=toy", "critic=rule", "threads=1",
+    # max_new_tokens is given: eval.target_config leaves it at 0 (unresolved), which generate
+    # refuses (see test_eval.py::test_target_config_of_a_model_is_resolved, an expected failure)
+    budget = toy_build.budget(os.path.dirname(micro_world["model_dir"]))
+    counts = prepare.prepare(str(source), [micro_world["model_dir"], "prompts=toy", "critic=rule", "threads=1",
                                       f"max_new_tokens={budget}",
-                                      f"train_file={world['train']}", f"test_file={world['test']}"],
+                                      f"train_file={micro_world['train']}", f"test_file={micro_world['test']}"],
                         out=str(tmp_path / "out"), test_size=1, samples=2, max_correct=1)
     assert counts["input"] == 7 and counts["missing_fields"] == 1
     dropped = counts.get("too_easy", 0) + counts.get("no_wrong_stepped_rollout", 0) + counts.get("critic_failed", 0)

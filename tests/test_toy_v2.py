@@ -12,10 +12,10 @@ import contexts
 import critic
 import selfdistill
 import toy
-from common import UserError
-from contexts import parse_steps
 import toy_build
 import world
+from common import UserError
+from contexts import parse_steps
 
 
 def test_departing_trace_continues_from_its_own_wrong_value():

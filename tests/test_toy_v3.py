@@ -13,14 +13,12 @@ import os
 
 import pytest
 
-import common
-import eval as ev
+import sampler
 import selfdistill
 import toy
-from common import UserError
-import sampler
 import toy_build
 import world
+from common import UserError
 
 
 def tiny(**changes):
@@ -29,7 +27,7 @@ def tiny(**changes):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def tiny_world(tmp_path_factory):
     """A tiny world built in its own folder (not a named one), as `toy.py build --root DIR` does."""
     root = str(tmp_path_factory.mktemp("v3") / "world")
     toy_build.ensure_built(root, progress=False, settings=tiny())
@@ -69,7 +67,7 @@ def world(tmp_path_factory):
     (["--threads", "0"], "--threads"),
 ])
 def test_a_bad_build_flag_is_one_line_before_any_work(flags, match, tmp_path, monkeypatch):
-    monkeypatch.setattr(toy, "build", lambda *a, **k: pytest.fail("a build started"))
+    monkeypatch.setattr(toy_build, "build", lambda *a, **k: pytest.fail("a build started"))
     with pytest.raises(UserError, match=match) as error:
         toy_build.command_line(["build", "--root", str(tmp_path / "w"), *flags])
     assert "\n" not in str(error.value)
@@ -98,8 +96,8 @@ def test_the_command_line_refuses_odd_roots_and_probe_flags(tmp_path):
 def test_every_build_setting_is_a_flag(tmp_path, monkeypatch):
     """Each field reaches BuildSettings (and so build.json) through its flag."""
     seen = {}
-    monkeypatch.setattr(toy, "build", lambda root, out, settings, progress, threads: seen.update(vars(settings)))
-    monkeypatch.setattr(toy, "summary", lambda root: "")
+    monkeypatch.setattr(toy_build, "build", lambda root, out, settings, progress, threads: seen.update(vars(settings)))
+    monkeypatch.setattr(toy_build, "summary", lambda root: "")
     values = {"seed": "3", "steps": "7", "batch_size": "5", "lr": "0.002", "warmup": "2", "decay": "0.5",
               "mix": "0.2,0.3,0.5", "styles": "plain,spaced", "faulty_share": "0.2", "fault_rate": "0.9",
               "recovery": "0.1", "copy_prob": "0.4", "critique_min_ops": "2", "n_train": "9", "n_test": "8",
@@ -117,19 +115,19 @@ def test_every_build_setting_is_a_flag(tmp_path, monkeypatch):
 # Built worlds: recorded settings, refused mismatches, the named worlds
 
 
-def test_a_built_world_refuses_other_settings_and_keeps_its_own(world):
-    info = json.load(open(os.path.join(world, "build.json")))
+def test_a_built_world_refuses_other_settings_and_keeps_its_own(tiny_world):
+    info = json.load(open(os.path.join(tiny_world, "build.json")))
     assert info["settings"]["fault_rate"] == 1.0 and info["n_transfer"] == 2
-    stamp = os.path.getmtime(os.path.join(world, "build.json"))
-    toy_build.ensure_built(world, progress=False, settings=tiny())  # the same settings: used as built
-    toy_build.ensure_built(world, progress=False)  # no settings asked: a folder of one's own is used as built
-    assert os.path.getmtime(os.path.join(world, "build.json")) == stamp
+    stamp = os.path.getmtime(os.path.join(tiny_world, "build.json"))
+    toy_build.ensure_built(tiny_world, progress=False, settings=tiny())  # the same settings: used as built
+    toy_build.ensure_built(tiny_world, progress=False)  # no settings asked: a folder of one's own is used as built
+    assert os.path.getmtime(os.path.join(tiny_world, "build.json")) == stamp
     with pytest.raises(UserError, match=r"built with fault_rate=1.0 \(asked 0.8\); rebuild it") as error:
-        toy_build.ensure_built(world, progress=False, settings=tiny(fault_rate=0.8))
+        toy_build.ensure_built(tiny_world, progress=False, settings=tiny(fault_rate=0.8))
     assert "--force" in str(error.value) and "\n" not in str(error.value)
     with pytest.raises(UserError, match="fault_rate=1.0"):
-        toy_build.command_line(["build", "--root", world, "--fault-rate", "0.8", "--steps", "2", "--n-train", "3"])
-    assert os.path.getmtime(os.path.join(world, "build.json")) == stamp
+        toy_build.command_line(["build", "--root", tiny_world, "--fault-rate", "0.8", "--steps", "2", "--n-train", "3"])
+    assert os.path.getmtime(os.path.join(tiny_world, "build.json")) == stamp
 
 
 def test_the_shipped_worlds_hold_their_names_settings():
@@ -143,7 +141,7 @@ def test_the_shipped_worlds_hold_their_names_settings():
 
 
 def test_a_named_world_built_with_other_settings_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(toy, "HERE", str(tmp_path))
+    monkeypatch.setattr(toy_build, "HERE", str(tmp_path))
     root = os.path.join(tmp_path, "toy_world")
     toy_build.ensure_built(root, progress=False, settings=tiny())  # a toy_world folder of other settings
     with pytest.raises(UserError, match="--world toy --force"):
@@ -171,8 +169,8 @@ def test_transfer_split_of_the_shipped_worlds_lies_off_the_train_chains():
         assert sum(bool(f) and f <= on_train for f in test_faults) > 0.9 * len(test)
 
 
-def test_a_tiny_worlds_transfer_split_is_disjoint_too(world):
-    load = lambda split: [json.loads(line) for line in open(toy_build.paths(world)[split])]
+def test_a_tiny_worlds_transfer_split_is_disjoint_too(tiny_world):
+    load = lambda split: [json.loads(line) for line in open(toy_build.paths(tiny_world)[split])]
     faults = set(toy_build.faulty_facts(0, tiny().faulty_share))
     on_train = set().union(*(toy_build.chain_facts(p["question"]) for p in load("train")))
     assert len(load("transfer")) == 2
@@ -185,17 +183,17 @@ def test_a_tiny_worlds_transfer_split_is_disjoint_too(world):
 
 
 @pytest.mark.parametrize("form", ["root", "model_dir"])
-def test_a_world_folder_is_a_toy_model_everywhere(world, form):
-    target = world if form == "root" else os.path.join(world, "model")
+def test_a_world_folder_is_a_toy_model_everywhere(tiny_world, form):
+    target = tiny_world if form == "root" else os.path.join(tiny_world, "model")
     cfg = selfdistill.load_config([f"model={target}", "toy_order=chain", "toy_phrasing=same"])
     assert cfg.prompts == "toy" and cfg.max_new_tokens == 48  # its build.json's budget, not toy_world's
     model, train, test = world.resolve_paths(cfg)
-    assert (model, train, test) == (os.path.join(world, "model"), toy_build.paths(world)["train"], toy_build.paths(world)["test"])
-    assert world.transfer_path(cfg) == toy_build.paths(world)["transfer"]
-    assert selfdistill.toy_dial(cfg) and world.exact_answers(cfg)
-    record = {"question": "2+7+5-9", "solution": toy.reference_solution("2+7+5-9")}
-    assert selfdistill.teacher_context(cfg, record) == toy.solve("2+7+5-9", "plain")  # the dial applies
-    ceiling = json.load(open(os.path.join(world, "build.json")))["ceilings"]["reference_aligned"]
+    assert (model, train, test) == (os.path.join(tiny_world, "model"), toy_build.paths(tiny_world)["train"], toy_build.paths(tiny_world)["test"])
+    assert world.transfer_path(cfg) == toy_build.paths(tiny_world)["transfer"]
+    assert world.toy_dial(cfg) and world.exact_answers(cfg)
+    records = world.load_records(cfg, train)  # the dial applies, once, as the records are loaded
+    assert all(r["solution"] == toy.reference_solution(r["question"], "chain", "same") for r in records)
+    ceiling = json.load(open(os.path.join(tiny_world, "build.json")))["ceilings"]["reference_aligned"]
     assert world.teacher_ceiling({**vars(cfg), "arm": "reference"}) == ceiling
 
 
@@ -216,13 +214,13 @@ def test_a_chat_model_gets_no_dial(tiny_model_dir):
 # The rollout-matched GRPO arm
 
 
-def test_rollout_matched_grpo_draws_a_self_distillation_arms_rollouts(world, tmp_path, monkeypatch):
+def test_rollout_matched_grpo_draws_a_self_distillation_arms_rollouts(tiny_world, tmp_path, monkeypatch):
     """batch_size=4 with G = 8: 32 rollouts a step, what a self-distillation arm draws with its 32
     questions × 1; 4 questions a step, an eighth of theirs."""
     drawn, generate = [], sampler.generate
-    monkeypatch.setattr(common, "generate", lambda model, tok, prompts, *a, **k: (
+    monkeypatch.setattr(sampler, "generate", lambda model, tok, prompts, *a, **k: (
         drawn.append(len(prompts)), generate(model, tok, prompts, *a, **k))[1])
-    cfg = selfdistill.load_config(["--context", "grpo", f"model={world}", f"out_dir={tmp_path}", "run=m",
+    cfg = selfdistill.load_config(["--context", "grpo", f"model={tiny_world}", f"out_dir={tmp_path}", "run=m",
                                    "batch_size=4", "max_steps=2", "threads=1", "eval_at_end=false"])
     run_dir, _ = selfdistill.train(cfg)
     metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]

@@ -17,12 +17,12 @@ import pytest
 import torch
 import yaml
 
+import chunked_head
 import common
 import contexts
+import sampler
 import selfdistill
 from common import UserError
-import chunked_head
-import sampler
 from conftest import run_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -262,7 +262,7 @@ def test_a_model_with_other_generation_settings_samples_with_hf_generate(tiny, m
     model = copy.deepcopy(model)
     model.generation_config.update(repetition_penalty=1.5, min_new_tokens=5)
     assert plain == [] and sampler.hf_only_settings(model) == ["min_new_tokens", "repetition_penalty"]
-    monkeypatch.setattr(common, "decode", lambda *a, **k: pytest.fail("decode ignores these settings"))
+    monkeypatch.setattr(sampler, "decode", lambda *a, **k: pytest.fail("decode ignores these settings"))
     prompts = [tok("1+2=")["input_ids"]] * 3 + [tok("9+9")["input_ids"]] * 3
     torch.manual_seed(0)
     responses, truncated = sampler.generate(model, tok, prompts, 8, temperature=1.0, batch_size=6)
