@@ -20,7 +20,7 @@ a hang, a silent wrong result or lost work.
 | lora_alpha=0, lora_alpha=-4, critic_retries=11 | exit 2 before anything is written |
 | a gold answer that is a JSON list, object, bool or decimal | exit 2 naming FILE:LINE (integers, strings accepted) |
 
-The lock race runs RunLock's own source (read from common.py) in small processes that do not import
+The lock race runs RunLock's own source (read from runfolder.py) in small processes that do not import
 torch; the eval-child test is the only one that starts the trainer as a real process (~20 s)."""
 import ast
 import functools
@@ -67,7 +67,8 @@ def trip(monkeypatch, name):
 # ---------------------------------------------------------------------------------------------
 # 1. The run lock
 
-# A starter process: RunLock and its helpers exec'd from common.py's source (importing common
+# A starter process: RunLock and its helpers exec'd from runfolder.py's source, UserError from
+# common.py's (importing them
 # would import torch, ~7 s a process), started on a go-file so that all four try at the same time.
 # Every file operation they make waits 0-2 ms before and after: the windows between two of them,
 # microseconds in real runs, become wide enough for a race to show in 20 rounds.
@@ -75,8 +76,8 @@ STARTER = r"""
 import ast, atexit, builtins, contextlib, errno, os, random, re, stat, sys, time, types
 run_dir, go, result, done, source = sys.argv[1:]
 wanted = {"UserError", "RunLock", "write_pid_file", "create_with_pid", "pid_max", "read_pid", "alive"}
-tree = ast.parse(open(source).read())
-code = ast.Module([n for n in tree.body if getattr(n, "name", None) in wanted], [])
+trees = [ast.parse(open(path).read()) for path in source.split(os.pathsep)]  # runfolder.py, common.py
+code = ast.Module([n for tree in trees for n in tree.body if getattr(n, "name", None) in wanted], [])
 
 def jitter(call):
     def slowed(*args, **kwargs):
@@ -135,7 +136,8 @@ def test_four_simultaneous_starters_one_lock(tmp_path):
         go, done = str(tmp_path / f"go{round_}"), str(tmp_path / f"done{round_}")
         results = [str(tmp_path / f"result{round_}_{k}") for k in range(4)]
         starters = [subprocess.Popen([sys.executable, "-c", STARTER, str(run_dir), go, r, done,
-                                      os.path.join(ROOT, "common.py")]) for r in results]
+                                      os.pathsep.join(os.path.join(ROOT, f) for f in ("runfolder.py", "common.py"))])
+                    for r in results]
         wait_for([r + ".ready" for r in results])
         open(go, "w").close()
         wait_for(results)
