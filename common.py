@@ -225,6 +225,9 @@ def check_fits(model, tokenizer, cfg, records):
                         f"drop them, or lower max_new_tokens")
 
 
+# ---------------------------------------------------------------------------------------------
+# Data order, seeds, the optimizer and its step.
+
 def batch_for_step(n_records, batch_size, step, seed):
     """Indices of the questions of one step: epochs are fresh permutations laid end to end, so the
     data position is a function of (seed, step) and resuming needs no saved iterator."""
@@ -422,9 +425,10 @@ def context_overlap(tokenizer, responses, context_texts):
                for r, c in zip(responses, context_texts) if c) / max(len(responses), 1)
 
 
+# ---------------------------------------------------------------------------------------------
+# Figures (optional): matplotlib when it is installed.
+
 MATPLOTLIB = "-r requirements-plot.txt"  # optional: figures (matplotlib); without it, CSV only
-TRAIN_CURVES = (("train/reward", "train reward (share right)"), ("train/kl", "KL per distilled token (SD arms)"),
-                ("train/response_len", "response length (tokens)"))
 
 
 def pyplot():

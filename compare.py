@@ -104,7 +104,7 @@ def pool_arm(runs):
 
 def group_runs(run_dirs):
     """Runs equal up to SAME_ARM_IGNORES are the seeds of one arm: ([(label, [(run_dir, config,
-    {step: eval row})])], the non-default settings all arms share). --compare and --plot group alike."""
+    {step: eval row})])], the non-default settings all arms share). the tables and --plot group alike."""
     arms, seen, first = {}, {}, None
     for run_dir in run_dirs:
         real = os.path.realpath(run_dir)
@@ -384,7 +384,7 @@ def seed_stats(per_seed):
 def plot_rows(run_dirs):
     """(rows, evaluation setting): the figure's data, one dict per (arm, metric, step): mean, std,
     min and max over seeds.
-    Arms are grouped as --compare groups them; metric "avg" is Avg@k from eval.jsonl (steps every
+    Arms are grouped as the tables group them; metric "avg" is Avg@k from eval.jsonl (steps every
     seed evaluated, step 0 = the base), the others come from metrics.jsonl (steps every seed logged)."""
     groups, _ = group_runs(run_dirs)
     setting = next(iter(groups[0][1][0][2].values()))  # every run shares it (group_runs checks)

@@ -82,6 +82,9 @@ def keep_lines_up_to(path, step):
         write_atomic(path, "".join(json.dumps(r) + "\n" for r in read_jsonl(path) if r.get("step", 0) <= step))
 
 
+# ---------------------------------------------------------------------------------------------
+# The run folder and its lock: one writer at a time.
+
 def check_run_name(run):
     """The run name is one plain folder under out_dir (checked with the config, before anything runs)."""
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.=+-]*", run) or run in (".", ".."):
@@ -234,6 +237,9 @@ def alive(pid):
         return True  # no /proc (macOS): trust kill(pid, 0)
 
 
+# ---------------------------------------------------------------------------------------------
+# The saved config, checkpoints and resume.
+
 def prepare_run_dir(cfg):
     """Save the resolved config in runs/NAME (and print it); a rerun must use the same settings."""
     run_dir = run_folder(cfg)
@@ -342,6 +348,9 @@ def resume(run_dir, model, optimizer, scheduler, writer=True):
         keep_lines_up_to(os.path.join(run_dir, name), state["step"])
     return state
 
+
+# ---------------------------------------------------------------------------------------------
+# The step's log line, and stopping after a checkpoint.
 
 def log_step(run_dir, record, total_steps, finite, sample_every, sample_records, texts, rewards,
              context_texts, valid, truncated):

@@ -310,6 +310,9 @@ def make_model(tok, seed):
     return model
 
 
+# ---------------------------------------------------------------------------------------------
+# Instruments: what a response gets right, and how the teacher reads a student's error.
+
 def response_style(text):
     """The style of a response's first step ("none" when it has no parseable first step)."""
     try:

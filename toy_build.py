@@ -559,17 +559,17 @@ def ensure_built(root=WORLD, progress=True, force=False, settings=None, threads=
                 saved = json.load(f)["settings"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise common.UserError(f"{root}/build.json cannot be read ({type(e).__name__}); rebuild the "
-                                   f"world: python toy.py build --root {root} --force") from None
+                                   f"world: python toy_build.py build --root {root} --force") from None
         changes = settings_changes(saved if isinstance(saved, dict) else {}, settings)
         if changes:
             name = next((n for n, (folder, _) in WORLDS.items() if os.path.join(HERE, folder) == os.path.abspath(root)), None)
             what = f"--world {name}" if name else f"--root {root}"
             listed = ", ".join(f"{k}={old!r} (asked {new!r})" for k, (old, new) in changes.items())
             raise common.UserError(f"the toy world in {root} was built with {listed}; rebuild it "
-                                   f"(python toy.py build {what} --force, same flags) or use another folder")
+                                   f"(python toy_build.py build {what} --force, same flags) or use another folder")
     if not done and progress:
         print(f"the toy world is missing or incomplete in {root}; building it now (about 10 minutes on "
-              f"2 CPU cores; `python toy.py build` does the same)", file=sys.stderr)
+              f"2 CPU cores; `python toy_build.py build` does the same)", file=sys.stderr)
     if force or not done:
         previous = torch.get_num_threads()
         threads = min(threads, os.cpu_count() or 1)
@@ -646,7 +646,7 @@ def probe(root=WORLD, samples=4, seed=0):
 
 
 def command_line(argv=None):
-    """python toy.py build|probe [--world NAME | --root DIR] [--force] [--threads N] [--SETTING V ...]:
+    """python toy_build.py build|probe [--world NAME | --root DIR] [--force] [--threads N] [--SETTING V ...]:
     every BuildSettings field is a flag (--fault-rate 0.9; tuples as comma lists, --mix 0.5,0.3,0.2),
     range-checked before a build starts and recorded in build.json."""
     parser = argparse.ArgumentParser(description="Build a toy world (base model + data), or probe a built one.")
@@ -677,7 +677,7 @@ def command_line(argv=None):
         if flags:
             raise common.UserError("build settings (" + ", ".join(flags) + ") apply to `build` only")
         if not os.path.isfile(os.path.join(root, "build.json")):
-            raise common.UserError(f"no built toy world in {root}; build it first: python toy.py build")
+            raise common.UserError(f"no built toy world in {root}; build it first: python toy_build.py build")
         torch.set_num_threads(args.threads)
         print(json.dumps(probe(root), indent=1))
         return

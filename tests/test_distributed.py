@@ -4,7 +4,7 @@ after two steps is the same, the logs and checkpoints are rank 0's alone, a kill
 torchrun, and evaluation shards its questions into one eval.jsonl.
 
 The same rollouts on both sides: with generation_batch equal to one process's share of a step,
-common.generate seeds each chunk by its first row's place in the whole step, so one process and
+sampler.generate seeds each chunk by its first row's place in the whole step, so one process and
 two draw the same samples. Each torchrun start costs ~10 s of imports per process."""
 import json
 import os

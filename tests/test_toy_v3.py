@@ -1,7 +1,7 @@
 """The toy world v3: named worlds, checked build flags, a world's folder used as model=, the
 transfer split, and the rollout-matched GRPO arm's step accounting.
 
-Protects: every BuildSettings field is a range-checked `toy.py build` flag and a bad value is a
+Protects: every BuildSettings field is a range-checked `toy_build.py build` flag and a bad value is a
 one-line error before a build starts; asking a built world for other settings is an error that
 says to rebuild (never silently ignored); the named worlds' shipped folders hold exactly their
 names' settings; model=<a world folder> (or its model/ folder, or a world's name) gets that world's
@@ -28,7 +28,7 @@ def tiny(**changes):
 
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory):
-    """A tiny world built in its own folder (not a named one), as `toy.py build --root DIR` does."""
+    """A tiny world built in its own folder (not a named one), as `toy_build.py build --root DIR` does."""
     root = str(tmp_path_factory.mktemp("v3") / "world")
     toy_build.ensure_built(root, progress=False, settings=tiny())
     return root

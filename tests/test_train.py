@@ -20,6 +20,7 @@ import yaml
 import chunked_head
 import common
 import contexts
+import ema_teacher
 import sampler
 import selfdistill
 from common import UserError
@@ -110,7 +111,7 @@ def test_ema_teacher_state_is_checkpointed(tiny_model_dir, data, tmp_path):
                        weights_only=True)
     assert state["ema"] and all(torch.isfinite(v).all() for v in state["ema"].values())
     # after two updates at rate 1/2 from zero: ema = 0.25·ΔW_1 + 0.5·ΔW_2, non-zero and not ΔW_2
-    name, module = selfdistill.lora_modules(model)[0]
+    name, module = ema_teacher.lora_modules(model)[0]
     delta = module.get_delta_weight("default").float()
     assert state["ema"][name].abs().sum() > 0 and not torch.allclose(state["ema"][name], delta)
 
@@ -372,8 +373,8 @@ def test_teacher_weights_are_the_models_they_name(tiny_model_dir):
     with selfdistill.teacher_weights(model, "live", {}):
         assert torch.equal(model(input_ids=ids).logits, student)
     ema = {}
-    selfdistill.ema_update(ema, model, rate=1.0)  # ΔW_T = ΔW_θ
-    assert len(ema) == len(selfdistill.lora_modules(model)) > 0
+    ema_teacher.ema_update(ema, model, rate=1.0)  # ΔW_T = ΔW_θ
+    assert len(ema) == len(ema_teacher.lora_modules(model)) > 0
     with selfdistill.teacher_weights(model, "ema", ema):
         torch.testing.assert_close(model(input_ids=ids).logits, student, rtol=1e-5, atol=1e-5)
     with selfdistill.teacher_weights(model, "ema", {}):
