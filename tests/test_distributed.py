@@ -59,8 +59,10 @@ def metrics(run_dir):
 
 @pytest.mark.parametrize("arm", ["critique", "grpo"])
 def test_two_processes_train_like_one(arm, tmp_path):
-    run([sys.executable, "selfdistill.py", *settings(arm, tmp_path, "one")])
-    run(torchrun("selfdistill.py", settings(arm, tmp_path, "two")))
+    # GRPO on the v2 world: in v3's (the default) its first 8 questions' groups are all wrong, no signal
+    world = {"model": "toy-v2"} if arm == "grpo" else {}
+    run([sys.executable, "selfdistill.py", *settings(arm, tmp_path, "one", **world)])
+    run(torchrun("selfdistill.py", settings(arm, tmp_path, "two", **world)))
     one, two = tmp_path / "one", tmp_path / "two"
     # the first step's gradient: AdamW's first moment after one step is (1 − β1)·g, on every rank
     g1 = trainer_state(one, 1)["optimizer"]["state"]
@@ -108,6 +110,7 @@ def test_sharded_evaluation_writes_one_file(tmp_path):
     run([sys.executable, "selfdistill.py", *settings("critique", tmp_path, "ev", max_steps=1)])
     run(torchrun("eval.py", [str(tmp_path / "ev"), "--samples", "2", "--questions", "6"]))
     rows = [json.loads(line) for line in open(tmp_path / "ev" / "eval.jsonl")]
+    rows = [r for r in rows if "split" not in r]  # the test set's rows (not the transfer split's)
     assert [r["step"] for r in rows] == [0, 1]
     assert all(r["questions"] == 6 and r["n"] == 2 and r["processes"] == 2 for r in rows)
     assert rows[0]["base_key"]["processes"] == 2  # not reused by a one-process evaluation

@@ -113,7 +113,7 @@ def test_evaluation_takes_the_lock(tmp_path, monkeypatch):
     yaml.safe_dump(vars(selfdistill.resolve(selfdistill.Config(run="r", out_dir=str(tmp_path)))),
                    open(run_dir / "config.yaml", "w"))
     seen = {}
-    monkeypatch.setattr(ev, "evaluate_steps", lambda *a: seen.setdefault("lock", (run_dir / ".lock").read_text()))
+    monkeypatch.setattr(ev, "evaluate_steps", lambda *a, **k: seen.setdefault("lock", (run_dir / ".lock").read_text()))
     ev.evaluate_run(str(run_dir))
     assert seen["lock"].strip() == str(os.getpid()) and not (run_dir / ".lock").exists()
 
