@@ -8,6 +8,13 @@ Choices the paper leaves open (ours):
     Step 0 (the base model) is never a candidate.
  2. Spreads: the tables show mean ± std over seeds (one seed: its bootstrap CI, with --ci);
     --plot draws the seed mean with a min–max band (with three seeds, the honest range).
+ 3. Budgets: when arms draw different rollouts per step, the budget table puts each arm at equal
+    questions (the most any arm saw, the paper's axis) and at equal rollouts (the fewest any arm
+    drew), at the evaluated step closest to the budget; `--reach` sets the score whose rollouts-
+    to-reach it shows (first evaluated step at or above it, so resolution is one checkpoint).
+ 4. On a toy world each self-distillation arm's teacher ceiling (build.json `ceilings`: the base
+    teacher's accuracy with the arm's own context) is shown beside it, and the transfer split's
+    Avg@k at step 0 and the last step in its own table.
 
 Outputs: the tables on stdout (--markdown for markdown); --plot writes FIG.png (with matplotlib)
 and FIG.csv, the figure's numbers.
@@ -451,27 +458,31 @@ def plot_training(run_dirs, out, x="step"):
                     fontsize=9, color="0.4")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and rollouts are counts
-    for r in (r for r in rows if r["metric"] == "ceiling"):  # dotted, in the arm's colour
+        # steps and rollouts are counts; the small panels get fewer ticks, so rollouts stay legible
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=10 if ax is top else 5))
+    ceilings = [r for r in rows if r["metric"] == "ceiling"]
+    for r in ceilings:  # dotted, in the arm's colour
         top.axhline(100 * r["mean"], color=colours[r["arm"]], linestyle=":", linewidth=1.2,
-                    label=f"teacher ceiling of {r['arm']} ({100 * r['mean']:.1f})")
+                    label=f"ceiling: {r['arm']} ({100 * r['mean']:.1f})")
+    if ceilings:  # room above the highest ceiling, which would otherwise sit on the frame
+        top.set_ylim(top=max(top.get_ylim()[1], 100 * max(r["mean"] for r in ceilings) + 4))
     base = [r["mean"] for r in rows if r["metric"] == "avg" and r["step"] == 0]
     if base:
         top.axhline(100 * statistics.fmean(base), color="0.4", linestyle="--", linewidth=1,
                     label=f"base, step 0 ({100 * statistics.fmean(base):.1f})")
     handles, labels = top.get_legend_handles_labels()  # under the figure: never over a curve
-    fig.legend(handles, labels, title="line: mean over seeds; band: min–max over seeds; dotted: the arm's "
-               "teacher with its context (build.json)" if any(r["metric"] == "ceiling" for r in rows) else
-               "line: mean over seeds; band: min–max over seeds", fontsize=8,
-               title_fontsize=8, loc="lower center", ncol=3)
+    ncol = 3 if max(map(len, labels)) <= 40 else 2  # long arm labels (settings) get two columns
+    fig.legend(handles, labels, title="line: mean over seeds; band: min–max over seeds" + (
+               "; dotted: the arm's teacher with its own context (build.json), its ceiling" if ceilings else ""),
+               fontsize=8, title_fontsize=8, loc="lower center", ncol=ncol)
     rates = {r["arm"]: r["rollouts"] // r["step"] for r in rows if r["step"]}
     label = "training step" if x == "step" else "rollouts (steps × questions per step × G)"
     if x == "step" and len(set(rates.values())) > 1:
         label += " (rollouts per step: " + ", ".join(f"{a} {n}" for a, n in rates.items()) + ")"
-    top.set_xlabel(label, fontsize=9)
+    top.set_xlabel("\n".join(textwrap.wrap(label, 150)), fontsize=9)
     for ax, *_ in panels[1:]:
         ax.set_xlabel("training step" if x == "step" else "rollouts", fontsize=9)
-    fig.tight_layout(rect=(0, 0.03 * (1 + math.ceil(len(labels) / 3)), 1, 1))  # room for the legend
+    fig.tight_layout(rect=(0, 0.03 * (1 + math.ceil(len(labels) / ncol)), 1, 1))  # room for the legend
     fig.savefig(out, dpi=100)
     plt.close(fig)
     print(f"wrote {out} and {csv_path}")

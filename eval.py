@@ -18,7 +18,9 @@ Outputs: RUN/eval.jsonl, one line per (step, setting): step, n, k, questions, te
 pass, maj, length (tokens, EOS excluded), unparseable, truncated, ci {metric: [lo, hi]}; rates are
 fractions. Step 0 also has base_key (and reused_from when copied). In the toy world each row has
 `toy`: toy.trace_stats of all samples (per-step arithmetic, chaining, answer = own last result,
-style mix and per-style accuracy), which compare.py shows in a last table.
+style mix and per-style accuracy), which compare.py shows in a last table. A toy world's transfer
+split (toy_build.build_transfer) is evaluated at step 0 and the last checkpoint; its rows say
+`split: "transfer"` (test rows have no `split`).
 
 Commands:
     python eval.py runs/critique-s0 [--samples 12] [--questions 30] [--temperature 1.1] [--k 12]
@@ -337,10 +339,11 @@ def print_summary(rows, run_dir, what=""):
 
 
 def target_config(target, overrides):
-    """(cfg, run_dir or None): a run folder's config, or a model folder / "toy" plus key=value."""
+    """(cfg, run_dir or None): a run folder's config, or a model folder / a toy world (by name,
+    e.g. toy or toy-v2, or by folder) plus key=value."""
     is_run = os.path.isfile(os.path.join(target, "config.yaml"))
     hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", target) and not os.path.exists(target)
-    if not is_run and target != "toy" and not os.path.isdir(target) and not hub_id:
+    if not is_run and not world.is_world_model(target) and not os.path.isdir(target) and not hub_id:
         raise UserError(f"{target} is neither a run folder (no config.yaml) nor a model folder")
     values = options.parse_overrides(selfdistill.Config, selfdistill.CHOICES, overrides)
     if not is_run:  # a model: the derived values a run of it would have (G, length budget)

@@ -227,3 +227,12 @@ def test_rollout_matched_grpo_draws_a_self_distillation_arms_rollouts(tiny_world
     assert [m["step"] for m in metrics] == [1, 2] and drawn == [32, 32]
     sd = selfdistill.load_config(["--context", "critique"])
     assert cfg.batch_size * cfg.samples_per_question == sd.batch_size * sd.samples_per_question == 32
+
+
+def test_a_named_world_is_an_analysis_target():
+    """analyze.py toy-v2 (or a world's folder) analyses that world's base, as analyze.py toy does."""
+    import eval as ev
+    for target in ("toy-v2", toy_build.world_root("toy-v2")):
+        cfg, run_dir = ev.target_config(target, ["threads=1"])
+        assert run_dir is None and cfg.prompts == "toy" and world.is_world_model(cfg.model)
+        assert toy_build.resolve_paths(cfg)[0] == os.path.join(toy_build.world_root("toy-v2"), "model")
