@@ -72,6 +72,7 @@ import options
 import ranks
 import runfolder
 import sampler
+import tracking
 import world
 from common import UserError
 from grpo import NORMS, grpo_advantages, grpo_loss, policy_gradient_loss  # noqa: F401 (the baseline)
@@ -155,6 +156,7 @@ class Config:
     eval_at_end: bool = True  # evaluate every checkpoint on the test set when training ends
     eval_samples: int = 12  # samples per test question for eval (Avg@k, Pass@k, Maj@k)
     eval_questions: int = 0  # test questions to evaluate (0 = all)
+    report_to: str = "none"  # also send each metrics line and the eval rows to: none | tensorboard (RUN/tensorboard/) | wandb (WANDB_MODE=offline works); pip install -r requirements-logging.txt
 
 
 ARMS = ("grpo", "reference", "critique", "critique_quoting", "critique_no_prefix")
@@ -165,6 +167,7 @@ CHOICES = {
     "divergence": ("forward", "reverse", "jsd"), "support": ("full", "topk", "sampled"),
     "topk_side": ("student", "teacher"), "schedule": ("constant", "linear", "cosine"),
     "critic": ("rule", "hf", "http"), "distill_span": ("all", "through_first_divergence"), "grpo_norm": NORMS,
+    "report_to": ("none", "tensorboard", "wandb"),
 }
 
 
@@ -175,6 +178,7 @@ def check_consistency(cfg):
     options.check_numbers(cfg)
     runfolder.check_run_name(cfg.run)
     critic.check_settings(cfg)
+    tracking.check_installed(cfg.report_to)
     for key in ("token_clip", "epochs", "grpo_beta"):
         if getattr(cfg, key) < 0:
             raise UserError(f"config key '{key}' must be at least 0")
@@ -467,6 +471,7 @@ def train(cfg):
     weight = model.get_base_model().get_output_embeddings().weight  # (V, d) the frozen LM head
     with ranks.rank0_first(rank):  # rank 0 moves damaged checkpoints aside and trims the logs
         state = runfolder.resume(run_dir, model, optimizer, scheduler, writer=rank == 0)
+    tracker = tracking.start(cfg, run_dir, state["step"], rank)  # report_to: the same records, elsewhere too
     model.train()  # LoRA dropout on in the student's forward; generation and the teacher: eval mode
     ema, stop, G = state["ema"], common.handle_signals(), cfg.samples_per_question
     exact = world.exact_answers(cfg)  # the toy world's integers exactly, decided once
@@ -556,10 +561,12 @@ def train(cfg):
         if rank == 0:
             runfolder.log_step(run_dir, record, total_steps, finite, cfg.sample_every,
                                per_rollout, texts, rewards, context_texts, valid, truncated)
+            tracker.log(record)
         # 8. checkpoint (and stop, on a signal or too many non-finite steps)
         runfolder.checkpoint_and_stop(cfg, run_dir, rank, step + 1, total_steps, finite, state,
                                       stop, ema, model, optimizer, scheduler, tokenizer)
     common.default_signals()
+    tracker.finish()
     if lock:
         lock.release()
     return run_dir, model
@@ -573,7 +580,9 @@ def main(argv=None):
             del model
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            sys.exit(common.evaluate_in_child(run_dir, cfg.trust_remote_code))
+            with tracking.evaluation_rows(cfg, run_dir):  # report_to: its new eval.jsonl rows
+                code = common.evaluate_in_child(run_dir, cfg.trust_remote_code)
+            sys.exit(code)
 
 
 if __name__ == "__main__":
