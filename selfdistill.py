@@ -51,6 +51,7 @@ Commands:
     python selfdistill.py --context grpo --config configs/smoke.yaml
     python selfdistill.py --context reference lr=1e-3 epochs=3    # key=value overrides
     python selfdistill.py --help                                  # every config field
+    python selfdistill.py --context critique --explain 2          # one step, shown for 2 rollouts
     torchrun --nproc_per_node=4 selfdistill.py --context critique run=NAME   # data-parallel
 """
 import contextlib
@@ -240,12 +241,18 @@ def resolve(cfg):
     return cfg
 
 
-def load_config(argv):
-    """--config FILE.yaml, then --context/--run, then key=value overrides; all checked."""
+def parse_args(argv):
+    """--config FILE.yaml, then --context/--run, then key=value overrides; all checked. Returns
+    (cfg, N of --explain N, 0 without it)."""
     values = options.parse_command_line(Config, CHOICES, argv, "Self-distillation with designed feedback.")
+    explain = values.pop("explain", 0)
     if "context" in values:  # --context names the arm, as the paper names each by its context
         values["arm"] = values.pop("context")
-    return resolve(Config(**values))
+    return resolve(Config(**values)), explain
+
+
+def load_config(argv):
+    return parse_args(argv)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -574,7 +581,9 @@ def train(cfg):
 
 def main(argv=None):
     with common.user_errors():
-        cfg = load_config(sys.argv[1:] if argv is None else argv)
+        cfg, explain = parse_args(sys.argv[1:] if argv is None else argv)
+        if explain:  # one step, printed (explain.py), then stop: nothing trained or written
+            return __import__("explain").show_step(cfg, explain)
         run_dir, model = train(cfg)
         if cfg.eval_at_end:  # eval.py in its own process: it imports this file, never the reverse
             del model
