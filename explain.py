@@ -7,7 +7,8 @@ loop's own named steps (selfdistill.sample_rollouts, judge_rollouts, kept_rollou
 and losses, one rollout at a time with the step's divisor (so the rollouts' losses sum to the step's
 loss), then stops: no update, no run folder, no checkpoint. A_t is coloured on a terminal (green:
 the teacher likes the token more than the student does) and written `[+0.12]` after each token when
-the output is piped.
+the output is piped. The loop's module is passed in (`loop`: selfdistill), so this file sits
+below it in the import order.
 """
 import sys
 
@@ -17,7 +18,6 @@ import chunked_head
 import common
 import contexts
 import critic
-import selfdistill
 import world
 
 # ---------------------------------------------------------------------------------------------
@@ -45,7 +45,7 @@ def block(title, text):
 # One step, shown
 
 
-def show_step(cfg, n_shown=2):
+def show_step(cfg, n_shown, loop):
     device = common.pick_device(cfg)
     model_path, train_path, _ = world.resolve_paths(cfg)
     records = world.load_records(cfg, train_path, need_solution=cfg.arm == "reference")
@@ -56,15 +56,14 @@ def show_step(cfg, n_shown=2):
     torch.manual_seed(common.step_seed(cfg, step))
     per_rollout = [records[i] for i in common.batch_for_step(len(records), cfg.batch_size, step, cfg.seed)
                    for _ in range(G)]
-    prompt_ids, responses, truncated, texts = selfdistill.sample_rollouts(cfg, model, tokenizer, per_rollout,
-                                                                          step, 0)
+    prompt_ids, responses, truncated, texts = loop.sample_rollouts(cfg, model, tokenizer, per_rollout, step, 0)
     rewards = torch.tensor([critic.reward(t, r["answer"], world.exact_answers(cfg))
                             for t, r in zip(texts, per_rollout)])
-    critiques, valid, context_texts, _ = selfdistill.judge_rollouts(cfg, judge, per_rollout, texts, False)
-    keep, divisor, _, advantages = selfdistill.kept_rollouts(cfg, rewards, responses, valid)
+    critiques, valid, context_texts, _ = loop.judge_rollouts(cfg, judge, per_rollout, texts, False)
+    keep, divisor, _, advantages = loop.kept_rollouts(cfg, rewards, responses, valid)
     if cfg.arm != "grpo":
-        teacher_ids, span_ends = selfdistill.teacher_inputs(cfg, tokenizer, per_rollout, responses, critiques,
-                                                            context_texts, keep)
+        teacher_ids, span_ends = loop.teacher_inputs(cfg, tokenizer, per_rollout, responses, critiques,
+                                                     context_texts, keep)
     model.eval()  # no dropout: the numbers shown are the step's, without noise
     step_loss, shown = 0.0, {}
     for i in keep:  # each kept rollout alone, divided by the whole step's divisor: Σ_i = the step's loss
@@ -79,17 +78,17 @@ def show_step(cfg, n_shown=2):
                 if cfg.grpo_beta:  # π_ref: the base, adapter off
                     with model.disable_adapter():
                         reference_h = chunked_head.response_hidden(model, rows, T, device)[mask]
-                loss, _ = selfdistill.grpo_loss(student_h, weight, sampled_ids, advantages[[i]].to(device), mask,
-                                                divisor, cfg, reference_h)
+                loss, _ = loop.grpo_loss(student_h, weight, sampled_ids, advantages[[i]].to(device), mask,
+                                         divisor, cfg, reference_h)
                 A_t = None
             else:  # the teacher: x with its context c, then the same ŷ; adapter off (teacher=base)
                 _, teacher_rows = contexts.build_pair([prompt_ids[i]], [teacher_ids[i]], [responses[i]],
                                                       tokenizer.pad_token_id)
-                with selfdistill.teacher_weights(model, cfg.teacher, {}):
+                with loop.teacher_weights(model, cfg.teacher, {}):
                     teacher_h = chunked_head.response_hidden(model, teacher_rows, T, device)[mask]
                 span = contexts.distilled_span(mask, [span_ends[i]])
-                loss, stats = selfdistill.sd_loss(student_h, teacher_h, weight, sampled_ids, mask, span, divisor,
-                                                  cfg, with_advantage=True)
+                loss, stats = loop.sd_loss(student_h, teacher_h, weight, sampled_ids, mask, span, divisor,
+                                           cfg, with_advantage=True)
                 A_t = stats["advantage"].tolist()
         step_loss += loss.item()
         shown[i] = (loss.item() * divisor, A_t)  # SD: the rollout's divergence

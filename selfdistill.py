@@ -69,6 +69,7 @@ import common
 import contexts
 import critic
 import ema_teacher
+import explain as explain_step
 import options
 import ranks
 import runfolder
@@ -582,8 +583,8 @@ def train(cfg):
 def main(argv=None):
     with common.user_errors():
         cfg, explain = parse_args(sys.argv[1:] if argv is None else argv)
-        if explain:  # one step, printed (explain.py), then stop: nothing trained or written
-            return __import__("explain").show_step(cfg, explain)
+        if explain:  # one step of this loop's named steps, printed (explain.py); nothing written
+            return explain_step.show_step(cfg, explain, sys.modules[__name__])
         run_dir, model = train(cfg)
         if cfg.eval_at_end:  # eval.py in its own process: it imports this file, never the reverse
             del model
