@@ -395,6 +395,8 @@ def plot_rows(run_dirs):
     seed evaluated, step 0 = the base), the others come from metrics.jsonl (steps every seed logged)."""
     groups, _ = group_runs(run_dirs)
     setting = next(iter(groups[0][1][0][2].values()))  # every run shares it (group_runs checks)
+    model = groups[0][1][0][1]["model"]  # for a one-arm figure's title
+    setting = {**setting, "model": "the toy world" if model == "toy" else "/".join(model.rstrip("/").split("/")[-2:])}
     rows = []
     for label, members in groups:
         config = members[0][1]
@@ -482,6 +484,8 @@ def plot_training(run_dirs, out, x="step"):
     top.set_xlabel("\n".join(textwrap.wrap(label, 150)), fontsize=9)
     for ax, *_ in panels[1:]:
         ax.set_xlabel("training step" if x == "step" else "rollouts", fontsize=9)
+    if len(arms) == 1:  # one arm: the figure still says what it shows
+        fig.suptitle(f"{arms[0]} on {setting['model']}", fontsize=11)
     fig.tight_layout(rect=(0, 0.03 * (1 + math.ceil(len(labels) / ncol)), 1, 1))  # room for the legend
     fig.savefig(out, dpi=100)
     plt.close(fig)

@@ -120,7 +120,14 @@ def parse_command_line(cls, choices, argv, description):
     parser.add_argument("--context", choices=choices["context"], help="the arm: what the teacher sees")
     parser.add_argument("--config", help="YAML file of overrides")
     parser.add_argument("--run", help="run name (rerun the same name to resume)")
+    parser.add_argument("--explain", nargs="?", const=2, type=int, metavar="N",
+                        help="show one training step for N rollouts (default 2), then stop; writes nothing")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
+    argv = list(argv)
+    for i, word in enumerate(argv):  # a bare --explain before key=value words: N is its default
+        if word == "--explain" and (i + 1 == len(argv) or not argv[i + 1].isdigit()):
+            argv[i:i + 1] = ["--explain", "2"]
+            break
     args = parser.parse_intermixed_args(argv)  # key=value may come before and after the options
     values = {}
     if args.config:
@@ -128,7 +135,7 @@ def parse_command_line(cls, choices, argv, description):
             check_key(cls, key)
             values[key] = coerce(cls, choices, key, value, from_text=False)
     values.update(parse_overrides(cls, choices, args.overrides))
-    values.update({k: v for k, v in (("context", args.context), ("run", args.run)) if v})
+    values.update({k: v for k, v in (("context", args.context), ("run", args.run), ("explain", args.explain)) if v})
     return values
 
 

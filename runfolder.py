@@ -407,7 +407,7 @@ def step_record(cfg, tokenizer, step, totals, rewards, responses, truncated, tex
               "train/grad_norm": grad_norm, "train/lr": lr, "train/nonfinite": int(not finite), **times}
     if totals["tokens"]:  # absent, not 0, when no token entered the loss
         record["train/entropy"] = totals["entropy"] / totals["tokens"]
-        if cfg.arm != "grpo":  # no teacher, no divergence in grpo
+        if cfg.arm != "grpo" or cfg.grpo_beta:  # grpo: the k3 KL to π_ref, only when penalised
             record["train/kl"] = totals["divergence"] / totals["tokens"]
     if analysed:
         record.update(contexts.advantage_stats(tokenizer, *map(list, zip(*analysed))))

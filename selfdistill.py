@@ -17,9 +17,15 @@ Deviations from the paper, and the choices it leaves open (each a config field):
     distributions; the paper samples at 1.1 and does not say what the loss uses).
  3. Unknown in the paper, chosen here: constant learning rate, no warm-up, grad clip 1.0, no
     weight decay, no per-token clipping, top-p 1, top-k off.
- 4. GRPO: one on-policy update per batch (ratio 1, no clip), no KL penalty, std with Bessel's
+ 4. GRPO (grpo.py): one on-policy update per batch (ratio 1, no clip), std with Bessel's
     correction. Samples with A_i = 0 (a group whose rewards are all equal) carry no signal and are
-    dropped; the loss is the token mean over the kept samples' tokens of the whole batch.
+    dropped (kept when grpo_beta > 0: the KL term still acts on them). `grpo_norm` divides
+    Σ_i Σ_t −A_i·log π_θ(ŷ_it): token_mean (default) by the step's kept tokens; sequence_mean
+    (the GRPO paper's) takes each sequence's token mean, then the mean over kept sequences;
+    constant (Dr. GRPO's) by max_new_tokens × the step's rollouts (batch_size·G).
+14. `grpo_beta` > 0 adds β·KL(π_θ ‖ π_ref) per token, π_ref = the base (adapter off, one no-grad
+    forward, no second model), with the k3 estimator r − log r − 1, r = π_ref(ŷ_t)/π_θ(ŷ_t), as TRL
+    and DeepSeekMath do; default 0, as in TRL (the paper's GRPO arm names no KL term).
  5. A critique that fails validation (critic.validate_critique) drops its sample from the loss,
     counted in `train/critique_invalid`; it is never replaced by anything else.
  6. A teacher context longer than `max_context_tokens` loses its middle (marked); the question
@@ -45,6 +51,7 @@ Commands:
     python selfdistill.py --context grpo --config configs/smoke.yaml
     python selfdistill.py --context reference lr=1e-3 epochs=3    # key=value overrides
     python selfdistill.py --help                                  # every config field
+    python selfdistill.py --context critique --explain 2          # one step, shown for 2 rollouts
     torchrun --nproc_per_node=4 selfdistill.py --context critique run=NAME   # data-parallel
 """
 import contextlib
@@ -62,12 +69,15 @@ import common
 import contexts
 import critic
 import ema_teacher
+import explain as explain_step
 import options
 import ranks
 import runfolder
 import sampler
+import tracking
 import world
 from common import UserError
+from grpo import NORMS, grpo_advantages, grpo_loss, policy_gradient_loss  # noqa: F401 (the baseline)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,6 +119,8 @@ class Config:
     # teacher and loss
     teacher: str = "base"  # base (LoRA off, the paper) | ema (EMA of the LoRA update) | live (current weights)
     ema_rate: float = 0.05  # ema teacher: ΔW_T ← (1 - rate)·ΔW_T + rate·ΔW_θ after every step
+    grpo_norm: str = "token_mean"  # grpo loss divisor: token_mean (the step's kept tokens) | sequence_mean (each sequence's token mean, averaged) | constant (max_new_tokens × batch_size·G, Dr. GRPO)
+    grpo_beta: float = 0.0  # grpo: weight of the k3 KL penalty to the reference policy (the base, adapter off); 0 = off (TRL's default)
     divergence: str = "forward"  # forward KL(T‖S) | reverse KL(S‖T) | jsd: a·KL(T‖M)+(1-a)·KL(S‖M), M=(1-a)S+aT
     jsd_alpha: float = 0.5  # a of the jsd; a=0 is forward KL, a=1 reverse KL
     support: str = "full"  # full vocabulary | topk | sampled (reverse-KL estimator on ŷ_t)
@@ -146,6 +158,7 @@ class Config:
     eval_at_end: bool = True  # evaluate every checkpoint on the test set when training ends
     eval_samples: int = 12  # samples per test question for eval (Avg@k, Pass@k, Maj@k)
     eval_questions: int = 0  # test questions to evaluate (0 = all)
+    report_to: str = "none"  # also send each metrics line and the eval rows to: none | tensorboard (RUN/tensorboard/) | wandb (WANDB_MODE=offline works); pip install -r requirements-logging.txt
 
 
 ARMS = ("grpo", "reference", "critique", "critique_quoting", "critique_no_prefix")
@@ -155,7 +168,8 @@ CHOICES = {
     "toy_phrasing": ("other", "same"), "teacher": ("base", "ema", "live"),
     "divergence": ("forward", "reverse", "jsd"), "support": ("full", "topk", "sampled"),
     "topk_side": ("student", "teacher"), "schedule": ("constant", "linear", "cosine"),
-    "critic": ("rule", "hf", "http"), "distill_span": ("all", "through_first_divergence"),
+    "critic": ("rule", "hf", "http"), "distill_span": ("all", "through_first_divergence"), "grpo_norm": NORMS,
+    "report_to": ("none", "tensorboard", "wandb"),
 }
 
 
@@ -166,7 +180,8 @@ def check_consistency(cfg):
     options.check_numbers(cfg)
     runfolder.check_run_name(cfg.run)
     critic.check_settings(cfg)
-    for key in ("token_clip", "epochs"):
+    tracking.check_installed(cfg.report_to)
+    for key in ("token_clip", "epochs", "grpo_beta"):
         if getattr(cfg, key) < 0:
             raise UserError(f"config key '{key}' must be at least 0")
     if cfg.lora_alpha < 1:
@@ -227,16 +242,22 @@ def resolve(cfg):
     return cfg
 
 
-def load_config(argv):
-    """--config FILE.yaml, then --context/--run, then key=value overrides; all checked."""
+def parse_args(argv):
+    """--config FILE.yaml, then --context/--run, then key=value overrides; all checked. Returns
+    (cfg, N of --explain N, 0 without it)."""
     values = options.parse_command_line(Config, CHOICES, argv, "Self-distillation with designed feedback.")
+    explain = values.pop("explain", 0)
     if "context" in values:  # --context names the arm, as the paper names each by its context
         values["arm"] = values.pop("context")
-    return resolve(Config(**values))
+    return resolve(Config(**values)), explain
+
+
+def load_config(argv):
+    return parse_args(argv)[0]
 
 
 # ---------------------------------------------------------------------------------------------
-# Divergences and the GRPO loss: pure functions of logits. Student first, teacher second; the
+# Divergences: pure functions of logits (the GRPO baseline's loss is in grpo.py). Student first, teacher second; the
 # teacher is a target (its logits come from a no_grad forward), the gradient flows into the student.
 
 
@@ -303,22 +324,8 @@ def token_divergence(student_logits, teacher_logits, divergence="forward", suppo
     return values.clamp(max=clip) if clip > 0 else values
 
 
-def grpo_advantages(rewards, eps=1e-6):
-    """A_i = (r_i − mean(r)) / (std(r) + ε) within each group. rewards (Q, G) → (Q, G), #flat groups."""
-    mean = rewards.mean(-1, keepdim=True)
-    std = rewards.std(-1, keepdim=True)  # Bessel-corrected, as in TRL's GRPO
-    zero_variance = int((std.squeeze(-1) == 0).sum())
-    return (rewards - mean) / (std + eps), zero_variance
-
-
-def policy_gradient_loss(logp, advantages, mask, n_tokens):
-    """−A_i·log π_θ(ŷ_t), summed over this micro-batch's tokens, divided by the step's token count
-    (token mean over the whole effective batch). logp (B, T), advantages (B,), mask (B, T)."""
-    return -(advantages[:, None] * logp * mask).sum() / n_tokens
-
-
 # ---------------------------------------------------------------------------------------------
-# The two losses on one micro-batch, from hidden states: the LM head and the per-token function run
+# The self-distillation loss on one micro-batch, from hidden states: the LM head and the per-token function run
 # chunk by chunk (chunked_head.ChunkedHead), so no (T, V) tensor is held.
 
 def sd_loss(student_h, teacher_h, weight, sampled_ids, mask, span, n_sequences, cfg, with_advantage=False):
@@ -351,22 +358,6 @@ def sd_loss(student_h, teacher_h, weight, sampled_ids, mask, span, n_sequences, 
     keep = span[mask]  # (N,)
     return loss, {"divergence": (values * keep).sum().item(), "entropy": (entropy * keep).sum().item(),
                   "tokens": int(keep.sum()), "advantage": advantage}
-
-
-def grpo_loss(student_h, weight, sampled_ids, advantages, mask, n_tokens, cfg):
-    """−A_i·log π_θ(ŷ_t) on one micro-batch, divided by the step's kept-token count."""
-    entropy = torch.zeros(student_h.shape[0], device=student_h.device)
-
-    def per_token(student_logits, positions):  # log π_θ(ŷ_t | x, ŷ<t): (C, V) → (C,)
-        logp = (student_logits.float() / cfg.logit_temperature).log_softmax(-1)
-        with torch.no_grad():
-            entropy[positions] = -(logp.exp() * logp).sum(-1)
-        return logp.gather(-1, sampled_ids[positions, None]).squeeze(-1)
-
-    logp = chunked_head.ChunkedHead.apply(student_h, weight, per_token, cfg.chunk_size)  # (N,)
-    grid = torch.zeros(mask.shape, device=mask.device).masked_scatter(mask, logp)  # (B, T)
-    loss = policy_gradient_loss(grid, advantages, mask, n_tokens)
-    return loss, {"entropy": entropy.sum().item(), "tokens": logp.numel()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,13 +419,17 @@ def judge_rollouts(cfg, judge, per_rollout, texts, analyse):
 def kept_rollouts(cfg, rewards, responses, valid):
     """The rollouts that enter the loss, and the loss's divisor: the whole step's count, summed over
     processes under torchrun: GRPO's kept tokens (of samples with A_i ≠ 0), self-distillation's kept
-    sequences (a valid context). Returns (keep, divisor, zero_signal, advantages (None for SD))."""
+    sequences (a valid context). GRPO's divisor follows grpo_norm (grpo.policy_gradient_loss).
+    Returns (keep, divisor, zero_signal, advantages (None for SD))."""
     if cfg.arm == "grpo":
         advantages, flat_groups = grpo_advantages(rewards.view(-1, cfg.samples_per_question))
-        advantages = advantages.view(-1)
-        keep = [i for i in range(len(responses)) if advantages[i] != 0]  # A_i = 0: no signal
-        n_tokens, flat_groups = ranks.all_sum([sum(len(responses[i]) for i in keep), flat_groups])
-        return keep, n_tokens, flat_groups / cfg.batch_size, advantages
+        advantages = advantages.view(-1)  # A_i = 0: no signal, dropped, unless β·KL acts on it
+        keep = [i for i in range(len(responses)) if advantages[i] != 0 or cfg.grpo_beta]
+        n_tokens, n_sequences, flat_groups = ranks.all_sum([sum(len(responses[i]) for i in keep), len(keep),
+                                                            flat_groups])
+        constant = cfg.max_new_tokens * cfg.batch_size * cfg.samples_per_question if n_tokens else 0
+        divisor = {"token_mean": n_tokens, "sequence_mean": n_sequences, "constant": constant}[cfg.grpo_norm]
+        return keep, divisor, flat_groups / cfg.batch_size, advantages
     keep = [i for i in range(len(responses)) if valid[i]]
     [n_sequences] = ranks.all_sum([len(keep)])
     return keep, n_sequences, 1 - n_sequences / (cfg.batch_size * cfg.samples_per_question), None
@@ -484,6 +479,7 @@ def train(cfg):
     weight = model.get_base_model().get_output_embeddings().weight  # (V, d) the frozen LM head
     with ranks.rank0_first(rank):  # rank 0 moves damaged checkpoints aside and trims the logs
         state = runfolder.resume(run_dir, model, optimizer, scheduler, writer=rank == 0)
+    tracker = tracking.start(cfg, run_dir, state["step"], rank)  # report_to: the same records, elsewhere too
     model.train()  # LoRA dropout on in the student's forward; generation and the teacher: eval mode
     ema, stop, G = state["ema"], common.handle_signals(), cfg.samples_per_question
     exact = world.exact_answers(cfg)  # the toy world's integers exactly, decided once
@@ -527,11 +523,14 @@ def train(cfg):
             T = mask.shape[1]
             sampled_ids = rows["input_ids"][:, -T:].to(device)[mask]  # (N,) the tokens ŷ_t
             if cfg.arm == "grpo":
+                reference_h = None  # π_ref(·|x, ŷ<t) for β·KL: the base, adapter off, no gradient
+                if cfg.grpo_beta:
+                    with timer("reference"), torch.no_grad(), common.eval_mode(model), model.disable_adapter():
+                        reference_h = chunked_head.response_hidden(model, rows, T, device)[mask]  # (N, d)
                 with timer("student"):
                     student_h = chunked_head.response_hidden(model, rows, T, device)[mask]  # (N, d)
-                    loss, stats = grpo_loss(student_h, weight, sampled_ids,
-                                            advantages[part].to(device), mask, n_tokens=divisor,
-                                            cfg=cfg)
+                    loss, stats = grpo_loss(student_h, weight, sampled_ids, advantages[part].to(device),
+                                            mask, divisor, cfg, reference_h)
                     loss.backward()
             else:
                 # 3. teacher π_T(·|x, c, ŷ<t): no gradient, the adapter switched off (teacher=base)
@@ -545,10 +544,10 @@ def train(cfg):
                     loss, stats = sd_loss(student_h, teacher_h, weight, sampled_ids, mask, span,
                                           n_sequences=divisor, cfg=cfg, with_advantage=analyse)
                     loss.backward()
-                totals["divergence"] += stats["divergence"]
                 if analyse:
                     A_parts.extend(stats["advantage"].cpu().split(mask.sum(-1).tolist()))
             totals["loss"] += loss.item()
+            totals["divergence"] += stats["divergence"]  # SD: D(π_T‖π_θ); GRPO: k3 KL(π_θ‖π_ref) (β > 0)
             totals["entropy"] += stats["entropy"]
             totals["tokens"] += stats["tokens"]
         # 6. update the LoRA weights (a non-finite loss or gradient skips the update)
@@ -570,10 +569,12 @@ def train(cfg):
         if rank == 0:
             runfolder.log_step(run_dir, record, total_steps, finite, cfg.sample_every,
                                per_rollout, texts, rewards, context_texts, valid, truncated)
+            tracker.log(record)
         # 8. checkpoint (and stop, on a signal or too many non-finite steps)
         runfolder.checkpoint_and_stop(cfg, run_dir, rank, step + 1, total_steps, finite, state,
                                       stop, ema, model, optimizer, scheduler, tokenizer)
     common.default_signals()
+    tracker.finish()
     if lock:
         lock.release()
     return run_dir, model
@@ -581,13 +582,17 @@ def train(cfg):
 
 def main(argv=None):
     with common.user_errors():
-        cfg = load_config(sys.argv[1:] if argv is None else argv)
+        cfg, explain = parse_args(sys.argv[1:] if argv is None else argv)
+        if explain:  # one step of this loop's named steps, printed (explain.py); nothing written
+            return explain_step.show_step(cfg, explain, sys.modules[__name__])
         run_dir, model = train(cfg)
         if cfg.eval_at_end:  # eval.py in its own process: it imports this file, never the reverse
             del model
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            sys.exit(common.evaluate_in_child(run_dir, cfg.trust_remote_code))
+            with tracking.evaluation_rows(cfg, run_dir):  # report_to: its new eval.jsonl rows
+                code = common.evaluate_in_child(run_dir, cfg.trust_remote_code)
+            sys.exit(code)
 
 
 if __name__ == "__main__":

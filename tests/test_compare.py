@@ -102,6 +102,22 @@ def test_plot_png_with_matplotlib(runs, tmp_path, capsys):
         assert (tmp_path / f"{x}.csv").exists() and "wrote" in stdout
 
 
+def test_one_arm_plot_names_the_arm_and_the_model_and_says_one_seed(runs, tmp_path, monkeypatch, capsys):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    seen = {}
+
+    def savefig(fig, *args, **kwargs):  # read the figure's texts as they are saved
+        seen["title"] = fig._suptitle.get_text() if fig._suptitle else None
+        seen["legend"] = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+
+    monkeypatch.setattr(plt.Figure, "savefig", savefig)
+    compare_main(["--plot", runs[2], "--out", str(tmp_path / "one.png")], capsys)
+    assert seen["title"] == "grpo on the toy world"
+    assert "grpo (1 seed)" in seen["legend"]
+    compare_main(["--plot", *runs, "--out", str(tmp_path / "all.png")], capsys)
+    assert seen["title"] is None  # several arms: the legend names them
+
+
 def compare_main(argv, capsys):
     """compare.main(argv) in-process: (exit code, stdout, stderr)."""
     code = 0

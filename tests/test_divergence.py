@@ -574,7 +574,7 @@ def test_policy_gradient_loss_by_hand():
     logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.25, -4.0]], requires_grad=True)
     advantages = torch.tensor([2.0, -1.0])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
-    loss = policy_gradient_loss(logp, advantages, mask, n_tokens=10)
+    loss = policy_gradient_loss(logp, advantages, mask, divisor=10)
     # −(2·(−1 − 2) + (−1)·(−0.5 − 0.25 − 4)) / 10 = −(−6 + 4.75) / 10
     assert loss.item() == pytest.approx(0.125)
     loss.backward()

@@ -417,3 +417,28 @@ def test_a_checkpoint_loads_with_auto_peft_from_any_folder(tiny_model_dir, data,
     loaded = subprocess.run([sys.executable, "-c", probe, str(checkpoint)], cwd=elsewhere, capture_output=True,
                             text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert loaded.returncode == 0 and loaded.stdout.strip() == "True", loaded.stderr[-2000:]
+
+
+@pytest.mark.parametrize("context", ["critique", "grpo"])
+def test_explain_shows_the_first_step_and_its_loss_and_writes_nothing(context, tiny_model_dir, data, tmp_path,
+                                                                      capsys):
+    """--explain N prints N rollouts of step 1 (A_t marks when piped; grpo: rewards and advantages)
+    and the step's loss, which is the loss the trainer's step 1 reports on the same seed; no run
+    folder appears."""
+    from conftest import run_main
+    extra = {"grpo_beta": 0.1} if context == "grpo" else {}  # β > 0 keeps every rollout (the tiny model scores 0)
+    args = ["--context", context, *overrides(tiny_model_dir, data, tmp_path / "explain", max_steps=1, **extra)]
+    code, out, err = run_main([*args, "--explain", "1"], capsys)
+    assert code in (0, None), err
+    assert not (tmp_path / "explain").exists()
+    assert out.count("=== rollout ") == 1 and "--- question" in out
+    if context == "grpo":
+        assert "advantages A = (r − mean r)" in out
+    else:
+        assert "the critic's critique" in out and "as the teacher sees it" in out
+        assert "[+" in out or "[-" in out  # piped: each token's A_t after it
+    shown_loss = float(out.split("=== step 1 loss ")[1].split()[0])
+    train_in_process(tiny_model_dir, data, tmp_path / "train", context=context, max_steps=1, **extra)
+    trained = json.loads((tmp_path / "train" / "r" / "metrics.jsonl").read_text().splitlines()[0])
+    assert shown_loss == pytest.approx(trained["train/loss"], rel=1e-4, abs=1e-6)
+    assert "train/kl" in trained  # grpo with β > 0: the k3 KL to the base (0 at step 1: θ = base)

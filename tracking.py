@@ -1,0 +1,117 @@
+"""Where the step's metrics line goes besides RUN/metrics.jsonl: `report_to=none|tensorboard|wandb`.
+The same record under the same keys, every step; then the evaluation rows (eval.jsonl, written by
+eval.py in its own process, read back here after it ends) as eval/<key> against their checkpoint's
+step. Rank 0 only; every other case gets a tracker that does nothing, so call sites never branch
+(nanochat's DummyWandb). A resumed run continues the same record: TensorBoard writes to
+RUN/tensorboard/ and hides the events after the checkpoint it resumed from (purge_step); wandb
+reopens the run whose id is kept in RUN/wandb_id (offline, WANDB_MODE=offline, each session is its
+own folder under RUN/wandb/ with that id, and `wandb sync` joins them into one run).
+"""
+import atexit
+import contextlib
+import dataclasses
+import json
+import os
+import secrets
+
+import runfolder
+from common import UserError
+
+PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # report_to → the package it needs
+
+
+def check_installed(report_to):
+    """A missing package is a one-line error before anything runs."""
+    if report_to == "none":
+        return
+    try:
+        __import__(PACKAGES[report_to])
+    except ImportError:
+        raise UserError(f"report_to={report_to} needs the {PACKAGES[report_to]} package: "
+                        f"pip install -r requirements-logging.txt") from None
+
+
+def scalars(record, prefix=""):
+    """The record's numbers, nested keys joined by '/' (eval rows' `toy` block); the rest (text,
+    the confidence intervals' pairs) is left to the JSONL files."""
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(scalars(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)):  # bools too (train/nonfinite is one)
+            out[prefix + key] = float(value)
+    return out
+
+
+class NoTracker:
+    def log(self, record):
+        pass
+
+    def finish(self):
+        pass
+
+
+class TensorBoard:
+    def __init__(self, cfg, run_dir, resumed_step):
+        from torch.utils.tensorboard import SummaryWriter
+        purge = resumed_step + 1 if resumed_step else None  # events after the checkpoint are redone
+        self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=purge)
+        atexit.register(self.writer.close)  # a run stopped by a signal still flushes its events
+
+    def log(self, record, step_key="step"):
+        for key, value in scalars(record).items():
+            if key != step_key:
+                self.writer.add_scalar(key, value, global_step=int(record[step_key]))
+
+    def finish(self):
+        self.writer.close()
+
+
+class Wandb:
+    def __init__(self, cfg, run_dir, resumed_step):
+        import wandb
+        id_path = os.path.join(run_dir, "wandb_id")
+        run_id = open(id_path).read().strip() if os.path.isfile(id_path) else secrets.token_hex(4)
+        runfolder.write_atomic(id_path, run_id + "\n")
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "selfdistill"), name=cfg.run, id=run_id,
+                              resume="allow", dir=os.path.abspath(run_dir), config=dataclasses.asdict(cfg),
+                              settings=wandb.Settings(console="off", silent=True))  # our stdout stays ours
+        self.run.define_metric("train/*", step_metric="step")  # x-axis: our step, not wandb's counter
+        self.run.define_metric("time/*", step_metric="step")
+        self.run.define_metric("eval/*", step_metric="eval/step")
+
+    def log(self, record, step_key="step"):
+        self.run.log(scalars(record))
+
+    def finish(self):
+        self.run.finish()
+
+
+def env_rank():
+    return int(os.environ.get("RANK", "0"))  # torchrun's; 0 alone
+
+
+def start(cfg, run_dir, resumed_step=0, rank=0):
+    """The run's tracker: rank 0's, a no-op on the others and for report_to=none."""
+    if rank > 0 or cfg.report_to == "none":
+        return NoTracker()
+    check_installed(cfg.report_to)
+    return {"tensorboard": TensorBoard, "wandb": Wandb}[cfg.report_to](cfg, run_dir, resumed_step)
+
+
+@contextlib.contextmanager
+def evaluation_rows(cfg, run_dir):
+    """Around eval.py's child process: the eval.jsonl rows it adds are sent to the tracker as
+    eval/<key> (eval/avg, eval/pass, eval/maj, eval/toy/..., with eval/step their checkpoint)."""
+    path = os.path.join(run_dir, "eval.jsonl")
+    seen = set() if cfg.report_to == "none" else {json.dumps(r, sort_keys=True) for r in runfolder.read_jsonl(path)}
+    yield
+    if cfg.report_to == "none" or env_rank() > 0:
+        return
+    rows = [row for row in runfolder.read_jsonl(path) if json.dumps(row, sort_keys=True) not in seen]
+    if rows:
+        tracker = start(cfg, run_dir, rank=0)
+        for row in rows:
+            tracker.log({f"eval/{k}": v for k, v in row.items() if k not in ("ci", "base_key")},
+                        step_key="eval/step")
+        tracker.finish()
