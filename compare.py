@@ -16,8 +16,9 @@ Choices the paper leaves open (ours):
     teacher's accuracy with the arm's own context) is shown beside it, and the transfer split's
     Avg@k at step 0 and the last step in its own table.
 
-Outputs: the tables on stdout (--markdown for markdown); --plot writes FIG.png (with matplotlib)
-and FIG.csv, the figure's numbers.
+Outputs: the tables on stdout (--markdown for markdown); --plot writes FIG.png (or .pdf, .svg; with
+matplotlib) and FIG.csv, the figure's numbers. Malformed rows of eval.jsonl and metrics.jsonl are
+skipped with one warning per file (eval.read_rows), never shown.
 
 Commands:
     python compare.py runs/grpo-s* runs/critique-s* [--markdown] [--ci] [--per-step] [--reach 50]

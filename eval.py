@@ -18,7 +18,8 @@ Choices the paper leaves open (ours):
 Outputs: RUN/eval.jsonl, one line per (step, setting): step, n, k, questions, temperature, test (a
 digest of the evaluated file: rows of a file since changed are not reused), avg, pass, maj, length
 (tokens, EOS excluded), unparseable, truncated, ci {metric: [lo, hi]}; rates are fractions. Every
-reader skips a malformed row (read_rows) with one warning per file. Step 0 also has base_key (and reused_from when copied). In the toy world each row has
+reader skips a malformed row (read_rows) with one warning per file. Step 0 also has base_key (and
+reused_from when copied). In the toy world each row has
 `toy`: toy.trace_stats of all samples (per-step arithmetic, chaining, answer = own last result,
 style mix and per-style accuracy), which compare.py shows in a last table. A toy world's transfer
 split (toy_build.build_transfer) is evaluated at step 0 and the last checkpoint; its rows say
@@ -373,7 +374,7 @@ def evaluate_steps(run_dir, cfg, samples, questions, temperature, k, model, toke
     if len(steps) == 1 and rank == 0 and split == "test":
         print(f"{run_dir} has no checkpoints yet: step 0 (the base model) only")
     key = base_key(cfg, model_path, test_path, setting, device)
-    if rank == 0 and any(todo.values()):  # the newest checkpoint speaks for the run's base
+    if any(todo.values()):  # the newest checkpoint speaks for the run's base (every process checks: none waits)
         check_adapter_base(todo[max(s for s, c in todo.items() if c)], model_path, run_dir)
     exact = world.exact_answers(cfg)  # the toy's exact integer check, decided once
     if world_size > 1:  # other processes draw other random numbers: a different step 0 from one process's
@@ -397,7 +398,8 @@ def evaluate_steps(run_dir, cfg, samples, questions, temperature, k, model, toke
                                                   n, temperature, f"step {step}"))  # every question, in order
         if rank > 0:
             continue
-        row = {"step": step, **setting, "test": digest, **summarize([question_scores(*s[:5], k, exact) for s in scored])}
+        row = {"step": step, **setting, "test": digest,
+               **summarize([question_scores(*s[:5], k, exact) for s in scored])}
         if split != "test":
             row["split"] = split
         if world_size > 1:
@@ -414,7 +416,7 @@ def evaluate_steps(run_dir, cfg, samples, questions, temperature, k, model, toke
     return rows
 
 
-MIN_TEMPERATURE = 1e-3  # below it logits / T overflow float32 to inf: ask for a sane floor, not NaN
+MIN_TEMPERATURE = 1e-3  # greedy in all but name below it; 1e-300 is 0 in float32 (logits / 0: NaN samples)
 
 
 def check_temperature(temperature):

@@ -2,7 +2,9 @@
 JSONL, or parquet with pyarrow) → the project's JSONL (`question`, `answer`, `solution`), kept by the
 paper's filter: the solver's Avg@16 below 5/16, a wrong rollout in step format, and a valid critique
 from the critic that reaches the expected answer. Writes OUT/train.jsonl, OUT/test.jsonl and
-OUT/prepare.json (the counts of what was dropped, and why).
+OUT/prepare.json (the counts of what was dropped, and why: records without the fields as text,
+problems too long for the model's context with max_new_tokens, too easy, no wrong stepped rollout,
+critic failed).
 
 Commands:
     python prepare.py omr.jsonl Qwen/Qwen3-1.7B critic=http critic_url=http://127.0.0.1:8000/v1 \\
