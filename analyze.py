@@ -36,11 +36,13 @@ if __name__ == "__main__":  # Ctrl-C while torch loads (seconds, nothing written
     signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))
 
 import torch
+from safetensors import SafetensorError
 
 import chunked_head
 import common
 import contexts
 import critic
+import runfolder
 import sampler
 import world
 from common import UserError
@@ -386,7 +388,13 @@ def analyze(target, overrides=(), step=0, rollouts=8, out=None):
     if step not in steps:
         raise UserError(f"no checkpoint for step {step}; available: {sorted(steps)}")
     model, tokenizer = common.load_model(cfg, model_path, device)
-    load_adapter(model, steps[step])
+    try:
+        load_adapter(model, steps[step])
+    except (*runfolder.DAMAGED, SafetensorError) as e:  # NaN weights: NonFiniteAdapter, already one line
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"the checkpoint {steps[step]} is damaged and does not load ({type(e).__name__}); "
+                        f"analyse another --step") from None
     torch.manual_seed(cfg.seed)
     items = wrong_rollouts(model, tokenizer, cfg, device, records, world.make_judge(cfg, device), rollouts)
     results = analyze_rollouts(model, tokenizer, cfg, device, items)
@@ -435,6 +443,8 @@ def main(argv=None):
     args = parser.parse_intermixed_args(argv)  # key=value may follow the options
     common.default_signals()  # Ctrl-C: one line (user_errors)
     with common.user_errors():
+        if args.rollouts < 1:
+            raise UserError(f"--rollouts must be at least 1, got {args.rollouts}")
         analyze(args.target, args.overrides, args.step, args.rollouts, args.out)
 
 

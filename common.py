@@ -35,13 +35,24 @@ class UserError(Exception):
 def user_errors():
     """A user's mistake (or an unreachable critic) becomes one line on stderr and exit code 2;
     SELFDISTILL_DEBUG=1 shows the traceback instead. Ctrl-C that reaches here (evaluation, or a
-    second one during training) is one line too, with exit code 130."""
+    second one during training) is one line too, with exit code 130; so is, under torchrun, a
+    collective that fails because another process of the group died (exit code 2)."""
     try:
         yield
     except (UserError, ConnectionError) as e:
         if os.environ.get("SELFDISTILL_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except RuntimeError as e:  # under torchrun: another process died, and a collective says so here
+        if os.environ.get("SELFDISTILL_DEBUG") or not ranks.peer_failure(e):
+            raise
+        said = str(e).splitlines()[0].rpartition("] ")[2].partition(". ")[0][:120]  # gloo: "[file:line] what. Hint"
+        print(f"error: another process of this torchrun group stopped ({said}); its own output says why; "
+              f"finished checkpoints and eval.jsonl rows are kept: rerun the same command to continue",
+              file=sys.stderr)
+        with contextlib.suppress(Exception):
+            ranks.leave_group()  # a group left standing aborts the interpreter at exit (C++ terminate)
         sys.exit(2)
     except KeyboardInterrupt:
         if os.environ.get("SELFDISTILL_DEBUG"):

@@ -16,8 +16,9 @@ Choices the paper leaves open (ours):
     teacher's accuracy with the arm's own context) is shown beside it, and the transfer split's
     Avg@k at step 0 and the last step in its own table.
 
-Outputs: the tables on stdout (--markdown for markdown); --plot writes FIG.png (with matplotlib)
-and FIG.csv, the figure's numbers.
+Outputs: the tables on stdout (--markdown for markdown); --plot writes FIG.png (or .pdf, .svg; with
+matplotlib) and FIG.csv, the figure's numbers. Malformed rows of eval.jsonl and metrics.jsonl are
+skipped with one warning per file (eval.read_rows), never shown.
 
 Commands:
     python compare.py runs/grpo-s* runs/critique-s* [--markdown] [--ci] [--per-step] [--reach 50]
@@ -32,13 +33,16 @@ import os
 import statistics
 import textwrap
 
+if __name__ == "__main__":  # Ctrl-C while torch loads (seconds, nothing written yet): exit 130, no traceback
+    import signal
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))
+
 import common
 import options
 import selfdistill
 import world
 from common import UserError
-from eval import METRICS, in_split, load_run_config
-from runfolder import read_jsonl
+from eval import METRICS, finite, in_split, load_run_config, read_rows, whole
 
 SAME_ARM_IGNORES = ("seed", "run", "out_dir", "device", "eval_at_end")  # do not change the experiment
 TABLE_METRICS = (("pass", "Pass"), ("maj", "Maj"), ("avg", "Avg"))
@@ -46,15 +50,17 @@ TOY_STATS = ("step_arith", "step_chain", "answer_own")  # toy.trace_stats, shown
 
 
 def load_compared_run(run_dir):
-    """(config dict, {step: row}) using the latest evaluation setting of the run."""
-    load_run_config(run_dir)  # the same checks and errors as evaluation
-    config = options.read_yaml_config(os.path.join(run_dir, "config.yaml"))
-    every = read_jsonl(os.path.join(run_dir, "eval.jsonl"))
-    rows = [r for r in every if in_split(r)]
+    """(config dict, {step: row}) using the latest evaluation setting of the run (and the latest
+    test file's contents: rows of a test file since changed are left out)."""
+    cfg = load_run_config(run_dir)  # the same checks and errors as evaluation
+    config = {**dataclasses.asdict(cfg), **options.read_yaml_config(os.path.join(run_dir, "config.yaml"))}
+    rows = [r for r in read_rows(os.path.join(run_dir, "eval.jsonl")) if in_split(r)]
     if not rows:
-        raise UserError(f"{run_dir} has no eval.jsonl yet; run: python eval.py {run_dir}")
+        raise UserError(f"{run_dir} has no eval.jsonl rows yet (none usable); run: python eval.py {run_dir}")
     setting = {f: rows[-1][f] for f in EVAL_SETTING}
-    return config, {r["step"]: r for r in rows if all(r[f] == v for f, v in setting.items())}, setting
+    test = rows[-1].get("test")
+    return config, {r["step"]: r for r in rows if all(r[f] == v for f, v in setting.items())
+                    and r.get("test", test) == test}, setting
 
 
 EVAL_SETTING = ("n", "k", "questions", "temperature")  # runs compared must share these
@@ -62,7 +68,7 @@ EVAL_SETTING = ("n", "k", "questions", "temperature")  # runs compared must shar
 
 def transfer_rows(run_dir, setting):
     """{step: row} of the toy world's transfer split evaluated with the test rows' n, k and T."""
-    return {r["step"]: r for r in read_jsonl(os.path.join(run_dir, "eval.jsonl")) if in_split(r, "transfer")
+    return {r["step"]: r for r in read_rows(os.path.join(run_dir, "eval.jsonl")) if in_split(r, "transfer")
             and all(r.get(f) == setting[f] for f in EVAL_SETTING if f != "questions")}
 
 
@@ -388,6 +394,16 @@ def seed_stats(per_seed):
     return out
 
 
+def metrics_problem(row):
+    """Why a metrics.jsonl line cannot be drawn (eval.read_rows skips it, counted), or None."""
+    if not isinstance(row, dict):
+        return f"not a JSON object ({type(row).__name__})"
+    if not whole(row.get("step"), 1):
+        return f"step {row.get('step')!r} is not a whole number >= 1"
+    bad = [key for key, _ in TRAIN_CURVES if row.get(key) is not None and not finite(row[key])]
+    return f"{', '.join(bad)} not a finite number" if bad else None
+
+
 def plot_rows(run_dirs):
     """(rows, evaluation setting): the figure's data, one dict per (arm, metric, step): mean, std,
     min and max over seeds.
@@ -402,7 +418,7 @@ def plot_rows(run_dirs):
         config = members[0][1]
         rate = config["batch_size"] * config["samples_per_question"]  # rollouts per step: questions × G
         curves = {"avg": [{step: row["avg"] for step, row in evals.items()} for _, _, evals in members]}
-        logs = [{m["step"]: m for m in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))}
+        logs = [{m["step"]: m for m in read_rows(os.path.join(run_dir, "metrics.jsonl"), metrics_problem)}
                 for run_dir, _, _ in members]
         for key, _ in TRAIN_CURVES:  # the last line of a step wins (a resumed run logs it again)
             curves[key] = [{step: m[key] for step, m in log.items() if m.get(key) is not None} for log in logs]
@@ -493,6 +509,22 @@ def plot_training(run_dirs, out, x="step"):
     return [out, csv_path]
 
 
+FIGURE_TYPES = (".png", ".pdf", ".svg")  # what --out may end in: matplotlib picks the format by it
+
+
+def check_figure_path(out):
+    """--out names a figure file (its CSV goes beside it) in a folder that is, or can be, one."""
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):  # the first folder on the way that exists must be a folder
+        parent = os.path.dirname(parent)
+    if os.path.isdir(out) or out.endswith(os.sep):
+        raise UserError(f"--out {out} is a folder; give the figure's file, e.g. {os.path.join(out, 'training.png')}")
+    if os.path.splitext(out)[1].lower() not in FIGURE_TYPES:
+        raise UserError(f"--out {out} must end in {', '.join(FIGURE_TYPES)} (the figure's format)")
+    if not os.path.isdir(parent):
+        raise UserError(f"--out {out}: {parent} is a file, not a folder")
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -518,8 +550,12 @@ def main(argv=None):
             raise UserError("--per-step and --ci go with the tables, not with --plot")
         if not 0 < args.reach <= 100:
             raise UserError(f"--reach must be a score in (0, 100] (%), got {args.reach}")
+        if args.out and not args.plot:
+            raise UserError("--out goes with --plot (the tables are printed)")
         if args.plot:
-            plot_training(args.paths, args.out or os.path.join("analysis", "training.png"), args.x)
+            out = args.out or os.path.join("analysis", "training.png")
+            check_figure_path(out)
+            plot_training(args.paths, out, args.x)
         elif args.per_step:
             print(per_step_table(compare_runs(args.paths)[0], markdown=args.markdown))
         else:

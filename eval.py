@@ -11,12 +11,15 @@ Choices the paper leaves open (ours):
     steps are less noisy than independent draws would make them.
  3. Confidence intervals: percentile bootstrap over questions, 1000 resamples, seed 0.
  4. Step 0 is the same model on the same questions with the same sampling in every arm: its row is
-    computed once and copied to the other runs of the same out_dir whose `base_key` (model, test
-    set digest, samples, temperature, seed, length, sampling and thread settings) is equal.
+    computed once and copied to the other runs of the same out_dir whose `base_key` (digests of the
+    base model's files and of the test set, device, samples, temperature, seed, length, sampling
+    and thread settings) is equal.
 
-Outputs: RUN/eval.jsonl, one line per (step, setting): step, n, k, questions, temperature, avg,
-pass, maj, length (tokens, EOS excluded), unparseable, truncated, ci {metric: [lo, hi]}; rates are
-fractions. Step 0 also has base_key (and reused_from when copied). In the toy world each row has
+Outputs: RUN/eval.jsonl, one line per (step, setting): step, n, k, questions, temperature, test (a
+digest of the evaluated file: rows of a file since changed are not reused), avg, pass, maj, length
+(tokens, EOS excluded), unparseable, truncated, ci {metric: [lo, hi]}; rates are fractions. Every
+reader skips a malformed row (read_rows) with one warning per file. Step 0 also has base_key (and
+reused_from when copied). In the toy world each row has
 `toy`: toy.trace_stats of all samples (per-step arithmetic, chaining, answer = own last result,
 style mix and per-style accuracy), which compare.py shows in a last table. A toy world's transfer
 split (toy_build.build_transfer) is evaluated at step 0 and the last checkpoint; its rows say
@@ -28,6 +31,7 @@ Commands:
 """
 import argparse
 import contextlib
+import json
 import math
 import os
 import re
@@ -51,7 +55,6 @@ import sampler
 import selfdistill  # the method: Config, its choices and its rules
 import world
 from common import UserError
-from runfolder import read_jsonl
 
 METRICS = ("avg", "pass", "maj", "length", "unparseable", "truncated")
 
@@ -126,6 +129,62 @@ def summarize(per_question, seed=0):
 
 
 # ---------------------------------------------------------------------------------------------
+# Reading eval.jsonl: every reader (evaluation's done set, the base row's reuse, compare.py's tables
+# and figure) takes the rows through one check, so a damaged row is skipped and counted, never shown.
+
+
+def finite(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def whole(value, least=0):
+    return type(value) is int and value >= least
+
+
+def row_problem(row):
+    """Why an eval.jsonl row cannot be read as one (a hand edit, another program's line), or None."""
+    if not isinstance(row, dict):
+        return f"not a JSON object ({type(row).__name__})"
+    missing = [f for f in ("step", "n", "k", "questions", "temperature", *METRICS, "ci") if f not in row]
+    if missing:
+        return "no " + ", ".join(missing)
+    if not whole(row["step"]):
+        return f"step {row['step']!r} is not a whole number >= 0"
+    bad = [f for f in ("n", "k", "questions") if not whole(row[f], 1)]
+    bad += [] if finite(row["temperature"]) and row["temperature"] > 0 else ["temperature"]
+    bad += [m for m in METRICS if not finite(row[m]) or row[m] < 0 or (m != "length" and row[m] > 1)]
+    ci = row["ci"]
+    bad += ["ci"] if not isinstance(ci, dict) or not all(
+        isinstance(ci.get(m), list) and len(ci[m]) == 2 and all(map(finite, ci[m])) for m in METRICS) else []
+    bad += [f for f, kind in (("split", str), ("base_key", dict), ("toy", dict)) if not isinstance(row.get(f, kind()), kind)]
+    if isinstance(row.get("toy"), dict):  # toy.trace_stats: rates (None: nothing to count), per-style rates
+        if not all(v is None or finite(v) or isinstance(v, dict) and all(map(finite, v.values()))
+                   for v in row["toy"].values()):
+            bad.append("toy")
+    return f"{', '.join(dict.fromkeys(bad))} not a valid value" if bad else None
+
+
+WARNED = set()  # (file, bad lines): each file's damaged rows are reported once per process
+
+
+def read_rows(path, problem=row_problem):
+    """The usable rows of a JSONL log (eval.jsonl by default); rows `problem` finds fault with are
+    skipped, with one warning per file that counts them and names the first."""
+    rows, bad = [], []
+    for lineno, row in runfolder.numbered_jsonl(path):
+        why = problem(row)
+        if why:
+            bad.append((lineno, why))
+        else:
+            rows.append(row)
+    if bad and (path, tuple(bad)) not in WARNED:
+        WARNED.add((path, tuple(bad)))
+        print(f"warning: {path}: {len(bad)} malformed row{'s' * (len(bad) > 1)} skipped (line {bad[0][0]}: "
+              f"{bad[0][1]})", file=sys.stderr)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
 # Evaluating a run: the base model (step 0) and every checkpoint.
 
 
@@ -145,6 +204,9 @@ def load_run_config(run_dir, trust_remote_code=False):
             values[key] = options.coerce(selfdistill.Config, selfdistill.CHOICES, key, value, from_text=False)
         except UserError as e:
             raise UserError(f"{path}: {e}") from None
+    lacking = [key for key in ("arm", "model") if key not in values]  # the trainer writes every key
+    if lacking:
+        raise UserError(f"{path} has no {' or '.join(lacking)}: not the config a run saved (damaged or cut short)")
     cfg = selfdistill.Config(**{**values, "trust_remote_code": trust_remote_code})
     try:
         selfdistill.check_consistency(cfg)
@@ -205,16 +267,16 @@ def sample_answers(model, tokenizer, cfg, device, records, n, temperature, desc)
     return per_question
 
 
-def base_key(cfg, model_path, test_path, setting):
+def base_key(cfg, model_path, test_path, setting, device):
     """Everything that decides step 0's numbers (the base model with a zero adapter sampled with
-    the run's seed): equal keys give bit-identical step-0 rows, so one evaluation serves every arm."""
-    import hashlib
-    with open(test_path, "rb") as f:
-        test_digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    the run's seed): equal keys give bit-identical step-0 rows, so one evaluation serves every arm.
+    The base and the test set enter by their contents (a base rebuilt under the same path is
+    another base; the same files under two paths are one), the device by its kind."""
     fields = ("seed", "max_new_tokens", "prompts", "student_thinking", "top_p", "top_k",
               "generation_batch", "dtype", "threads", "logit_temperature")
-    return {"model": os.path.abspath(model_path) if os.path.exists(model_path) else model_path,
-            "test": test_digest, **setting, **{f: getattr(cfg, f) for f in fields}}
+    kind = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return {"model": runfolder.model_digest(model_path), "test": runfolder.file_digest(test_path),
+            "device": kind, **setting, **{f: getattr(cfg, f) for f in fields}}
 
 
 def reusable_base_row(run_dir, key):
@@ -224,10 +286,36 @@ def reusable_base_row(run_dir, key):
         other = os.path.join(root, name)
         if not os.path.isdir(other) or os.path.samefile(other, run_dir):
             continue
-        for row in read_jsonl(os.path.join(other, "eval.jsonl")):
-            if row.get("step") == 0 and row.get("base_key") == key:
+        for row in read_rows(os.path.join(other, "eval.jsonl")):
+            if row["step"] == 0 and row.get("base_key") == key:
                 return {**row, "reused_from": name}
     return None
+
+
+def check_adapter_base(checkpoint, model_path, run_dir):
+    """A checkpoint is evaluated on the base it was trained on, which its adapter_config.json names
+    (an absolute folder: common.load_model). Another folder is fine when it holds the same files
+    (the named one's digest, or if that is gone RUN/inputs.json's); other contents are a one-line
+    error; a base that can no longer be checked (gone, no inputs.json: an older run) a warning."""
+    try:
+        with open(os.path.join(checkpoint, "adapter_config.json")) as f:
+            named = json.load(f)["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # a damaged checkpoint: student_at skips it with a warning
+    here = os.path.abspath(model_path) if os.path.isdir(model_path) else model_path
+    if not isinstance(named, str) or named == here:
+        return
+    ours = runfolder.model_digest(model_path)
+    theirs = runfolder.model_digest(named) if os.path.isdir(named) else runfolder.saved_inputs(run_dir).get("model")
+    if theirs is None:
+        print(f"warning: {checkpoint} was trained on {named}, which is gone; evaluating on {here}, whose "
+              f"contents cannot be checked against it (the run has no inputs.json)", file=sys.stderr)
+    elif theirs != ours:
+        raise UserError(f"{checkpoint} was trained on the base {named}, but {here} holds other weights "
+                        f"(digest {ours}, trained on {theirs}); evaluate with the base it was trained on")
+    elif not os.path.isdir(named):
+        print(f"warning: {checkpoint}'s base {named} moved: evaluating on {here}, the same files "
+              f"(digest {ours})", file=sys.stderr)
 
 
 def evaluate_run(run_dir, samples=None, questions=None, temperature=None, k=None, model=None,
@@ -265,14 +353,19 @@ def evaluate_steps(run_dir, cfg, samples, questions, temperature, k, model, toke
     if not 1 <= k <= n:
         raise UserError(f"k = {k} must lie in 1..samples ({n})")
     temperature = temperature or cfg.temperature
+    check_temperature(temperature)
     model_path, _, test_path = world.resolve_paths(cfg)
     test_path = test_path if split == "test" else world.transfer_path(cfg)
     records = common.load_jsonl(test_path, normalize=critic.normalize_answer)
     records = records[:questions or cfg.eval_questions or len(records)]
     setting = {"n": n, "k": k, "questions": len(records), "temperature": temperature}
     path = os.path.join(run_dir, "eval.jsonl")
-    done = {row["step"] for row in read_jsonl(path)
-            if in_split(row, split) and all(row.get(f) == v for f, v in setting.items())}
+    digest = runfolder.file_digest(test_path)  # rows of a test file with other contents are not done
+
+    def ours(row):  # rows written before rows had a "test" digest count as this file's
+        return in_split(row, split) and row.get("test", digest) == digest and \
+            all(row.get(f) == v for f, v in setting.items())
+    done = {row["step"] for row in read_rows(path) if ours(row)}
     rank, world_size = ranks.init_ranks(device)
     steps = checkpoint_steps(run_dir)
     if split != "test":
@@ -280,7 +373,9 @@ def evaluate_steps(run_dir, cfg, samples, questions, temperature, k, model, toke
     todo = ranks.from_rank0({s: c for s, c in steps.items() if s not in done})
     if len(steps) == 1 and rank == 0 and split == "test":
         print(f"{run_dir} has no checkpoints yet: step 0 (the base model) only")
-    key = base_key(cfg, model_path, test_path, setting)
+    key = base_key(cfg, model_path, test_path, setting, device)
+    if any(todo.values()):  # the newest checkpoint speaks for the run's base (every process checks: none waits)
+        check_adapter_base(todo[max(s for s, c in todo.items() if c)], model_path, run_dir)
     exact = world.exact_answers(cfg)  # the toy's exact integer check, decided once
     if world_size > 1:  # other processes draw other random numbers: a different step 0 from one process's
         key["processes"] = world_size
@@ -288,7 +383,7 @@ def evaluate_steps(run_dir, cfg, samples, questions, temperature, k, model, toke
         if step == 0 and (row := ranks.from_rank0(reusable_base_row(run_dir, key) if rank == 0 else None)):
             if rank == 0:
                 print(f"step 0: the base model's evaluation reused from {row['reused_from']} (same base_key)")
-                runfolder.append_jsonl(path, row)
+                runfolder.append_jsonl(path, {**row, "test": digest})
             continue
         if model is None:
             model, tokenizer = common.load_model(cfg, model_path, device)
@@ -303,7 +398,8 @@ def evaluate_steps(run_dir, cfg, samples, questions, temperature, k, model, toke
                                                   n, temperature, f"step {step}"))  # every question, in order
         if rank > 0:
             continue
-        row = {"step": step, **setting, **summarize([question_scores(*s[:5], k, exact) for s in scored])}
+        row = {"step": step, **setting, "test": digest,
+               **summarize([question_scores(*s[:5], k, exact) for s in scored])}
         if split != "test":
             row["split"] = split
         if world_size > 1:
@@ -314,11 +410,19 @@ def evaluate_steps(run_dir, cfg, samples, questions, temperature, k, model, toke
             row["base_key"] = key
         runfolder.append_jsonl(path, row)
     ranks.barrier()  # every row written before any process reads them
-    rows = sorted((r for r in read_jsonl(path) if in_split(r, split) and all(r.get(f) == v for f, v in setting.items())),
-                  key=lambda r: r["step"])
+    rows = sorted(filter(ours, read_rows(path)), key=lambda r: r["step"])
     if rank == 0:
         print_summary(rows, run_dir, "" if split == "test" else f" ({split} split)")
     return rows
+
+
+MIN_TEMPERATURE = 1e-3  # greedy in all but name below it; 1e-300 is 0 in float32 (logits / 0: NaN samples)
+
+
+def check_temperature(temperature):
+    if not finite(temperature) or temperature < MIN_TEMPERATURE:
+        raise UserError(f"the evaluation temperature must be a finite number >= {MIN_TEMPERATURE:g}, "
+                        f"got {temperature}")
 
 
 def print_summary(rows, run_dir, what=""):
@@ -383,8 +487,8 @@ def main(argv=None):
         for flag in ("samples", "questions", "k"):
             if getattr(args, flag) is not None and getattr(args, flag) < 1:
                 raise UserError(f"--{flag} must be at least 1")
-        if args.temperature is not None and not args.temperature > 0:
-            raise UserError("--temperature must be positive (evaluation samples)")
+        if args.temperature is not None:
+            check_temperature(args.temperature)
         for run_dir in args.paths:
             evaluate_run(run_dir, args.samples, args.questions, args.temperature, args.k,
                          trust_remote_code=args.trust_remote_code)

@@ -89,6 +89,8 @@ def read_yaml_config(path):
             loaded = yaml.load(f, Loader=UniqueKeyLoader) or {}
     except UnicodeDecodeError as e:
         raise UserError(f"config file {path} is not UTF-8 text (bad byte at offset {e.start})") from None
+    except UserError as e:  # a key given twice (UniqueKeyLoader): name the file
+        raise UserError(f"config file {path}: {e}") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""

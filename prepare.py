@@ -2,7 +2,9 @@
 JSONL, or parquet with pyarrow) → the project's JSONL (`question`, `answer`, `solution`), kept by the
 paper's filter: the solver's Avg@16 below 5/16, a wrong rollout in step format, and a valid critique
 from the critic that reaches the expected answer. Writes OUT/train.jsonl, OUT/test.jsonl and
-OUT/prepare.json (the counts of what was dropped, and why).
+OUT/prepare.json (the counts of what was dropped, and why: records without the fields as text,
+problems too long for the model's context with max_new_tokens, too easy, no wrong stepped rollout,
+critic failed).
 
 Commands:
     python prepare.py omr.jsonl Qwen/Qwen3-1.7B critic=http critic_url=http://127.0.0.1:8000/v1 \\
@@ -10,8 +12,10 @@ Commands:
 """
 import argparse
 import json
+import math
 import os
 import random
+import sys
 from collections import Counter
 
 if __name__ == "__main__":  # Ctrl-C while torch loads (seconds, nothing written yet): exit 130, no traceback
@@ -33,7 +37,8 @@ from eval import sample_answers, target_config
 
 
 def read_openmath(path):
-    """Records with problem, generated_solution, expected_answer from JSONL or parquet."""
+    """Records with problem, generated_solution, expected_answer from JSONL or parquet, and the
+    Counter of records skipped by why (record_problem)."""
     if not os.path.isfile(path):
         raise UserError(f"input file {path} not found")
     if path.endswith(".parquet"):
@@ -44,32 +49,72 @@ def read_openmath(path):
         rows = pyarrow.parquet.read_table(path).to_pylist()
     else:
         rows = []
-        for lineno, line in enumerate(open(path), start=1):
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.readlines()
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); give JSONL or parquet") from None
+        for lineno, line in enumerate(lines, start=1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-    keys = ("problem", "generated_solution", "expected_answer")
-    usable = [r for r in rows if isinstance(r, dict) and all(r.get(k) not in (None, "") for k in keys)]
-    if not usable:
+    skipped, records = Counter(), []
+    for i, r in enumerate(rows):
+        why = record_problem(r)
+        if why:
+            skipped[why] += 1
+            continue
+        records.append({"id": r.get("id", i), "question": r["problem"], "answer": str(r["expected_answer"]),
+                        "solution": r["generated_solution"]})
+    if not records:
         raise UserError(f"none of the {len(rows)} records of {path} has problem, generated_solution and "
-                        f"expected_answer (the OpenMathReasoning fields)")
-    return [{"id": r.get("id", i), "question": r["problem"], "answer": str(r["expected_answer"]),
-             "solution": r["generated_solution"]} for i, r in enumerate(usable)], len(rows) - len(usable)
+                        f"expected_answer (the OpenMathReasoning fields) as text")
+    if skipped:
+        print(f"warning: {path}: {sum(skipped.values())} records skipped (" +
+              ", ".join(f"{why} {n}" for why, n in skipped.items()) + ")", file=sys.stderr)
+    return records, skipped
+
+
+def record_problem(record):
+    """Why an input record cannot be used (a count's name in prepare.json), or None."""
+    if not isinstance(record, dict):
+        return "not_an_object"
+    if any(record.get(k) in (None, "") for k in ("problem", "generated_solution", "expected_answer")):
+        return "missing_fields"
+    answer = record["expected_answer"]
+    if not isinstance(record["problem"], str) or not isinstance(record["generated_solution"], str) or \
+            isinstance(answer, bool) or not isinstance(answer, (str, int)):
+        return "fields_not_text"  # a number or a list as the problem, a list or a decimal as the answer
+    if not record["problem"].strip() or critic.normalize_answer(str(answer)) == "":
+        return "missing_fields"
+    return None
 
 
 def prepare(input_path, overrides=(), out="data/omr", test_size=30, samples=16, max_correct=4, seed=0):
     """Keep the problems the paper kept: the solver's Avg@16 below 5/16 (at most `max_correct` of
     `samples` right), a wrong rollout in well-formed steps, and a critic that, given it, writes a
     valid critique reaching the expected answer. Writes OUT/train.jsonl, OUT/test.jsonl, OUT/prepare.json."""
+    if test_size < 0:
+        raise UserError(f"--test-size must be at least 0, got {test_size}")
     records, skipped = read_openmath(input_path)
     cfg, _ = target_config(overrides[0] if overrides else "toy", overrides[1:])
     device = common.pick_device(cfg)
+    judge = world.make_judge(cfg, device, records)  # the rule critic reads toy chains only: one line
     model, tokenizer = common.load_model(cfg, world.resolve_paths(cfg)[0], device)
-    judge = world.make_judge(cfg, device)
+    counts = Counter(input=len(records) + sum(skipped.values()), **skipped)
+    limit = getattr(model.config, "max_position_embeddings", None) or math.inf
+    fits = [len(contexts.student_prompt_ids(tokenizer, r["question"], cfg.prompts, cfg.student_thinking))
+            + cfg.max_new_tokens <= limit for r in records]
+    if not all(fits):  # longer than the model's context with max_new_tokens: counted, not sampled
+        counts["too_long"] = fits.count(False)
+        print(f"warning: {counts['too_long']} problems do not fit the model's context of {limit} tokens "
+              f"with max_new_tokens={cfg.max_new_tokens}; skipped", file=sys.stderr)
+        records = [r for r, fit in zip(records, fits) if fit]
+        if not records:
+            raise UserError(f"no problem of {input_path} fits the model's context of {limit} tokens")
     torch.manual_seed(seed)
-    counts = Counter(input=len(records) + skipped, missing_fields=skipped)
     kept = []
     for record, (answers, correct, *_) in zip(records, sample_answers(
             model, tokenizer, cfg, device, records, samples, cfg.temperature, "solver Avg@16")):

@@ -102,6 +102,17 @@ def child_group_env():
     return env
 
 
+# What a collective raises on a survivor when another process of the group died (gloo, NCCL).
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker", "Broken pipe",
+             "communicator was aborted", "collective operation timeout")
+
+
+def peer_failure(error):
+    """True when `error` says another process of this torchrun group is gone: the survivors then
+    stop with one line (common.user_errors), the dead process's own log says why."""
+    return world_size() > 1 and (isinstance(error, dist.DistError) or any(p in str(error) for p in PEER_GONE))
+
+
 def leave_group():
     if dist.is_initialized():
         dist.destroy_process_group()

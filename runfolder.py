@@ -6,6 +6,7 @@ import atexit
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import json
 import os
 import pickle
@@ -58,6 +59,11 @@ def drop_partial_last_line(f, path):
 def read_jsonl(path):
     """The records of a JSONL log; a truncated last line (an interrupted write) is dropped with a
     warning, a damaged line elsewhere is a one-line error naming it."""
+    return [record for _, record in numbered_jsonl(path)]
+
+
+def numbered_jsonl(path):
+    """read_jsonl's records as (line number, record) pairs, for readers that name a bad row's line."""
     if not os.path.isfile(path):
         return []
     with open(path, "rb") as f:
@@ -67,7 +73,7 @@ def read_jsonl(path):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            records.append((lineno, json.loads(line)))
         except (json.JSONDecodeError, UnicodeDecodeError):
             if lineno == len(lines):  # no newline after it: the last write was cut short
                 print(f"warning: ignoring a truncated last line of {path}", file=sys.stderr)
@@ -79,7 +85,13 @@ def read_jsonl(path):
 def keep_lines_up_to(path, step):
     """On resume, drop log lines written after the checkpoint (they will be written again)."""
     if os.path.isfile(path):
-        write_atomic(path, "".join(json.dumps(r) + "\n" for r in read_jsonl(path) if r.get("step", 0) <= step))
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in read_jsonl(path) if not after(r, step)))
+
+
+def after(record, step):
+    """True for a log line of a step after `step`; a line without a whole-number step is kept as it
+    was (the readers skip it with a warning), never lost."""
+    return isinstance(record, dict) and type(record.get("step")) is int and record["step"] > step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,11 +252,14 @@ def alive(pid):
 # ---------------------------------------------------------------------------------------------
 # The saved config, checkpoints and resume.
 
-def prepare_run_dir(cfg):
-    """Save the resolved config in runs/NAME (and print it); a rerun must use the same settings."""
+def prepare_run_dir(cfg, train_path=None, model_path=None):
+    """Save the resolved config in runs/NAME (and print it); a rerun must use the same settings, and
+    the same train file and base model contents (RUN/inputs.json: their digests at the first start)."""
     run_dir = run_folder(cfg)
     path = os.path.join(run_dir, "config.yaml")
     resolved = dataclasses.asdict(cfg)
+    inputs = {"train": file_digest(train_path) if train_path else None,
+              "model": model_digest(model_path) if model_path else None}
     if os.path.isfile(path) and checkpoint_dirs(run_dir):  # nothing to resume: nothing to refuse
         saved = options.read_yaml_config(path)
         changed = [k for k in resolved if k != "eval_at_end" and saved.get(k) != resolved[k]]
@@ -252,9 +267,69 @@ def prepare_run_dir(cfg):
             k = changed[0]
             raise UserError(f"run '{cfg.run}' exists with {k}={saved.get(k)!r} (now {resolved[k]!r}); "
                             f"resume with the same settings or choose another --run")
+        check_inputs(run_dir, cfg.run, inputs, {"train": train_path, "model": model_path})
+    write_atomic(os.path.join(run_dir, "inputs.json"), json.dumps(inputs) + "\n")
     write_atomic(path, yaml.safe_dump(resolved, sort_keys=False))
     print(f"config ({path}): " + ", ".join(f"{k}={v}" for k, v in resolved.items()))
     return run_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# What a run was made from: digests of contents, not paths (a file rebuilt under the same name is
+# another input; the same weights under two names are one).
+
+def file_digest(path):
+    """sha256 of a file's bytes, 16 hex digits."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+DIGESTS = {}  # (name, size, mtime) of every file -> digest: a model folder is read once per process
+
+
+def model_digest(path):
+    """A digest of a model folder's files (weights, config, tokenizer) and their names; hidden names
+    (a hub cache's .locks) are skipped. A hub id that is no folder is its own digest."""
+    if not os.path.isdir(path):
+        return path
+    files = []
+    for root, dirs, names in os.walk(os.path.abspath(path)):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files += [os.path.join(root, name) for name in sorted(names) if not name.startswith(".")]
+    stamp = tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files)
+    if stamp not in DIGESTS:
+        listing = [(os.path.relpath(f, path), file_digest(f)) for f in files]
+        DIGESTS[stamp] = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+    return DIGESTS[stamp]
+
+
+def saved_inputs(run_dir):
+    """RUN/inputs.json: {"train": digest, "model": digest} at the run's first start; {} for a run begun
+    before the file existed."""
+    path = os.path.join(run_dir, "inputs.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise UserError(f"{path} is damaged (not a JSON object); remove it to go on without its check")
+    return saved
+
+
+def check_inputs(run_dir, run, inputs, paths):
+    """On resume: the train file and the base model must hold what they held at the first start."""
+    saved = saved_inputs(run_dir)
+    for what, digest in inputs.items():
+        if saved.get(what) not in (None, digest) and digest is not None:
+            raise UserError(f"run '{run}' was started with other contents of its {what} "
+                            f"{'file' if what == 'train' else 'folder'} {paths[what]} (digest {saved[what]}, "
+                            f"now {digest}); resuming would mix the two: use another --run")
 
 
 def checkpoint_dirs(run_dir):

@@ -455,7 +455,7 @@ def start_run(cfg, device, rank):
     if cfg.eval_at_end:
         common.load_jsonl(test_path, normalize=critic.normalize_answer)  # a typo must not cost the whole run
     lock = runfolder.RunLock(runfolder.run_folder(cfg), "training") if rank == 0 else None  # one writer
-    run_dir = runfolder.prepare_run_dir(cfg) if rank == 0 else runfolder.run_folder(cfg)  # prints cfg
+    run_dir = runfolder.prepare_run_dir(cfg, train_path, model_path) if rank == 0 else runfolder.run_folder(cfg)
     judged = cfg.arm.startswith("critique") or cfg.analysis_every
     judge = world.make_judge(cfg, device, records) if judged else None  # frozen
     model, tokenizer = common.load_model(cfg, model_path, device)

@@ -88,6 +88,29 @@ def run_main(argv, capsys, script=None):
     return code, out, err
 
 
+# Issue 23 counts the bad inputs and damaged states the suite covers: every collected case of the
+# reliability files is one (each asserts exit 2 with one `error:` line, a counted skip or a recovery),
+# except the controls named here (valid inputs that must stay accepted, facts of the shipped worlds).
+# Count them with: pytest --collect-only -q -m bad_input | grep -c ::
+BAD_INPUT_FILES = ("test_bad_inputs", "test_reliability", "test_faults.py", "test_toy_v3.py")
+NOT_BAD_INPUTS = {
+    "test_evaluation_takes_the_lock", "test_a_missing_toy_world_says_it_is_built_and_how_long",
+    "test_integer_and_string_answers_stay_accepted", "test_a_finite_step_resets_the_nonfinite_count",
+    "test_a_chat_model_gets_no_dial", "test_a_named_world_is_an_analysis_target",
+    "test_a_tiny_worlds_transfer_split_is_disjoint_too", "test_every_build_setting_is_a_flag",
+    "test_named_worlds_resolve_to_their_folders", "test_rollout_matched_grpo_draws_a_self_distillation_arms_rollouts",
+    "test_the_shipped_worlds_hold_their_names_settings", "test_transfer_split_of_the_shipped_worlds_lies_off_the_train_chains",
+    "test_a_world_folder_is_a_toy_model_everywhere", "test_plot_out_in_each_figure_format",
+    "test_an_adapter_on_a_copy_of_its_base_is_silent", "test_other_runtime_errors_still_raise"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by marker
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if os.path.basename(str(item.path)).startswith(BAD_INPUT_FILES) and item.originalname not in NOT_BAD_INPUTS:
+            item.add_marker(pytest.mark.bad_input)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """Folder with a tiny Llama causal LM and a character tokenizer with a chat template."""
