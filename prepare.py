@@ -6,9 +6,15 @@ OUT/prepare.json (the counts of what was dropped, and why: records without the f
 problems too long for the model's context with max_new_tokens, too easy, no wrong stepped rollout,
 critic failed).
 
+A folder of parquet/JSONL shards or a dataset name is read through Hugging Face `datasets`
+(requirements-data.txt), with --split, --streaming and --limit; --question-column, --answer-column and
+--solution-column map other column names onto these fields.
+
 Commands:
     python prepare.py omr.jsonl Qwen/Qwen3-1.7B critic=http critic_url=http://127.0.0.1:8000/v1 \\
         critic_model=Qwen/QwQ-32B --out data/omr --test-size 30
+    python prepare.py data/omr_shards/ Qwen/Qwen3-1.7B --split cot --streaming --limit 20000 ...
+    python prepare.py nvidia/OpenMathReasoning Qwen/Qwen3-1.7B --split cot --streaming --limit 20000 ...
 """
 import argparse
 import json
@@ -36,12 +42,21 @@ from eval import sample_answers, target_config
 # OpenMathReasoning records → our JSONL, with the paper's difficulty filter.
 
 
-def read_openmath(path):
-    """Records with problem, generated_solution, expected_answer from JSONL or parquet, and the
-    Counter of records skipped by why (record_problem)."""
-    if not os.path.isfile(path):
+SHARD_KINDS = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}  # datasets' builder per ending
+OMR_FIELDS = ("problem", "generated_solution", "expected_answer")
+
+
+def read_openmath(path, split="train", streaming=False, limit=0, columns=None):
+    """Records with problem, generated_solution, expected_answer, and the Counter of records skipped
+    by why (record_problem). `path`: a JSONL or parquet file (read here, as before), or through
+    Hugging Face `datasets` a folder of parquet/JSONL shards or a dataset name (its `split`;
+    `streaming` reads record by record, for OpenMathReasoning's size, up to `limit` records, 0 =
+    all). `columns` maps our three field names to the input's column names."""
+    if os.path.isdir(path) or not os.path.exists(path) and "/" in path and not path.endswith(tuple(SHARD_KINDS)):
+        rows = read_with_datasets(path, split, streaming, limit)
+    elif not os.path.isfile(path):
         raise UserError(f"input file {path} not found")
-    if path.endswith(".parquet"):
+    elif path.endswith(".parquet"):
         try:
             import pyarrow.parquet
         except ImportError:
@@ -60,6 +75,10 @@ def read_openmath(path):
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    rows = rows[:limit] if limit else rows
+    if columns:  # the input's column names → the OpenMathReasoning fields record_problem reads
+        rows = [{**r, **{ours: r.get(theirs) for ours, theirs in columns.items()}} if isinstance(r, dict) else r
+                for r in rows]
     skipped, records = Counter(), []
     for i, r in enumerate(rows):
         why = record_problem(r)
@@ -77,6 +96,41 @@ def read_openmath(path):
     return records, skipped
 
 
+def read_with_datasets(path, split, streaming, limit):
+    """Rows of a folder of shards (all of one kind: parquet or JSONL) or of a dataset name, through
+    `datasets` (requirements-data.txt): it reads parquet and JSONL shards, a hub dataset's cache and
+    streams what does not fit in memory, which a reader of our own would not."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"reading {path} (a folder of shards or a dataset name) needs Hugging Face datasets: "
+                        f"pip install -r requirements-data.txt; or give one JSONL or parquet file") from None
+    if os.path.isdir(path):
+        shards = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(tuple(SHARD_KINDS)))
+        kinds = {SHARD_KINDS[os.path.splitext(n)[1]] for n in shards}
+        if not shards:
+            raise UserError(f"{path} holds no .parquet or .jsonl shards")
+        if len(kinds) > 1:
+            raise UserError(f"{path} mixes parquet and JSONL shards; give a folder of one kind")
+        source, files = kinds.pop(), shards
+    else:
+        source, files = path, None
+    datasets.disable_progress_bars()
+    try:
+        data = datasets.load_dataset(source, data_files=files, split=split, streaming=streaming)
+    except ValueError as e:  # e.g. an unknown split: datasets names the ones there are
+        raise UserError(f"{path}: {str(e).splitlines()[0]}") from None
+    except (OSError, ConnectionError, FileNotFoundError) as e:  # no such dataset, or no network for it
+        raise UserError(f"{path} cannot be read with datasets ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+    rows = []
+    for row in data:  # streaming: record by record, stopping at the limit
+        rows.append(dict(row))
+        if limit and len(rows) >= limit:
+            break
+    return rows
+
+
 def record_problem(record):
     """Why an input record cannot be used (a count's name in prepare.json), or None."""
     if not isinstance(record, dict):
@@ -92,13 +146,14 @@ def record_problem(record):
     return None
 
 
-def prepare(input_path, overrides=(), out="data/omr", test_size=30, samples=16, max_correct=4, seed=0):
+def prepare(input_path, overrides=(), out="data/omr", test_size=30, samples=16, max_correct=4, seed=0,
+            read=None):
     """Keep the problems the paper kept: the solver's Avg@16 below 5/16 (at most `max_correct` of
     `samples` right), a wrong rollout in well-formed steps, and a critic that, given it, writes a
     valid critique reaching the expected answer. Writes OUT/train.jsonl, OUT/test.jsonl, OUT/prepare.json."""
     if test_size < 0:
         raise UserError(f"--test-size must be at least 0, got {test_size}")
-    records, skipped = read_openmath(input_path)
+    records, skipped = read_openmath(input_path, **(read or {}))  # read: read_openmath's options
     cfg, _ = target_config(overrides[0] if overrides else "toy", overrides[1:])
     device = common.pick_device(cfg)
     judge = world.make_judge(cfg, device, records)  # the rule critic reads toy chains only: one line
@@ -163,10 +218,23 @@ def main(argv=None):
     parser.add_argument("--out", default="data/omr", help="output folder (default %(default)s)")
     parser.add_argument("--test-size", type=int, default=30, help="test problems")
     parser.add_argument("--seed", type=int, default=0, help="seed of sampling and split")
+    parser.add_argument("--split", default="train", help="a folder of shards or a dataset name: the split "
+                        "(default %(default)s)")
+    parser.add_argument("--streaming", action="store_true", help="read record by record (datasets' "
+                        "streaming), for data larger than memory; with --limit")
+    parser.add_argument("--limit", type=int, default=0, help="read at most this many records (0 = all)")
+    for field, default in zip(("question", "solution", "answer"), OMR_FIELDS):
+        parser.add_argument(f"--{field}-column", default=default, help=f"the input's column of the {field} "
+                            f"(default %(default)s)")
     args = parser.parse_intermixed_args(argv)  # key=value may follow the options
     common.default_signals()  # Ctrl-C: one line (user_errors)
     with common.user_errors():
-        prepare(args.paths[0], args.paths[1:], args.out, args.test_size, seed=args.seed)
+        if args.limit < 0:
+            raise UserError(f"--limit must be at least 0 (0 = all), got {args.limit}")
+        columns = dict(zip(OMR_FIELDS, (args.question_column, args.solution_column, args.answer_column)))
+        read = {"split": args.split, "streaming": args.streaming, "limit": args.limit,
+                "columns": {k: v for k, v in columns.items() if k != v} or None}
+        prepare(args.paths[0], args.paths[1:], args.out, args.test_size, seed=args.seed, read=read)
 
 
 if __name__ == "__main__":
