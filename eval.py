@@ -31,6 +31,7 @@ Commands:
 """
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -329,11 +330,13 @@ def evaluate_run(run_dir, samples=None, questions=None, temperature=None, k=None
     device = next(model.parameters()).device if model is not None else common.pick_device(cfg)
     rank, _ = ranks.init_ranks(device)
     lock = runfolder.RunLock(run_dir, "evaluating") if rank == 0 else None
+    # the model is loaded when a step first needs it, and once for both splits
+    load = functools.cache(lambda: (model, tokenizer) if model is not None else
+                           common.load_model(cfg, world.resolve_paths(cfg)[0], device))
     try:
-        rows = evaluate_steps(run_dir, cfg, samples, questions, temperature, k, model, tokenizer, device)
+        rows = evaluate_steps(run_dir, cfg, samples, questions, temperature, k, load, device)
         if world.transfer_path(cfg):  # the toy world's transfer probe: step 0 and the last checkpoint
-            evaluate_steps(run_dir, cfg, samples, questions, temperature, k, model, tokenizer, device,
-                           split="transfer")
+            evaluate_steps(run_dir, cfg, samples, questions, temperature, k, load, device, split="transfer")
         return rows
     finally:
         if lock:
@@ -345,9 +348,10 @@ def in_split(row, split="test"):
     return row.get("split", "test") == split
 
 
-def evaluate_steps(run_dir, cfg, samples, questions, temperature, k, model, tokenizer, device, split="test"):
-    """split="transfer": the toy world's transfer split (toy_build.build_transfer), at step 0 and the
-    last checkpoint only: whether an arm learned to repair facts it never trained on."""
+def evaluate_steps(run_dir, cfg, samples, questions, temperature, k, load, device, split="test"):
+    """Evaluate one split's steps not yet in eval.jsonl; load() gives (model, tokenizer), loaded
+    once. split="transfer": the toy world's transfer split (toy_build.build_transfer), at step 0 and
+    the last checkpoint only: whether an arm learned to repair facts it never trained on."""
     n = samples or cfg.eval_samples
     k = k or n
     if not 1 <= k <= n:
@@ -385,8 +389,7 @@ def evaluate_steps(run_dir, cfg, samples, questions, temperature, k, model, toke
                 print(f"step 0: the base model's evaluation reused from {row['reused_from']} (same base_key)")
                 runfolder.append_jsonl(path, {**row, "test": digest})
             continue
-        if model is None:
-            model, tokenizer = common.load_model(cfg, model_path, device)
+        model, tokenizer = load()
         try:
             student = student_at(model, checkpoint)
         except (*runfolder.DAMAGED, SafetensorError) as e:

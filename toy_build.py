@@ -505,33 +505,16 @@ def world_root(model):
                  if os.path.isfile(os.path.join(root, "build.json"))), None)
 
 
-def named_settings(root):
-    """The BuildSettings of the named world whose folder `root` is; None for any other folder."""
-    return next((BuildSettings(**changes) for folder, changes in WORLDS.values()
+def world_name(root):
+    """The name (a key of WORLDS) of the named world whose folder `root` is; None for any other folder."""
+    return next((name for name, (folder, _) in WORLDS.items()
                  if os.path.abspath(root) == os.path.join(HERE, folder)), None)
 
 
-def resolve_paths(cfg):
-    """A run's model folder and data files. A toy world (named or a folder) gives its model and,
-    for empty train_file / test_file, its data; any other model without data files gets the
-    default world's data."""
-    root = world_root(cfg.model)
-    model, train, test = cfg.model, cfg.train_file, cfg.test_file
-    if root or not train or not test:
-        built = ensure_built(root or WORLD)
-        model = built["model_dir"] if root else model
-        train, test = train or built["train"], test or built["test"]
-    return model, train, test
-
-
-def transfer_path(cfg):
-    """The toy world's transfer split (build_transfer) for a run on a toy world with the world's
-    own test set; None otherwise, or when the world has none (built before v3, or n_transfer=0)."""
-    root = world_root(cfg.model)
-    if not root or cfg.test_file:
-        return None
-    path = paths(root)["transfer"]
-    return path if os.path.isfile(path) and os.path.getsize(path) else None
+def named_settings(root):
+    """The BuildSettings of the named world whose folder `root` is; None for any other folder."""
+    name = world_name(root)
+    return BuildSettings(**WORLDS[name][1]) if name else None
 
 
 def settings_changes(saved, settings):
@@ -562,7 +545,7 @@ def ensure_built(root=WORLD, progress=True, force=False, settings=None, threads=
                                    f"world: python toy_build.py build --root {root} --force") from None
         changes = settings_changes(saved if isinstance(saved, dict) else {}, settings)
         if changes:
-            name = next((n for n, (folder, _) in WORLDS.items() if os.path.join(HERE, folder) == os.path.abspath(root)), None)
+            name = world_name(root)
             what = f"--world {name}" if name else f"--root {root}"
             listed = ", ".join(f"{k}={old!r} (asked {new!r})" for k, (old, new) in changes.items())
             raise common.UserError(f"the toy world in {root} was built with {listed}; rebuild it "

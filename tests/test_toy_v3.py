@@ -235,4 +235,4 @@ def test_a_named_world_is_an_analysis_target():
     for target in ("toy-v2", toy_build.world_root("toy-v2")):
         cfg, run_dir = ev.target_config(target, ["threads=1"])
         assert run_dir is None and cfg.prompts == "toy" and world.is_world_model(cfg.model)
-        assert toy_build.resolve_paths(cfg)[0] == os.path.join(toy_build.world_root("toy-v2"), "model")
+        assert world.resolve_paths(cfg)[0] == os.path.join(toy_build.world_root("toy-v2"), "model")
