@@ -16,6 +16,11 @@ Choices the paper leaves open (ours):
     teacher's accuracy with the arm's own context) is shown beside it, and the transfer split's
     Avg@k at step 0 and the last step in its own table.
 
+Arms: runs equal in everything but the seed, the name and the settings that change how a run
+executes (selfdistill.OPERATIONAL) are the seeds of one arm; an arm is labelled by its name and the
+settings in which it differs from the other arms given (its world included), or by --label. A run
+given twice, or a copy of a run (the same settings and seed), is refused: it is not a second seed.
+
 Outputs: the tables on stdout (--markdown for markdown); --plot writes FIG.png (or .pdf, .svg; with
 matplotlib) and FIG.csv, the figure's numbers. Malformed rows of eval.jsonl and metrics.jsonl are
 skipped with one warning per file (eval.read_rows), never shown.
@@ -23,14 +28,17 @@ skipped with one warning per file (eval.read_rows), never shown.
 Commands:
     python compare.py runs/grpo-s* runs/critique-s* [--markdown] [--ci] [--per-step] [--reach 50]
     python compare.py --plot runs/grpo-s* runs/critique-s* [--out analysis/training.png] [--x rollouts]
+    python compare.py runs/grpo-small-s* runs/critique-s* --label 'runs/grpo-small-*=grpo, rollout-matched'
 """
 import argparse
 import csv
 import dataclasses
+import fnmatch
 import json
 import math
 import os
 import statistics
+import sys
 import textwrap
 
 if __name__ == "__main__":  # Ctrl-C while torch loads (seconds, nothing written yet): exit 130, no traceback
@@ -44,7 +52,9 @@ import world
 from common import UserError
 from eval import METRICS, finite, in_split, load_run_config, read_rows, whole
 
-SAME_ARM_IGNORES = ("seed", "run", "out_dir", "device", "eval_at_end")  # do not change the experiment
+# The seeds of one arm differ in these only: the seed, the run's name and folder, and the settings that
+# change how a run executes, not what it computes (selfdistill.OPERATIONAL: threads, logging, ...).
+SAME_ARM_IGNORES = ("seed", "run", "out_dir", *selfdistill.OPERATIONAL)
 TABLE_METRICS = (("pass", "Pass"), ("maj", "Maj"), ("avg", "Avg"))
 TOY_STATS = ("step_arith", "step_chain", "answer_own")  # toy.trace_stats, shown by the last table
 
@@ -54,9 +64,12 @@ def load_compared_run(run_dir):
     test file's contents: rows of a test file since changed are left out)."""
     cfg = load_run_config(run_dir)  # the same checks and errors as evaluation
     config = {**dataclasses.asdict(cfg), **options.read_yaml_config(os.path.join(run_dir, "config.yaml"))}
-    rows = [r for r in read_rows(os.path.join(run_dir, "eval.jsonl")) if in_split(r)]
+    rows = [r for r in without_bad_toy_blocks(os.path.join(run_dir, "eval.jsonl")) if in_split(r)]
     if not rows:
         raise UserError(f"{run_dir} has no eval.jsonl rows yet (none usable); run: python eval.py {run_dir}")
+    if all(r["step"] == 0 for r in rows):  # the base alone: no checkpoint of this run to show
+        raise UserError(f"{run_dir} is evaluated at step 0 (the base model) only, at no checkpoint of its own; "
+                        f"evaluate its checkpoints (python eval.py {run_dir}) or leave it out")
     setting = {f: rows[-1][f] for f in EVAL_SETTING}
     test = rows[-1].get("test")
     return config, {r["step"]: r for r in rows if all(r[f] == v for f, v in setting.items())
@@ -66,6 +79,21 @@ def load_compared_run(run_dir):
 EVAL_SETTING = ("n", "k", "questions", "temperature")  # runs compared must share these
 
 
+def without_bad_toy_blocks(path):
+    """eval.read_rows, with each row's toy-world block (toy.trace_stats) dropped where it lacks a key
+    the toy table reads: the row's scores stay, the file gets one warning that counts them."""
+    rows, bad = read_rows(path), []
+    for row in rows:
+        toy = row.get("toy")
+        if toy is not None and not (all(key in toy for key in TOY_STATS) and isinstance(toy.get("styles"), dict)):
+            bad.append(row["step"])
+            del row["toy"]
+    if bad:
+        print(f"warning: {path}: {len(bad)} row{'s' * (len(bad) > 1)} with an incomplete toy block (step "
+              f"{bad[0]} first): left out of the toy table", file=sys.stderr)
+    return rows
+
+
 def transfer_rows(run_dir, setting):
     """{step: row} of the toy world's transfer split evaluated with the test rows' n, k and T."""
     return {r["step"]: r for r in read_rows(os.path.join(run_dir, "eval.jsonl")) if in_split(r, "transfer")
@@ -73,8 +101,10 @@ def transfer_rows(run_dir, setting):
 
 
 def non_default(config):
-    """Settings that differ from the defaults of its arm (derived defaults included)."""
+    """Settings that differ from the defaults of its arm: the values the model derives (prompt set,
+    length budget) at that model's, the model itself (the world) at the Config's default."""
     defaults = dataclasses.asdict(selfdistill.resolve(selfdistill.Config(arm=config["arm"], model=config["model"])))
+    defaults["model"] = selfdistill.Config.model
     return {key: value for key, value in config.items()
             if key not in SAME_ARM_IGNORES and key != "arm" and value != defaults.get(key)}
 
@@ -82,7 +112,7 @@ def non_default(config):
 def pool_arm(runs):
     """Best step of the seed-mean curve and the final step, mean ± std over seeds (CI for one);
     the Avg@k curve at every step all seeds evaluated (step 0 too); each seed's base row."""
-    steps = set.intersection(*[{s for s in rows if s > 0} or {0} for _, rows in runs])
+    steps = set.intersection(*[{s for s in rows if s > 0} for _, rows in runs])  # never step 0: the base
     if not steps:
         raise UserError(f"the seeds of {runs[0][0]['run']} share no evaluated step")
     steps = sorted(steps)
@@ -115,9 +145,11 @@ def pool_arm(runs):
     return out
 
 
-def group_runs(run_dirs):
+def group_runs(run_dirs, names=()):
     """Runs equal up to SAME_ARM_IGNORES are the seeds of one arm: ([(label, [(run_dir, config,
-    {step: eval row})])], the non-default settings all arms share). the tables and --plot group alike."""
+    {step: eval row})])], the non-default settings all arms share). The tables and --plot group alike.
+    A run given twice, or two runs of one arm with one seed (a copy is not a second seed), is refused;
+    `names`: [(GLOB, NAME)] from --label."""
     arms, seen, first = {}, {}, None
     for run_dir in run_dirs:
         real = os.path.realpath(run_dir)
@@ -131,12 +163,48 @@ def group_runs(run_dirs):
             raise UserError(f"{run_dir} was evaluated with other settings than {first[0]} ({differ}); "
                             f"evaluate them alike (python eval.py RUN --samples N --questions Q --temperature T)")
         key = json.dumps({k: v for k, v in config.items() if k not in SAME_ARM_IGNORES}, sort_keys=True)
+        twin = next((other for other, c, _ in arms.get(key, []) if c["seed"] == config["seed"]), None)
+        if twin:
+            raise UserError(f"{run_dir} and {twin} are one experiment (the same settings and seed {config['seed']}): "
+                            f"a copy of a run is not a second seed; give each seed once")
         arms.setdefault(key, []).append((run_dir, config, rows))
     extras = [non_default(runs[0][1]) for runs in arms.values()]
     shared = {k: v for k, v in extras[0].items() if all(e.get(k, object()) == v for e in extras)}
-    labels = [" ".join([runs[0][1]["arm"]] + [f"{k}={v}" for k, v in extra.items() if k not in shared])
-              for runs, extra in zip(arms.values(), extras)]
+    labels = arm_labels([runs[0][1] for runs in arms.values()], extras, shared)
+    labels = named(labels, [[run_dir for run_dir, _, _ in runs] for runs in arms.values()], names)
     return list(zip(labels, arms.values())), shared
+
+
+def arm_labels(configs, extras, shared):
+    """Each arm's name and the settings in which it differs from the other arms (at a value other
+    than its default); where two labels would still be equal (a setting whose default depends on
+    the model), every setting in which those arms differ."""
+    def label(config, keys):
+        return " ".join([config["arm"]] + [f"{k}={config[k]}" for k in config if k in keys])
+    varying = {k for k in configs[0] if k not in SAME_ARM_IGNORES
+               and len({json.dumps(c.get(k)) for c in configs}) > 1}
+    labels = [label(c, {k for k in extra if k not in shared}) for c, extra in zip(configs, extras)]
+    return [label(c, varying) if labels.count(text) > 1 else text for c, text in zip(configs, labels)]
+
+
+def named(labels, members, names):
+    """--label GLOB=NAME: an arm whose run folders a GLOB matches (the path as given, or its last
+    folder's name) is called NAME; a GLOB that matches no run, or two arms given one NAME, is an error."""
+    labels = list(labels)
+    for pattern, name in names:
+        hits = [i for i, runs in enumerate(members) if any(
+            fnmatch.fnmatchcase(os.path.normpath(run), os.path.normpath(pattern))
+            or fnmatch.fnmatchcase(os.path.basename(os.path.normpath(run)), pattern) for run in runs)]
+        if not hits:
+            raise UserError(f"--label {pattern}={name}: {pattern} matches none of the runs given")
+        if len(hits) > 1:
+            raise UserError(f"--label {pattern}={name}: {pattern} matches runs of {len(hits)} arms ("
+                            + "; ".join(labels[i] for i in hits) + "); one name per arm")
+        labels[hits[0]] = name
+    if len(set(labels)) < len(labels):
+        raise UserError("two arms would have the same label (" + next(x for x in labels if labels.count(x) > 1)
+                        + "); give each arm its own --label")
+    return labels
 
 
 def pool_transfer(members):
@@ -154,15 +222,15 @@ def pool_transfer(members):
             "final": at([r["avg"] for r in finals], finals), "questions": finals[0]["questions"]}
 
 
-def compare_runs(run_dirs):
+def compare_runs(run_dirs, names=()):
     """Arms (runs equal up to SAME_ARM_IGNORES), each pooled: a list of dicts, plus common notes."""
-    groups, shared = group_runs(run_dirs)
+    groups, shared = group_runs(run_dirs, names)
     result = []
     for label, members in groups:
         runs = [(config, rows) for _, config, rows in members]
         config = runs[0][0]
         k = next(iter(runs[0][1].values()))["k"]
-        result.append({"label": label, "seeds": sorted(c["seed"] for c, _ in runs), "k": k,
+        result.append({"label": label, "seeds": sorted(c["seed"] for c, _ in runs), "k": k, "model": config["model"],
                        "questions_per_step": config["batch_size"],
                        "rollouts_per_step": config["batch_size"] * config["samples_per_question"],
                        "ceiling": world.teacher_ceiling(config), "transfer": pool_transfer(members),
@@ -235,11 +303,12 @@ def format_cell(entry, seeds, scale=100, markdown=False, step=False):
 def base_rows(arms):
     """Step 0 (the base model) pooled over seeds: one entry when every arm starts from the same
     base (equal base_key up to the seed), else one per group of arms. A base row reused by another
-    arm (same base_key) counts once; rows without a base_key (older logs) count per run."""
+    arm (same base_key) counts once; rows without a base_key (older logs) count per run, pooled per
+    model (world)."""
     groups = {}  # base_key without the seed -> ({base_key: row}, arm labels)
     for a in arms:
         for index, row in enumerate(a["base"]):
-            key = row.get("base_key") or {"row": f"{a['label']}/{index}"}
+            key = row.get("base_key") or {"row": f"{a['label']}/{index}", "model": a["model"]}  # its world
             family = json.dumps({f: v for f, v in key.items() if f not in ("seed", "row")}, sort_keys=True)
             rows, labels = groups.setdefault(family, ({}, []))
             rows[json.dumps(key, sort_keys=True)] = row
@@ -404,12 +473,12 @@ def metrics_problem(row):
     return f"{', '.join(bad)} not a finite number" if bad else None
 
 
-def plot_rows(run_dirs):
+def plot_rows(run_dirs, names=()):
     """(rows, evaluation setting): the figure's data, one dict per (arm, metric, step): mean, std,
     min and max over seeds.
     Arms are grouped as the tables group them; metric "avg" is Avg@k from eval.jsonl (steps every
     seed evaluated, step 0 = the base), the others come from metrics.jsonl (steps every seed logged)."""
-    groups, _ = group_runs(run_dirs)
+    groups, _ = group_runs(run_dirs, names)
     setting = next(iter(groups[0][1][0][2].values()))  # every run shares it (group_runs checks)
     model = groups[0][1][0][1]["model"]  # for a one-arm figure's title
     setting = {**setting, "model": "the toy world" if model == "toy" else "/".join(model.rstrip("/").split("/")[-2:])}
@@ -433,11 +502,11 @@ def plot_rows(run_dirs):
     return rows, setting
 
 
-def plot_training(run_dirs, out, x="step"):
+def plot_training(run_dirs, out, x="step", names=()):
     """Write OUT (PNG) and its data as OUT with .csv: Avg@k over training per arm (line: mean over
     seeds; band: min–max over seeds; dashed: the base), and train reward, KL and response length.
     Without matplotlib only the CSV is written. Returns the paths written."""
-    rows, setting = plot_rows(run_dirs)
+    rows, setting = plot_rows(run_dirs, names)
     csv_path = os.path.splitext(out)[0] + ".csv"
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(csv_path, "w", newline="") as f:
@@ -537,30 +606,54 @@ def main(argv=None):
     parser.add_argument("--per-step", action="store_true", help="Avg@k of each arm at every evaluated "
                         "step instead")
     parser.add_argument("--ci", action="store_true", help="add each run's 95%% bootstrap CIs")
-    parser.add_argument("--reach", type=float, default=50.0, help="the Avg@k (%%) whose rollouts-to-reach "
-                        "the budget table shows (default %(default)s)")
+    parser.add_argument("--reach", type=float, help="the Avg@k (%%) whose rollouts-to-reach the budget "
+                        "table shows (default 50)")
     parser.add_argument("--plot", action="store_true", help="figure of the runs instead: Avg@k over "
                         "training per arm, train reward, KL and length (PNG with matplotlib; always a CSV)")
-    parser.add_argument("--x", choices=("step", "rollouts"), default="step", help="--plot: x axis")
+    parser.add_argument("--x", choices=("step", "rollouts"), help="--plot: x axis (default step)")
     parser.add_argument("--out", help="--plot: the PNG (default analysis/training.png)")
+    parser.add_argument("--label", action="append", default=[], metavar="GLOB=NAME", help="call the arm "
+                        "whose run folders GLOB matches NAME (e.g. 'runs/grpo-small-*=grpo, rollout-matched'); "
+                        "repeatable")
     args = parser.parse_intermixed_args(argv)
     common.default_signals()  # Ctrl-C: one line (user_errors)
     with common.user_errors():
-        if (args.per_step or args.ci) and args.plot:
-            raise UserError("--per-step and --ci go with the tables, not with --plot")
-        if not 0 < args.reach <= 100:
-            raise UserError(f"--reach must be a score in (0, 100] (%), got {args.reach}")
-        if args.out and not args.plot:
-            raise UserError("--out goes with --plot (the tables are printed)")
+        check_flags(args)
+        names = [tuple(item.split("=", 1)) for item in args.label]
         if args.plot:
             out = args.out or os.path.join("analysis", "training.png")
             check_figure_path(out)
-            plot_training(args.paths, out, args.x)
+            plot_training(args.paths, out, args.x or "step", names)
         elif args.per_step:
-            print(per_step_table(compare_runs(args.paths)[0], markdown=args.markdown))
+            print(per_step_table(compare_runs(args.paths, names)[0], markdown=args.markdown))
         else:
-            print(comparison_table(*compare_runs(args.paths), markdown=args.markdown, ci=args.ci,
-                                   reach=args.reach / 100))
+            reach = 50.0 if args.reach is None else args.reach
+            print(comparison_table(*compare_runs(args.paths, names), markdown=args.markdown, ci=args.ci,
+                                   reach=reach / 100))
+
+
+def check_flags(args):
+    """An option the chosen output would ignore is an error, not silence."""
+    if args.plot:
+        given = [flag for flag, value in (("--per-step", args.per_step), ("--ci", args.ci), ("--markdown", args.markdown),
+                                          ("--reach", args.reach is not None)) if value]
+        if given:
+            raise UserError(f"{' and '.join(given)} {'go' if len(given) > 1 else 'goes'} with the tables, not with --plot")
+    else:
+        given = [flag for flag, value in (("--out", args.out), ("--x", args.x)) if value]
+        if given:
+            raise UserError(f"{' and '.join(given)} {'go' if len(given) > 1 else 'goes'} with --plot (the tables "
+                            f"are printed)")
+    given = [flag for flag, value in (("--ci", args.ci), ("--reach", args.reach is not None)) if value]
+    if args.per_step and given:
+        raise UserError(f"{' and '.join(given)} {'go' if len(given) > 1 else 'goes'} with the comparison table, "
+                        f"not with --per-step")
+    if args.reach is not None and not 0 < args.reach <= 100:
+        raise UserError(f"--reach must be a score in (0, 100] (%), got {args.reach}")
+    for item in args.label:
+        pattern, sep, name = item.partition("=")
+        if not (sep and pattern and name.strip()):
+            raise UserError(f"--label wants GLOB=NAME (e.g. 'runs/grpo-s*=grpo'), got '{item}'")
 
 
 if __name__ == "__main__":

@@ -252,26 +252,45 @@ def alive(pid):
 # ---------------------------------------------------------------------------------------------
 # The saved config, checkpoints and resume.
 
-def prepare_run_dir(cfg, train_path=None, model_path=None):
-    """Save the resolved config in runs/NAME (and print it); a rerun must use the same settings, and
-    the same train file and base model contents (RUN/inputs.json: their digests at the first start)."""
+def prepare_run_dir(cfg, train_path=None, model_path=None, may_change=()):
+    """Save the resolved config in runs/NAME and print a short echo of it. A rerun must use the
+    same settings, except the fields in `may_change` (how the run executes, not what it computes:
+    selfdistill.OPERATIONAL), whose changes are appended to RUN/settings.jsonl with the step the run
+    resumes after; and the same train file and base model contents (RUN/inputs.json: their digests
+    at the first start)."""
     run_dir = run_folder(cfg)
     path = os.path.join(run_dir, "config.yaml")
     resolved = dataclasses.asdict(cfg)
     inputs = {"train": file_digest(train_path) if train_path else None,
               "model": model_digest(model_path) if model_path else None}
+    changes = {}
     if os.path.isfile(path) and checkpoint_dirs(run_dir):  # nothing to resume: nothing to refuse
         saved = options.read_yaml_config(path)
-        changed = [k for k in resolved if k != "eval_at_end" and saved.get(k) != resolved[k]]
-        if changed:
-            k = changed[0]
+        changed = [k for k in resolved if saved.get(k) != resolved[k]]
+        refused = [k for k in changed if k not in may_change]
+        if refused:
+            k = refused[0]
             raise UserError(f"run '{cfg.run}' exists with {k}={saved.get(k)!r} (now {resolved[k]!r}); "
                             f"resume with the same settings or choose another --run")
         check_inputs(run_dir, cfg.run, inputs, {"train": train_path, "model": model_path})
+        changes = {k: [saved.get(k), resolved[k]] for k in changed}
+    if changes:  # the step is the newest checkpoint's: the one a resume starts from unless it is damaged
+        step = int(os.path.basename(checkpoint_dirs(run_dir)[-1])[len("step_"):])
+        append_jsonl(os.path.join(run_dir, "settings.jsonl"), {"step": step, "changed": changes})
+        print(f"resuming with other settings (how it runs, not what it computes): "
+              + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
     write_atomic(os.path.join(run_dir, "inputs.json"), json.dumps(inputs) + "\n")
     write_atomic(path, yaml.safe_dump(resolved, sort_keys=False))
-    print(f"config ({path}): " + ", ".join(f"{k}={v}" for k, v in resolved.items()))
+    print(config_echo(cfg, path))
     return run_dir
+
+
+def config_echo(cfg, path):
+    """One short line: the arm, the fields that differ from the Config's defaults (derived values
+    included) and where the whole config is."""
+    differ = [f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
+              if f.name != "arm" and getattr(cfg, f.name) != f.default]
+    return f"config: {cfg.arm}" + (" " + " ".join(differ) if differ else "") + f" (the rest at defaults; all in {path})"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -161,6 +161,13 @@ class Config:
     report_to: str = "none"  # also send each metrics line and the eval rows to: none | tensorboard (RUN/tensorboard/) | wandb (WANDB_MODE=offline works); pip install -r requirements-logging.txt
 
 
+# Settings that change how a run executes, not what it computes: they may change when a run resumes
+# (RUN/settings.jsonl records each change with the step it came at) and compare.py ignores them when
+# it pools seeds into arms. Every other field is part of the experiment: a resume refuses a change.
+OPERATIONAL = ("device", "threads", "micro_batch", "generation_batch", "chunk_size", "gradient_checkpointing",
+               "critic_url", "critic_api_key_env", "critic_timeout", "critic_retries",
+               "sample_every", "eval_at_end", "report_to")
+
 ARMS = ("grpo", "reference", "critique", "critique_quoting", "critique_no_prefix")
 CHOICES = {
     "arm": ARMS, "context": ARMS, "dtype": ("float32", "bfloat16", "float16"),
@@ -455,7 +462,8 @@ def start_run(cfg, device, rank):
     if cfg.eval_at_end:
         common.load_jsonl(test_path, normalize=critic.normalize_answer)  # a typo must not cost the whole run
     lock = runfolder.RunLock(runfolder.run_folder(cfg), "training") if rank == 0 else None  # one writer
-    run_dir = runfolder.prepare_run_dir(cfg, train_path, model_path) if rank == 0 else runfolder.run_folder(cfg)
+    run_dir = runfolder.prepare_run_dir(cfg, train_path, model_path, OPERATIONAL) if rank == 0 \
+        else runfolder.run_folder(cfg)
     judged = cfg.arm.startswith("critique") or cfg.analysis_every
     judge = world.make_judge(cfg, device, records) if judged else None  # frozen
     model, tokenizer = common.load_model(cfg, model_path, device)

@@ -197,7 +197,7 @@ def test_plain_tables_fit_100_columns(tmp_path):
 
 def test_table_options_are_refused_with_plot(runs, capsys):
     code, _, err = compare_main(["--plot", "--per-step", runs[0]], capsys)  # a table's option
-    assert code == 2 and err.startswith("error: --per-step and --ci go with the tables, not with --plot")
+    assert code == 2 and err.startswith("error: --per-step goes with the tables, not with --plot")
 
 
 # ---------------------------------------------------------------------------------------------

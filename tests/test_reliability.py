@@ -260,9 +260,10 @@ def test_a_missing_toy_world_says_it_is_built_and_how_long(tmp_path, capsys):
 def test_compare_refuses_runs_evaluated_differently(tmp_path, capsys):
     for name, n in (("a", 12), ("b", 4)):
         run_dir = write_config(tmp_path / name)
-        row = {"step": 0, "n": n, "k": n, "questions": 10, "temperature": 1.0, **{m: 0.5 for m in ev.METRICS},
-               "ci": {m: [0.4, 0.6] for m in ev.METRICS}}
-        runfolder.append_jsonl(os.path.join(run_dir, "eval.jsonl"), row)
+        for step in (0, 1):  # the base and a checkpoint (a run at step 0 only is refused for that)
+            row = {"step": step, "n": n, "k": n, "questions": 10, "temperature": 1.0,
+                   **{m: 0.5 for m in ev.METRICS}, "ci": {m: [0.4, 0.6] for m in ev.METRICS}}
+            runfolder.append_jsonl(os.path.join(run_dir, "eval.jsonl"), row)
     code, _, err = run_main([str(tmp_path / "a"), str(tmp_path / "b")], capsys, script=compare)
     one_line_error(code, err, "evaluated with other settings")
 
