@@ -47,6 +47,9 @@ class NoTracker:
     def log(self, record):
         pass
 
+    def add_config(self, values):
+        pass
+
     def finish(self):
         pass
 
@@ -62,6 +65,9 @@ class TensorBoard:
         for key, value in scalars(record).items():
             if key != step_key:
                 self.writer.add_scalar(key, value, global_step=int(record[step_key]))
+
+    def add_config(self, values):  # TensorBoard has no run config: a text summary under "config"
+        self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in values.items()))
 
     def finish(self):
         self.writer.close()
@@ -83,6 +89,9 @@ class Wandb:
     def log(self, record, step_key="step"):
         self.run.log(scalars(record))
 
+    def add_config(self, values):
+        self.run.config.update(values, allow_val_change=True)  # a later evaluation may use another n
+
     def finish(self):
         self.run.finish()
 
@@ -99,10 +108,16 @@ def start(cfg, run_dir, resumed_step=0, rank=0):
     return {"tensorboard": TensorBoard, "wandb": Wandb}[cfg.report_to](cfg, run_dir, resumed_step)
 
 
+EVAL_CONSTANTS = ("n", "k", "questions", "temperature")  # an evaluation's setting: config, not curves
+
+
 @contextlib.contextmanager
 def evaluation_rows(cfg, run_dir):
-    """Around eval.py's child process: the eval.jsonl rows it adds are sent to the tracker as
-    eval/<key> (eval/avg, eval/pass, eval/maj, eval/toy/..., with eval/step their checkpoint)."""
+    """Around eval.py's child process: the eval.jsonl rows it adds are sent to the tracker against
+    their checkpoint's step (eval/step): the test split as eval/<key> (eval/avg, eval/pass, eval/maj,
+    eval/toy/...), the toy world's transfer split as eval/transfer/<key>. The evaluation's setting
+    (eval/n, eval/k, eval/questions, eval/temperature; eval/transfer/questions) goes to the run's
+    config: wandb's config, TensorBoard's "config" text."""
     path = os.path.join(run_dir, "eval.jsonl")
     seen = set() if cfg.report_to == "none" else {json.dumps(r, sort_keys=True) for r in runfolder.read_jsonl(path)}
     yield
@@ -110,8 +125,12 @@ def evaluation_rows(cfg, run_dir):
         return
     rows = [row for row in runfolder.read_jsonl(path) if json.dumps(row, sort_keys=True) not in seen]
     if rows:
-        tracker = start(cfg, run_dir, rank=0)
+        tracker, setting = start(cfg, run_dir, rank=0), {}
         for row in rows:
-            tracker.log({f"eval/{k}": v for k, v in row.items() if k not in ("ci", "base_key")},
-                        step_key="eval/step")
+            split = row.get("split", "test")
+            prefix = "eval/" if split == "test" else f"eval/{split}/"
+            setting.update({prefix + k: row[k] for k in EVAL_CONSTANTS if k in row and (split == "test" or k == "questions")})
+            tracker.log({"eval/step": row.get("step"), **{prefix + k: v for k, v in row.items() if k not in (
+                "step", "split", "ci", "base_key", *EVAL_CONSTANTS)}}, step_key="eval/step")
+        tracker.add_config(setting)
         tracker.finish()
