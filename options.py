@@ -36,8 +36,78 @@ def field_help(cls):
     return out
 
 
+# The names a TRL (SDPOTrainer, SDFTTrainer, GRPOTrainer) or verl user brings, and ours: what an
+# unknown key answers with before guessing by spelling (`learning_rate` is not `ema_rate`). None:
+# no such setting here, and why. The full table, with the values, is docs/trl.md.
+PEER_NAMES = {
+    "learning_rate": ("lr", ""),
+    "num_generations": ("samples_per_question", "G, the rollouts per question"),
+    "max_completion_length": ("max_new_tokens", ""),
+    "max_prompt_length": ("max_context_tokens", "the teacher's context loses its middle beyond it; a "
+                          "question is never cut"),
+    "beta": ("grpo_beta", "the KL penalty to the base, GRPO arm"),
+    "loss_type": ("grpo_norm", "dapo/bnpo = token_mean, grpo = sequence_mean, dr_grpo = constant"),
+    "distillation_alpha": ("divergence", "0 = forward, 1 = reverse, between = jsd with jsd_alpha"),
+    "distillation_mode": ("support", "full_logits = full, topk_logits = topk, sampled_token = sampled"),
+    "distillation_topk": ("topk", "with support=topk; TRL's top k is the student's: topk_side=student"),
+    "distillation_add_tail": ("topk_tail", ""),
+    "distillation_is_clip": (None, "one on-policy update per batch: no importance ratio to clip"),
+    "distillation_weight": (None, "no GRPO + distillation mix: grpo and the distillation arms are separate "
+                            "--context values"),
+    "teacher_model_kind": ("teacher", "base | ema | live, as TRL's; our default is base, the paper's"),
+    "teacher_update_rate": ("ema_rate", ""),
+    "per_device_train_batch_size": ("micro_batch", "sequences per forward/backward"),
+    "gradient_accumulation_steps": (None, "batch_size (questions per update) and micro_batch decide it"),
+    "generation_batch_size": ("generation_batch", ""),
+    "num_train_epochs": ("epochs", ""),
+    "lr_scheduler_type": ("schedule", ""),
+    "max_grad_norm": ("grad_clip", ""),
+    "save_steps": ("checkpoint_every", ""),
+    "output_dir": ("out_dir", "plus run=NAME"),
+    "model_name_or_path": ("model", ""),
+    "target_modules": ("lora_targets", ""),
+    "bf16": ("dtype", "dtype=bfloat16"),
+    "num_iterations": (None, "one update per batch"),
+    "epsilon": (None, "one on-policy update per batch: the ratio is 1, nothing to clip"),
+    "feedback_template": (None, "the teacher's prompts are contexts.PROMPTS; the arm (--context) picks the context"),
+    # verl's names (lasgroup/SDPO's self_distillation block included), as key=value would spell them
+    "actor_rollout_ref.actor.optim.lr": ("lr", ""),
+    "actor_rollout_ref.rollout.n": ("samples_per_question", "G"),
+    "data.max_response_length": ("max_new_tokens", ""),
+    "data.train_batch_size": ("batch_size", "questions per update"),
+    "actor_rollout_ref.actor.ppo_mini_batch_size": ("batch_size", "one update per batch"),
+    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": ("micro_batch", ""),
+    "actor_rollout_ref.rollout.temperature": ("temperature", ""),
+    "actor_rollout_ref.actor.loss_agg_mode": ("grpo_norm", "token-mean = token_mean, seq-mean-token-mean = "
+                                              "sequence_mean, seq-mean-token-sum-norm = constant"),
+    "actor_rollout_ref.actor.kl_loss_coef": ("grpo_beta", "k3, as verl's low_var_kl"),
+    "actor_rollout_ref.actor.grad_clip": ("grad_clip", ""),
+    "actor_rollout_ref.model.path": ("model", ""),
+    "actor_rollout_ref.model.lora_rank": ("lora_r", ""),
+    "actor_rollout_ref.model.enable_gradient_checkpointing": ("gradient_checkpointing", ""),
+    "actor_rollout_ref.actor.self_distillation.alpha": ("divergence", "0 = forward, 1 = reverse, between = jsd "
+                                                        "with jsd_alpha"),
+    "actor_rollout_ref.actor.self_distillation.distillation_topk": ("topk", "with support=topk"),
+    "actor_rollout_ref.actor.self_distillation.distillation_add_tail": ("topk_tail", ""),
+    "actor_rollout_ref.actor.self_distillation.teacher_regularization": ("teacher", ""),
+    "actor_rollout_ref.actor.self_distillation.teacher_update_rate": ("ema_rate", ""),
+    "trainer.total_epochs": ("epochs", ""),
+    "trainer.total_training_steps": ("max_steps", ""),
+    "trainer.save_freq": ("checkpoint_every", ""),
+    "trainer.logger": ("report_to", ""),
+    "data.train_files": ("train_file", ""),
+    "data.val_files": ("test_file", ""),
+    **{block: (None, "verl's nested blocks are flat keys here (docs/trl.md maps each)")
+       for block in ("actor_rollout_ref", "data", "trainer", "algorithm")},
+}
+
+
 def check_key(cls, key):
     if key not in fields_of(cls):
+        ours, why = PEER_NAMES.get(key.lstrip("+"), (False, ""))  # verl's Hydra writes +key / ++key
+        if ours is None or ours in fields_of(cls):
+            said = (f"ours is '{ours}'" + (f": {why}" if why else "")) if ours else f"no such setting here: {why}"
+            raise UserError(f"unknown config key '{key}' (TRL's or verl's name; {said}; see docs/trl.md)")
         near = difflib.get_close_matches(key, fields_of(cls), n=1, cutoff=0.5)
         hint = f" (did you mean '{near[0]}'?)" if near else " (see --help)"
         raise UserError(f"unknown config key '{key}'{hint}")
