@@ -3,9 +3,7 @@ from them. Every file is written to a temporary name and renamed, so a kill neve
 one; a log line is one write, and a half-written last line is dropped with a warning.
 """
 import atexit
-import contextlib
 import dataclasses
-import errno
 import hashlib
 import json
 import os
@@ -115,138 +113,81 @@ def run_folder(cfg):
     return run_dir
 
 
+HELD = {}  # lock path -> this process's FileLock on it: an in-process rerun after an error takes it again
+
+
 class RunLock:
-    """One writer per run folder: RUN/.lock holds the writer's pid. It appears atomically with the
-    pid in it (create_with_pid), so a reader never sees it empty. One held by a live process is a
-    one-line error; one whose process is gone is stale and taken over (take_over: by one starter
-    only, however many race). A lock that is not one plausible pid (a folder, a link, garbage, 0, -1,
-    a pid beyond pid_max) is a one-line error, never removed nor waited on: we cannot tell it is
-    stale. Released on release() or at exit; a process may take its own lock again (an in-process
-    rerun after an error)."""
+    """One writer per run folder: an OS lock (flock, through filelock) on RUN/.lock. The OS drops it
+    when its process ends, however it ends, so no lock is ever stale and none is taken over. The
+    holder writes its pid into the file, for the one-line error a second writer gets; the file stays
+    after release (waiters must share its inode), and its pid then means nothing. A RUN/.lock that
+    is not a plain file (a folder, a link, a pipe) is a one-line error and is left in place."""
 
     def __init__(self, run_dir, what):
-        self.path = os.path.join(run_dir, ".lock")
-        for _ in range(50):  # each retry means another starter moved the lock meanwhile
-            if create_with_pid(self.path):
-                break
-            holder = read_pid(self.path)
-            if holder is None:
-                continue  # released between our two looks
-            if holder != os.getpid() and alive(holder):
-                raise UserError(f"run folder {run_dir} is in use by process {holder}; wait for it to "
-                                f"finish (or stop it) before {what} there")
-            if holder == os.getpid() or self.take_over(holder):
-                break
-            time.sleep(0.02)  # another starter is taking the stale lock over: look again
-        else:
-            raise UserError(f"cannot take the lock {self.path}; remove it (and {self.path}.takeover) if "
-                            f"no process uses the run")
+        import filelock
+        self.path = os.path.abspath(os.path.join(run_dir, ".lock"))
+        check_lock_file(self.path)
+        if self.path not in HELD:
+            lock = filelock.FileLock(self.path, timeout=0, thread_local=False, on_acquired=write_pid)
+            try:
+                lock.acquire()
+            except filelock.Timeout:
+                raise UserError(f"run folder {run_dir} is in use by {lock_holder(self.path)}; wait for it to "
+                                f"finish (or stop it) before {what} there") from None
+            except OSError as e:  # no flock on this file system, no permission, ...
+                raise UserError(f"cannot lock {self.path}: {e.strerror or e}") from None
+            HELD[self.path] = lock
         atexit.register(self.release)
 
-    def take_over(self, stale):
-        """Replace the stale lock of dead process `stale` by ours in one rename, while holding
-        RUN/.lock.takeover: the lock is never absent (no third starter can create it) and only the
-        takeover's holder replaces it, after checking it still names `stale`. False when another
-        starter holds the takeover or the lock changed: the caller looks again."""
-        marker = self.path + ".takeover"
-        if not create_with_pid(marker):
-            return False
-        try:
-            if read_pid(self.path) != stale or alive(stale):
-                return False
-            tmp = write_pid_file(self.path)
-            os.replace(tmp, self.path)
-            return True
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(marker)
-
     def release(self):
-        try:
-            mine = read_pid(self.path) == os.getpid()
-        except UserError:  # replaced by something else meanwhile: not ours to remove
-            return
-        if mine:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.path)
+        lock = HELD.pop(self.path, None)
+        if lock is not None:
+            lock.release(force=True)
 
 
-def write_pid_file(path):
-    """A private file next to `path` that holds this process's pid; returns its name."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    return tmp
+def write_pid(fd):
+    """filelock's on_acquired: the holder's pid, in place of the last holder's."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
 
 
-def create_with_pid(path):
-    """Create `path` holding this process's pid, atomically; False when it exists. The pid is
-    written to a private file first and hard-linked into place (link fails if `path` exists, even
-    as a dangling link). A file system without hard links gets O_EXCL, where a reader may catch the
-    file empty for a moment: it then reports the lock as unreadable, while its writer is alive."""
-    tmp = write_pid_file(path)
-    try:
-        os.link(tmp, path)
-        return True
-    except FileExistsError:
-        return False
-    except OSError as e:
-        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
-            raise
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return False
-        os.write(fd, f"{os.getpid()}\n".encode())
-        os.close(fd)
-        return True
-    finally:
-        os.remove(tmp)
-
-
-def pid_max():
-    try:
-        with open("/proc/sys/kernel/pid_max") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return 2 ** 22  # Linux's ceiling; macOS's pids stay below 100000
-
-
-def read_pid(path):
-    """The pid in a lock file, or None when there is no file. Anything but a plain file holding
-    one pid in 1..pid_max is a one-line error: such a lock was not written by us, and is never
-    guessed to be stale."""
-    unusable = f"{path} is not a lock file this program wrote"
+def check_lock_file(path):
+    """RUN/.lock must be a plain file or absent: anything else was not made by this program."""
     try:
         kind = os.lstat(path).st_mode
-        if not stat.S_ISREG(kind):  # a folder, a link, a pipe (reading a pipe would hang)
-            what = "a folder" if stat.S_ISDIR(kind) else "a link" if stat.S_ISLNK(kind) else "not a file"
-            raise UserError(f"{unusable} ({what}); remove it if no process uses the run")
-        with open(path, "rb") as f:
-            text = f.read(32)
     except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise UserError(f"{unusable} (unreadable: {e.strerror}); remove it if no process uses the run") from None
-    if not re.fullmatch(rb"[0-9]{1,12}\n?", text) or not 0 < int(text) <= pid_max():
-        raise UserError(f"{unusable} (it holds {text[:20]!r}, not a process id); remove it if no process "
-                        f"uses the run")
-    return int(text)
+        return
+    if not stat.S_ISREG(kind):
+        what = "a folder" if stat.S_ISDIR(kind) else "a link" if stat.S_ISLNK(kind) else "not a file"
+        raise UserError(f"{path} is not a lock file this program wrote ({what}); remove it if no process uses the run")
+
+
+def lock_holder(path):
+    """'process PID' from the lock file, read again for up to a second while the holder (which has
+    just taken the lock) has not yet written its pid; 'another process' if it never does."""
+    for _ in range(20):
+        try:
+            with open(path, "rb") as f:
+                text = f.read(32)
+        except OSError:
+            text = b""
+        if re.fullmatch(rb"[0-9]{1,12}\n", text) and alive(int(text)):
+            return f"process {int(text)}"
+        time.sleep(0.05)
+    return "another process"
 
 
 def alive(pid):
-    """True when process `pid` runs (a zombie, dead but not yet reaped, does not)."""
+    """True when process `pid` exists (another user's too); 0 names no process (kill's own group)."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
-    except PermissionError:  # another user's live process
+    except PermissionError:
         return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True  # no /proc (macOS): trust kill(pid, 0)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Protects against careless or hostile input (issue "Reliability II"): every number finite and in
-range; one writer per run folder (a lock with the writer's pid, stale locks taken over); a run
+range; one writer per run folder (an OS lock; the file holds the writer's pid for the error others get); a run
 folder read as data, never code (trust_remote_code only from the command line); damaged state that
 recovers or explains itself (a truncated JSONL line, a damaged newest checkpoint, stray names under
 checkpoints/); and one-line errors, never a traceback, for the user mistakes listed in the issue.
@@ -81,12 +81,22 @@ def test_no_checkpoint_with_non_finite_weights(tiny_model_dir, data, tmp_path):
 # 2. One writer per run folder
 
 
+HOLDER = """import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)  # the OS lock RunLock takes (filelock: flock)
+os.write(fd, f"{os.getpid()}\\n".encode())
+open(sys.argv[2], "w").close()
+time.sleep(60)"""
+
+
 def test_a_live_lock_refuses_a_second_writer(tmp_path, tiny_model_dir, data, capsys):
     run_dir = tmp_path / "busy"
     run_dir.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir / ".lock"), str(tmp_path / "ready")])
     try:
-        (run_dir / ".lock").write_text(f"{holder.pid}\n")
+        while not (tmp_path / "ready").exists():
+            assert holder.poll() is None
+            time.sleep(0.01)
         with pytest.raises(UserError, match=f"in use by process {holder.pid}"):
             runfolder.RunLock(str(run_dir), "training")
         code, _, err = run_main(settings(tiny_model_dir, data, tmp_path) + ["--run", "busy"], capsys)
@@ -104,7 +114,20 @@ def test_a_stale_lock_is_taken_over_and_released(tmp_path):
     lock = runfolder.RunLock(str(tmp_path), "training")
     assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
     lock.release()
-    assert not (tmp_path / ".lock").exists()
+    assert not runfolder.HELD and not os_lock_held(tmp_path / ".lock")
+
+
+def os_lock_held(path):
+    """True when some process holds the OS lock on `path` (flock, as filelock takes it)."""
+    import fcntl
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def test_evaluation_takes_the_lock(tmp_path, monkeypatch):
@@ -115,7 +138,7 @@ def test_evaluation_takes_the_lock(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(ev, "evaluate_steps", lambda *a, **k: seen.setdefault("lock", (run_dir / ".lock").read_text()))
     ev.evaluate_run(str(run_dir))
-    assert seen["lock"].strip() == str(os.getpid()) and not (run_dir / ".lock").exists()
+    assert seen["lock"].strip() == str(os.getpid()) and not os_lock_held(run_dir / ".lock")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,4 +341,4 @@ def test_kills_during_an_append_and_during_evaluation_resume_to_the_same_results
         ours = runfolder.read_jsonl(str(run_dir / name))
         theirs = runfolder.read_jsonl(str(tmp_path / "a" / "r" / name))
         assert without_times(ours) == without_times(theirs), name
-    assert not (run_dir / ".lock").exists()
+    assert not os_lock_held(run_dir / ".lock")  # released (the file stays: waiters share its inode)
