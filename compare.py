@@ -7,7 +7,8 @@ Choices the paper leaves open (ours):
     more), shown beside the final step. Length has no "best": it is shown at the Avg@k-best step.
     Step 0 (the base model) is never a candidate.
  2. Spreads: the tables show mean ± std over seeds (one seed: its bootstrap CI, with --ci);
-    --plot draws the seed mean with a min–max band (with three seeds, the honest range).
+    --plot draws the seed mean with a min–max band (with three seeds, the honest range) and stars
+    each arm's best checkpoint; `--x rollouts` is a log axis (the arms' rollouts per step differ 8-30x).
  3. Budgets: when arms draw different rollouts per step, the budget table puts each arm at equal
     questions (the most any arm saw, the paper's axis) and at equal rollouts (the fewest any arm
     drew), at the evaluated step closest to the budget; `--reach` sets the score whose rollouts-
@@ -446,10 +447,15 @@ def toy_table(arms, markdown):
 
 
 # ---------------------------------------------------------------------------------------------
-# --plot: Avg@k over training per arm, and the training log's reward, KL and length.
+# --plot: Avg@k, Pass@k and Maj@k over training per arm, the evaluation's length, and the training
+# log's reward, KL, length, invalid critiques and entropy.
 
-TRAIN_CURVES = (("train/reward", "train reward (share right)"), ("train/kl", "KL per distilled token (SD arms)"),
-                ("train/response_len", "response length (tokens)"))
+EVAL_CURVES = (("avg", "Avg"), ("pass", "Pass"), ("maj", "Maj"))  # eval.jsonl, in %, the paper's three
+SMALL_PANELS = (("length", "eval response length (tokens)"), ("train/reward", "train reward (share right)"),
+                ("train/kl", "KL per distilled token (SD arms)"), ("train/response_len", "train response length (tokens)"),
+                ("train/critique_invalid", "invalid critiques per step (critique arms)"),
+                ("train/entropy", "student entropy per distilled token"))
+TRAIN_CURVES = tuple(panel for panel in SMALL_PANELS if panel[0].startswith("train/"))  # metrics.jsonl
 
 
 def seed_stats(per_seed):
@@ -476,8 +482,9 @@ def metrics_problem(row):
 def plot_rows(run_dirs, names=()):
     """(rows, evaluation setting): the figure's data, one dict per (arm, metric, step): mean, std,
     min and max over seeds.
-    Arms are grouped as the tables group them; metric "avg" is Avg@k from eval.jsonl (steps every
-    seed evaluated, step 0 = the base), the others come from metrics.jsonl (steps every seed logged)."""
+    Arms are grouped as the tables group them; metrics avg, pass, maj and length come from eval.jsonl
+    (steps every seed evaluated, step 0 = the base), the train/ ones from metrics.jsonl (steps every
+    seed logged); "ceiling" is a toy world's teacher with the arm's context."""
     groups, _ = group_runs(run_dirs, names)
     setting = next(iter(groups[0][1][0][2].values()))  # every run shares it (group_runs checks)
     model = groups[0][1][0][1]["model"]  # for a one-arm figure's title
@@ -486,10 +493,13 @@ def plot_rows(run_dirs, names=()):
     for label, members in groups:
         config = members[0][1]
         rate = config["batch_size"] * config["samples_per_question"]  # rollouts per step: questions × G
-        curves = {"avg": [{step: row["avg"] for step, row in evals.items()} for _, _, evals in members]}
+        curves = {metric: [{step: row[metric] for step, row in evals.items()} for _, _, evals in members]
+                  for metric in ("avg", "pass", "maj", "length")}
         logs = [{m["step"]: m for m in read_rows(os.path.join(run_dir, "metrics.jsonl"), metrics_problem)}
                 for run_dir, _, _ in members]
         for key, _ in TRAIN_CURVES:  # the last line of a step wins (a resumed run logs it again)
+            if key == "train/critique_invalid" and not config["arm"].startswith("critique"):
+                continue  # always 0 where no critique is asked for
             curves[key] = [{step: m[key] for step, m in log.items() if m.get(key) is not None} for log in logs]
         for metric, per_seed in curves.items():
             for step, mean, std, low, high, n in seed_stats(per_seed):
@@ -502,9 +512,56 @@ def plot_rows(run_dirs, names=()):
     return rows, setting
 
 
+def best_point(points):
+    """The checkpoint with the highest seed mean (the earliest of equals); never step 0, the base."""
+    trained = [p for p in points if p["step"] > 0]
+    return max(trained, key=lambda p: (p["mean"], -p["step"])) if trained else None
+
+
+def draw_curves(ax, rows, arms, colours, metric, x, scale, eval_panel):
+    """One panel: each arm's seed mean (line), its min–max band over seeds, and on the evaluation
+    panels its best checkpoint (a star). On a log rollouts axis step 0 (0 rollouts) has no place:
+    the base is the dashed line."""
+    for arm in arms:
+        points = [r for r in rows if r["arm"] == arm and r["metric"] == metric and (x == "step" or r["rollouts"] > 0)]
+        if not points:
+            continue  # e.g. GRPO logs no KL
+        xs, seeds = [p[x] for p in points], max(p["seeds"] for p in points)
+        ax.plot(xs, [scale * p["mean"] for p in points], color=colours[arm], marker="o" if eval_panel else None,
+                markersize=3.5, linewidth=1.5 if eval_panel else 1,
+                label=f"{arm} ({seeds} seed{'s' if seeds != 1 else ''})")
+        if seeds > 1:
+            ax.fill_between(xs, [scale * p["min"] for p in points], [scale * p["max"] for p in points],
+                            color=colours[arm], alpha=0.2, linewidth=0)
+        best = best_point(points) if eval_panel and metric != "length" else None
+        if best:
+            ax.plot([best[x]], [scale * best["mean"]], marker="*", markersize=13, color=colours[arm],
+                    markeredgecolor="black", markeredgewidth=0.6, linestyle="none", zorder=5)
+    if not ax.lines:
+        ax.text(0.5, 0.5, "not logged by these arms", ha="center", va="center", transform=ax.transAxes,
+                fontsize=9, color="0.4")
+
+
+def label_ceilings(ax, ceilings, colours):
+    """Each toy-world teacher ceiling as a dotted line in its arm's colour, named at its right end;
+    names of close ceilings are pushed apart so that each stays legible."""
+    low, high = ax.get_ylim()
+    gap, placed = 0.045 * (high - low), []
+    for r in sorted(ceilings, key=lambda r: r["mean"]):
+        y = 100 * r["mean"]
+        ax.axhline(y, color=colours[r["arm"]], linestyle=":", linewidth=1.3)
+        text_y = max(y, placed[-1] + gap) if placed else y
+        placed.append(text_y)
+        ax.annotate(f"{r['arm']} teacher {y:.1f}", xy=(1, text_y), xycoords=("axes fraction", "data"),
+                    xytext=(-3, 2), textcoords="offset points", ha="right", va="bottom", fontsize=7,
+                    color=colours[r["arm"]], bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.8))
+
+
 def plot_training(run_dirs, out, x="step", names=()):
-    """Write OUT (PNG) and its data as OUT with .csv: Avg@k over training per arm (line: mean over
-    seeds; band: min–max over seeds; dashed: the base), and train reward, KL and response length.
+    """Write OUT (PNG) and its data as OUT with .csv: Avg@k, Pass@k and Maj@k over training per arm
+    (line: mean over seeds; band: min–max over seeds; star: the best checkpoint; dashed: the base;
+    dotted: a toy world's teacher ceilings, named at their line), then the evaluation's length and the
+    training log's reward, KL, length, invalid critiques and entropy. --x rollouts draws a log axis.
     Without matplotlib only the CSV is written. Returns the paths written."""
     rows, setting = plot_rows(run_dirs, names)
     csv_path = os.path.splitext(out)[0] + ".csv"
@@ -520,58 +577,45 @@ def plot_training(run_dirs, out, x="step", names=()):
     from matplotlib.ticker import MaxNLocator
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     colours = {arm: plt.get_cmap("tab10")(i % 10) for i, arm in enumerate(arms)}
-    fig = plt.figure(figsize=(11, 7.5))
-    grid = fig.add_gridspec(2, len(TRAIN_CURVES), height_ratios=(1.7, 1))
-    top = fig.add_subplot(grid[0, :])
-    heading = (f"Avg@{setting['k']} (%) on {setting['questions']} test questions × {setting['n']} samples, "
-               f"T = {setting['temperature']}")
-    panels = [(top, "avg", heading, 100)] + [
-        (fig.add_subplot(grid[1, i]), key, title, 1) for i, (key, title) in enumerate(TRAIN_CURVES)]
+    fig = plt.figure(figsize=(13, 10))
+    grid = fig.add_gridspec(3, 3, height_ratios=(1.5, 1, 1))
+    k = setting["k"]
+    panels = [(fig.add_subplot(grid[0, i]), metric, f"{name}@{k} (%)", 100) for i, (metric, name) in enumerate(EVAL_CURVES)]
+    panels += [(fig.add_subplot(grid[1 + i // 3, i % 3]), key, title, 1) for i, (key, title) in enumerate(SMALL_PANELS)]
     for ax, metric, title, scale in panels:
-        for arm in arms:
-            points = [r for r in rows if r["arm"] == arm and r["metric"] == metric]
-            if not points:
-                continue  # e.g. GRPO logs no KL
-            xs = [p[x] for p in points]
-            seeds = max(p["seeds"] for p in points)
-            ax.plot(xs, [scale * p["mean"] for p in points], color=colours[arm],
-                    label=f"{arm} ({seeds} seed{'s' if seeds != 1 else ''})",
-                    marker="o" if metric == "avg" else None, markersize=4, linewidth=1.5 if metric == "avg" else 1)
-            if seeds > 1:
-                ax.fill_between(xs, [scale * p["min"] for p in points], [scale * p["max"] for p in points],
-                                color=colours[arm], alpha=0.2, linewidth=0)
-        if not ax.lines:
-            ax.text(0.5, 0.5, "not logged by these arms", ha="center", va="center", transform=ax.transAxes,
-                    fontsize=9, color="0.4")
+        draw_curves(ax, rows, arms, colours, metric, x, scale, eval_panel=metric in ("avg", "pass", "maj", "length"))
+        base = [r["mean"] for r in rows if r["metric"] == metric and r["step"] == 0]
+        if base and metric != "length":
+            ax.axhline(100 * statistics.fmean(base), color="0.4", linestyle="--", linewidth=1,
+                       label=f"base, step 0 ({100 * statistics.fmean(base):.1f})" if metric == "avg" else None)
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-        # steps and rollouts are counts; the small panels get fewer ticks, so rollouts stay legible
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=10 if ax is top else 5))
+        if x == "rollouts":
+            ax.set_xscale("log")  # the arms' rollouts differ by G × questions per step: 8-30x
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
+        ax.set_xlabel("training step" if x == "step" else "rollouts (log)", fontsize=8)
+        ax.tick_params(labelsize=8)
+    top = panels[0][0]
     ceilings = [r for r in rows if r["metric"] == "ceiling"]
-    for r in ceilings:  # dotted, in the arm's colour
-        top.axhline(100 * r["mean"], color=colours[r["arm"]], linestyle=":", linewidth=1.2,
-                    label=f"ceiling: {r['arm']} ({100 * r['mean']:.1f})")
     if ceilings:  # room above the highest ceiling, which would otherwise sit on the frame
-        top.set_ylim(top=max(top.get_ylim()[1], 100 * max(r["mean"] for r in ceilings) + 4))
-    base = [r["mean"] for r in rows if r["metric"] == "avg" and r["step"] == 0]
-    if base:
-        top.axhline(100 * statistics.fmean(base), color="0.4", linestyle="--", linewidth=1,
-                    label=f"base, step 0 ({100 * statistics.fmean(base):.1f})")
+        top.set_ylim(top=max(top.get_ylim()[1], 100 * max(r["mean"] for r in ceilings) + 6))
+        label_ceilings(top, ceilings, colours)
     handles, labels = top.get_legend_handles_labels()  # under the figure: never over a curve
     ncol = 3 if max(map(len, labels)) <= 40 else 2  # long arm labels (settings) get two columns
-    fig.legend(handles, labels, title="line: mean over seeds; band: min–max over seeds" + (
-               "; dotted: the arm's teacher with its own context (build.json), its ceiling" if ceilings else ""),
-               fontsize=8, title_fontsize=8, loc="lower center", ncol=ncol)
     rates = {r["arm"]: r["rollouts"] // r["step"] for r in rows if r["step"]}
-    label = "training step" if x == "step" else "rollouts (steps × questions per step × G)"
-    if x == "step" and len(set(rates.values())) > 1:
-        label += " (rollouts per step: " + ", ".join(f"{a} {n}" for a, n in rates.items()) + ")"
-    top.set_xlabel("\n".join(textwrap.wrap(label, 150)), fontsize=9)
-    for ax, *_ in panels[1:]:
-        ax.set_xlabel("training step" if x == "step" else "rollouts", fontsize=9)
+    per_step = (" Rollouts per step (questions × G): " + ", ".join(f"{a} {n}" for a, n in rates.items()) + "."
+                if x == "step" and len(set(rates.values())) > 1 else "")
+    title = (f"line: mean over seeds; band: min–max over seeds; ★: best checkpoint (seed mean); evaluated on "
+             f"{setting['questions']} test questions × {setting['n']} samples, T = {setting['temperature']}"
+             + ("; dotted: the arm's teacher with its own context (build.json), its ceiling" if ceilings else "")
+             + "." + per_step)
+    fig.legend(handles, labels, title="\n".join(textwrap.wrap(title, 150)), fontsize=8, title_fontsize=8,
+               loc="lower center", ncol=ncol)
     if len(arms) == 1:  # one arm: the figure still says what it shows
         fig.suptitle(f"{arms[0]} on {setting['model']}", fontsize=11)
-    fig.tight_layout(rect=(0, 0.03 * (1 + math.ceil(len(labels) / ncol)), 1, 1))  # room for the legend
+    legend_lines = math.ceil(len(labels) / ncol) + 1 + len(textwrap.wrap(title, 150))
+    fig.tight_layout(rect=(0, 0.02 * legend_lines, 1, 1))  # room for the legend
     fig.savefig(out, dpi=100)
     plt.close(fig)
     print(f"wrote {out} and {csv_path}")
@@ -608,8 +652,9 @@ def main(argv=None):
     parser.add_argument("--ci", action="store_true", help="add each run's 95%% bootstrap CIs")
     parser.add_argument("--reach", type=float, help="the Avg@k (%%) whose rollouts-to-reach the budget "
                         "table shows (default 50)")
-    parser.add_argument("--plot", action="store_true", help="figure of the runs instead: Avg@k over "
-                        "training per arm, train reward, KL and length (PNG with matplotlib; always a CSV)")
+    parser.add_argument("--plot", action="store_true", help="figure of the runs instead: Avg@k, Pass@k and "
+                        "Maj@k over training per arm (best checkpoint starred), eval length, train reward, KL, "
+                        "length, invalid critiques and entropy (PNG with matplotlib; always a CSV)")
     parser.add_argument("--x", choices=("step", "rollouts"), help="--plot: x axis (default step)")
     parser.add_argument("--out", help="--plot: the PNG (default analysis/training.png)")
     parser.add_argument("--label", action="append", default=[], metavar="GLOB=NAME", help="call the arm "

@@ -1,7 +1,8 @@
 """compare.py: the tables and the figure a researcher reads, on run folders written by hand (no
 training).
 
-Protects: --plot writes its data as CSV (seed mean, min, max per arm and step, from eval.jsonl and
+Protects: --plot draws Avg, Pass and Maj@k with each arm's best checkpoint starred (never step 0),
+a log rollouts axis and each ceiling named at its line, and writes its data as CSV (seed mean, min, max per arm and step, from eval.jsonl and
 metrics.jsonl) and, without matplotlib, only the CSV plus a one-line install hint; with matplotlib a
 PNG; the per-step table's numbers against hand-computed means and stds; the table's base row (a
 base shared by two arms counts once) and unparseable column; plain-text tables at most 100 columns
@@ -116,6 +117,29 @@ def test_one_arm_plot_names_the_arm_and_the_model_and_says_one_seed(runs, tmp_pa
     assert "grpo (1 seed)" in seen["legend"]
     compare_main(["--plot", *runs, "--out", str(tmp_path / "all.png")], capsys)
     assert seen["title"] is None  # several arms: the legend names them
+
+
+def test_plot_shows_the_papers_three_metrics_the_best_checkpoint_and_named_ceilings(runs, tmp_path, monkeypatch,
+                                                                                     capsys):
+    """Avg, Pass and Maj panels; a star on each arm's best checkpoint (never step 0, even where the
+    base scores highest); a log rollouts axis; each ceiling named at its dotted line."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    seen = {}
+    monkeypatch.setattr(plt.Figure, "savefig", lambda fig, *a, **k: seen.update(axes=fig.axes))
+    compare_main(["--plot", *runs, "--out", str(tmp_path / "r.png"), "--x", "rollouts"], capsys)
+    avg = seen["axes"][0]
+    assert [ax.get_title() for ax in seen["axes"][:3]] == ["Avg@4 (%)", "Pass@4 (%)", "Maj@4 (%)"]
+    assert {ax.get_xscale() for ax in seen["axes"]} == {"log"}
+    stars = sorted((line.get_xdata()[0], round(line.get_ydata()[0], 6)) for line in avg.lines if line.get_marker() == "*")
+    assert stars == [(64, 40.0), (512, 40.0)]  # critique, grpo: step 2
+    ceilings = json.load(open(os.path.join(toy_build.WORLD, "build.json")))["ceilings"]
+    assert f"critique teacher {100 * ceilings['critique']:.1f}" in [t.get_text() for t in avg.texts]
+    falling = write_run(tmp_path, "falling", "critique", 0, {0: (0.9, 0.0), 10: (0.3, 0.0), 20: (0.2, 0.0)})
+    compare_main(["--plot", falling, "--out", str(tmp_path / "f.png")], capsys)
+    avg = seen["axes"][0]
+    assert [(line.get_xdata()[0], round(line.get_ydata()[0], 6)) for line in avg.lines
+            if line.get_marker() == "*"] == [(10, 30.0)]
+    assert avg.get_xscale() == "linear"
 
 
 def compare_main(argv, capsys):
