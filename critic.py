@@ -9,7 +9,7 @@ On the 104 hand-labelled pairs of tests/test_answers.py it agrees with the label
 normaliser it replaced: 60). A parse failure is a wrong answer, never an exception; a pathological
 answer is cut off after a few seconds and counts as wrong, on any thread (see answers_match).
 
-Critique (PAPER.md §4). A frozen critic rewrites the solver's step-tagged trace by four cases:
+Critique (the paper's §4). A frozen critic rewrites the solver's step-tagged trace by four cases:
 A correct → reproduce it; B right answer, missing step → reproduce and insert it; C unfinished →
 reproduce, condense, finish; D wrong → copy the correct steps verbatim up to the earliest error,
 fix that step, finish. Every critic has one call, `critic(questions, responses, solutions,
@@ -274,7 +274,7 @@ def validate_critique(rollout, critique, gold=None, mode="full"):
 
 
 # ---------------------------------------------------------------------------------------------
-# The model critic's instruction (PAPER.md §4, in our words)
+# The model critic's instruction (the paper's §4, in our words)
 
 
 def critic_prompt(question, response, solution, answer):
