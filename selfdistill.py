@@ -462,6 +462,8 @@ def start_run(cfg, device, rank):
     with ranks.rank0_first(rank):  # under torchrun, rank 0 builds a missing toy world alone
         model_path, train_path, test_path = world.resolve_paths(cfg)  # "toy" = the built toy world
     records = world.load_records(cfg, train_path, need_solution=cfg.arm == "reference")
+    if rank == 0:
+        common.check_data_settings(cfg, train_path)  # filtered by prepare.py at these settings?
     if cfg.eval_at_end:
         common.load_jsonl(test_path, normalize=critic.normalize_answer)  # a typo must not cost the whole run
     lock = runfolder.RunLock(runfolder.run_folder(cfg), "training") if rank == 0 else None  # one writer
@@ -470,6 +472,8 @@ def start_run(cfg, device, rank):
     judge = world.make_judge(cfg, device, records) if judged else None  # frozen
     model, tokenizer = common.load_model(cfg, model_path, device)
     common.check_fits(model, tokenizer, cfg, records)
+    if cfg.arm == "reference" and rank == 0:
+        common.check_reference_lengths(tokenizer, records, cfg.max_context_tokens)
     vocab = model.get_base_model().get_output_embeddings().weight.shape[0]
     if cfg.support == "topk" and cfg.topk >= vocab:
         raise UserError(f"support=topk with topk={cfg.topk} >= the vocabulary size {vocab} is "
