@@ -1,10 +1,10 @@
 """Plumbing every script needs and no reader of the method needs to see: one-line user errors,
-device / model / tokenizer / data loading, forward passes at response positions, the step's data
-order and seeds, signals, timers, progress bars and the optional figure backend.
-
-The rest of the plumbing has a file per job: the sampler (sampler.py), the run folder and its
-checkpoints (runfolder.py), config parsing (options.py) and the torchrun helpers (ranks.py).
-From the project this file imports only contexts.py (prompts) and ranks.py (the world size).
+device / model / tokenizer / data loading, the optimizer and its step, data order and seeds,
+signals, the end-of-run evaluation's child process, timers, progress bars, the leak / overlap
+metrics and the optional figure backend. The rest of the plumbing has a file per job: the sampler
+(sampler.py), the run folder and checkpoints (runfolder.py), config parsing (options.py), the
+torchrun helpers (ranks.py). From the project this file imports only contexts.py (prompts),
+ema_teacher.py (the EMA update) and ranks.py (world size, gradient sums, process groups).
 """
 import contextlib
 import errno
@@ -221,6 +221,45 @@ def load_jsonl(path, need_solution=False, normalize=None):
     if not records:
         raise UserError(f"dataset file {path} has no records")
     return records
+
+
+# The settings that decide which problems prepare.py's filter keeps: prepare.json records them.
+FILTER_SETTINGS = ("model", "dtype", "prompts", "student_thinking", "max_new_tokens", "temperature", "top_p",
+                   "top_k", "critic", "critic_model", "critic_max_new_tokens", "critique_validation")
+
+
+def check_data_settings(cfg, train_path):
+    """One warning when the train file's folder holds a prepare.json whose filter sampled or
+    critiqued at other settings than this run's: the paper's filter (Avg@16 below 5/16 at the
+    training settings) then need not hold for the run."""
+    path = os.path.join(os.path.dirname(train_path) or ".", "prepare.json")
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)["settings"]
+        differ = [f"{k} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in FILTER_SETTINGS
+                  if k in saved and saved[k] != getattr(cfg, k)]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        print(f"warning: {path} cannot be read; the data's filter settings are not checked", file=sys.stderr)
+        return
+    if differ:
+        print(f"warning: {train_path} was filtered by prepare.py at other settings than this run's "
+              f"({'; '.join(differ)}): its difficulty filter need not hold at this run's settings; "
+              f"rerun prepare.py --config with this run's config", file=sys.stderr)
+
+
+def check_reference_lengths(tokenizer, records, max_context_tokens):
+    """The reference arm's teacher sees each record's solution; one warning with the count of those
+    longer than max_context_tokens, which lose their middle (contexts.truncate_middle)."""
+    if max_context_tokens <= 0:
+        return
+    lengths = [len(tokenizer(r["solution"], add_special_tokens=False)["input_ids"]) for r in records]
+    over = sum(n > max_context_tokens for n in lengths)
+    if over:
+        print(f"warning: {over} of {len(records)} reference solutions are longer than max_context_tokens="
+              f"{max_context_tokens} (longest {max(lengths)} tokens) and lose their middle in the teacher's "
+              f"context; raise max_context_tokens to show them whole", file=sys.stderr)
 
 
 def check_fits(model, tokenizer, cfg, records):

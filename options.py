@@ -182,6 +182,18 @@ def parse_overrides(cls, choices, items):
     return values
 
 
+def config_values(cls, choices, config_path, overrides):
+    """A YAML file's values (None: none), then key=value overrides → {key: value}, checked: what
+    every program that reads a training config (--config) takes."""
+    values = {}
+    if config_path:
+        for key, value in read_yaml_config(config_path).items():
+            check_key(cls, key)
+            values[key] = coerce(cls, choices, key, value, from_text=False)
+    values.update(parse_overrides(cls, choices, overrides))
+    return values
+
+
 def parse_command_line(cls, choices, argv, description):
     """--config FILE.yaml, then --context/--run, then key=value overrides → {key: value}, checked."""
     help_text, fields = field_help(cls), fields_of(cls)
@@ -201,12 +213,7 @@ def parse_command_line(cls, choices, argv, description):
             argv[i:i + 1] = ["--explain", "2"]
             break
     args = parser.parse_intermixed_args(argv)  # key=value may come before and after the options
-    values = {}
-    if args.config:
-        for key, value in read_yaml_config(args.config).items():
-            check_key(cls, key)
-            values[key] = coerce(cls, choices, key, value, from_text=False)
-    values.update(parse_overrides(cls, choices, args.overrides))
+    values = config_values(cls, choices, args.config, args.overrides)
     values.update({k: v for k, v in (("context", args.context), ("run", args.run), ("explain", args.explain)) if v})
     return values
 

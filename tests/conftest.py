@@ -161,7 +161,7 @@ class CriticServer:
     """A local OpenAI-compatible critic server whose behaviour a test sets:
     models    GET /models: list (serves "critic-model") | 401 | 403 | 404
     replies   POST: good | slow (2 s late, then good) | not_json | 400 | 401 | flaky (500 once, then
-              good) | no_step_tags
+              good) | no_step_tags | length (good text, but finish_reason "length": cut at max_tokens)
     critique  the text of a good reply; `requests` holds (headers, body) of every POST."""
 
     def __init__(self):
@@ -200,7 +200,9 @@ class CriticServer:
                 if mode == "not_json":
                     return self.send(200, b"<html>502 Bad Gateway</html>")
                 content = "The student is wrong; the answer is 2." if mode == "no_step_tags" else server.critique
-                self.send(200, json.dumps({"choices": [{"message": {"content": content}}]}).encode())
+                finish = "length" if mode == "length" else "stop"  # length: cut at max_tokens
+                self.send(200, json.dumps({"choices": [{"message": {"content": content},
+                                                        "finish_reason": finish}]}).encode())
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
