@@ -452,7 +452,8 @@ def toy_table(arms, markdown):
 
 EVAL_CURVES = (("avg", "Avg"), ("pass", "Pass"), ("maj", "Maj"))  # eval.jsonl, in %, the paper's three
 SMALL_PANELS = (("length", "eval response length (tokens)"), ("train/reward", "train reward (share right)"),
-                ("train/kl", "KL per distilled token (SD arms)"), ("train/response_len", "train response length (tokens)"),
+                ("train/kl", "KL per distilled token (SD arms)"),
+                ("train/response_len", "train response length (tokens)"),
                 ("train/critique_invalid", "invalid critiques per step (critique arms)"),
                 ("train/entropy", "student entropy per distilled token"))
 TRAIN_CURVES = tuple(panel for panel in SMALL_PANELS if panel[0].startswith("train/"))  # metrics.jsonl
@@ -580,7 +581,8 @@ def plot_training(run_dirs, out, x="step", names=()):
     fig = plt.figure(figsize=(13, 10))
     grid = fig.add_gridspec(3, 3, height_ratios=(1.5, 1, 1))
     k = setting["k"]
-    panels = [(fig.add_subplot(grid[0, i]), metric, f"{name}@{k} (%)", 100) for i, (metric, name) in enumerate(EVAL_CURVES)]
+    panels = [(fig.add_subplot(grid[0, i]), metric, f"{name}@{k} (%)", 100)
+              for i, (metric, name) in enumerate(EVAL_CURVES)]
     panels += [(fig.add_subplot(grid[1 + i // 3, i % 3]), key, title, 1) for i, (key, title) in enumerate(SMALL_PANELS)]
     for ax, metric, title, scale in panels:
         draw_curves(ax, rows, arms, colours, metric, x, scale, eval_panel=metric in ("avg", "pass", "maj", "length"))
@@ -679,20 +681,15 @@ def main(argv=None):
 
 def check_flags(args):
     """An option the chosen output would ignore is an error, not silence."""
-    if args.plot:
-        given = [flag for flag, value in (("--per-step", args.per_step), ("--ci", args.ci), ("--markdown", args.markdown),
-                                          ("--reach", args.reach is not None)) if value]
+    table_only = {"--per-step": args.per_step, "--ci": args.ci, "--markdown": args.markdown,
+                  "--reach": args.reach is not None}
+    for given, used in ((table_only if args.plot else {"--out": args.out, "--x": args.x},
+                         "the tables, not with --plot" if args.plot else "--plot (the tables are printed)"),
+                        ({"--ci": args.ci, "--reach": args.reach is not None} if args.per_step else {},
+                         "the comparison table, not with --per-step")):
+        given = [flag for flag, value in given.items() if value]
         if given:
-            raise UserError(f"{' and '.join(given)} {'go' if len(given) > 1 else 'goes'} with the tables, not with --plot")
-    else:
-        given = [flag for flag, value in (("--out", args.out), ("--x", args.x)) if value]
-        if given:
-            raise UserError(f"{' and '.join(given)} {'go' if len(given) > 1 else 'goes'} with --plot (the tables "
-                            f"are printed)")
-    given = [flag for flag, value in (("--ci", args.ci), ("--reach", args.reach is not None)) if value]
-    if args.per_step and given:
-        raise UserError(f"{' and '.join(given)} {'go' if len(given) > 1 else 'goes'} with the comparison table, "
-                        f"not with --per-step")
+            raise UserError(f"{' and '.join(given)} go{'es' * (len(given) == 1)} with {used}")
     if args.reach is not None and not 0 < args.reach <= 100:
         raise UserError(f"--reach must be a score in (0, 100] (%), got {args.reach}")
     for item in args.label:

@@ -168,7 +168,7 @@ class Config:
 # (RUN/settings.jsonl records each change with the step it came at) and compare.py ignores them when
 # it pools seeds into arms. Every other field is part of the experiment: a resume refuses a change.
 OPERATIONAL = ("device", "threads", "micro_batch", "generation_batch", "chunk_size", "gradient_checkpointing",
-               "critic_url", "critic_api_key_env", "critic_timeout", "critic_retries",
+               "critic_url", "critic_api_key_env", "critic_timeout", "critic_retries", "critic_batch",
                "sample_every", "eval_at_end", "report_to")
 
 ARMS = ("grpo", "reference", "critique", "critique_quoting", "critique_no_prefix")

@@ -129,7 +129,8 @@ def evaluation_rows(cfg, run_dir):
         for row in rows:
             split = row.get("split", "test")
             prefix = "eval/" if split == "test" else f"eval/{split}/"
-            setting.update({prefix + k: row[k] for k in EVAL_CONSTANTS if k in row and (split == "test" or k == "questions")})
+            setting.update({prefix + k: row[k] for k in EVAL_CONSTANTS  # a split's own: its size
+                            if k in row and (split == "test" or k == "questions")})
             tracker.log({"eval/step": row.get("step"), **{prefix + k: v for k, v in row.items() if k not in (
                 "step", "split", "ci", "base_key", *EVAL_CONSTANTS)}}, step_key="eval/step")
         tracker.add_config(setting)

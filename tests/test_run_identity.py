@@ -40,7 +40,7 @@ def test_operational_settings_may_change_on_resume_and_are_recorded(data, tmp_pa
     start(argv, tmp_path, monkeypatch)
     capsys.readouterr()
     changed = ["threads=1", "micro_batch=8", "report_to=tensorboard", "generation_batch=16", "chunk_size=64",
-               "critic_timeout=30", "eval_at_end=false", "sample_every=1", "device=cpu"]
+               "critic_batch=2", "critic_timeout=30", "eval_at_end=false", "sample_every=1", "device=cpu"]
     with pytest.raises(Tripwire):  # resumes: gets as far as the model again
         selfdistill.main(argv + changed)
     out = capsys.readouterr().out
