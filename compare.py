@@ -519,18 +519,32 @@ def best_point(points):
     return max(trained, key=lambda p: (p["mean"], -p["step"])) if trained else None
 
 
-def draw_curves(ax, rows, arms, colours, metric, x, scale, eval_panel):
+MARKERS = "osD^vP<>Xh"  # one shape per arm on the evaluation panels (the star is the best checkpoint)
+
+
+def identical_arms(rows, arms):
+    """{arm: '; Avg@k as ARM'} for an arm whose seed-mean Avg@k curve equals an earlier arm's point
+    for point: drawn on top of it, it would hide it, so the legend says so."""
+    curve = {arm: [(r["step"], r["mean"]) for r in rows if r["arm"] == arm and r["metric"] == "avg"] for arm in arms}
+    return {arm: f"; Avg curve = {other}'s" for i, arm in enumerate(arms)
+            for other in arms[:i][::-1] if curve[arm] == curve[other]}
+
+
+def draw_curves(ax, rows, arms, colours, metric, x, scale, eval_panel, same_as):
     """One panel: each arm's seed mean (line), its min–max band over seeds, and on the evaluation
     panels its best checkpoint (a star). On a log rollouts axis step 0 (0 rollouts) has no place:
-    the base is the dashed line."""
-    for arm in arms:
+    the base is the dashed line. same_as: identical_arms."""
+    for i, arm in enumerate(arms):
         points = [r for r in rows if r["arm"] == arm and r["metric"] == metric and (x == "step" or r["rollouts"] > 0)]
         if not points:
             continue  # e.g. GRPO logs no KL
         xs, seeds = [p[x] for p in points], max(p["seeds"] for p in points)
-        ax.plot(xs, [scale * p["mean"] for p in points], color=colours[arm], marker="o" if eval_panel else None,
-                markersize=3.5, linewidth=1.5 if eval_panel else 1,
-                label=f"{arm} ({seeds} seed{'s' if seeds != 1 else ''})")
+        # a marker shape per arm: arms whose curves coincide stay apart, and colour is not the only cue
+        hollow = i % 2  # hollow and larger on every other arm, so a filled one under it still shows
+        ax.plot(xs, [scale * p["mean"] for p in points], color=colours[arm], linewidth=1.5 if eval_panel else 1,
+                marker=MARKERS[i % len(MARKERS)] if eval_panel else None, markersize=6 if hollow else 4,
+                markerfacecolor="none" if hollow else colours[arm],
+                label=f"{arm} ({seeds} seed{'s' if seeds != 1 else ''}{same_as.get(arm, '')})")
         if seeds > 1:
             ax.fill_between(xs, [scale * p["min"] for p in points], [scale * p["max"] for p in points],
                             color=colours[arm], alpha=0.2, linewidth=0)
@@ -578,6 +592,7 @@ def plot_training(run_dirs, out, x="step", names=()):
     from matplotlib.ticker import MaxNLocator
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     colours = {arm: plt.get_cmap("tab10")(i % 10) for i, arm in enumerate(arms)}
+    same_as = identical_arms(rows, arms)
     fig = plt.figure(figsize=(13, 10))
     grid = fig.add_gridspec(3, 3, height_ratios=(1.5, 1, 1))
     k = setting["k"]
@@ -585,7 +600,7 @@ def plot_training(run_dirs, out, x="step", names=()):
               for i, (metric, name) in enumerate(EVAL_CURVES)]
     panels += [(fig.add_subplot(grid[1 + i // 3, i % 3]), key, title, 1) for i, (key, title) in enumerate(SMALL_PANELS)]
     for ax, metric, title, scale in panels:
-        draw_curves(ax, rows, arms, colours, metric, x, scale, eval_panel=metric in ("avg", "pass", "maj", "length"))
+        draw_curves(ax, rows, arms, colours, metric, x, scale, metric in ("avg", "pass", "maj", "length"), same_as)
         base = [r["mean"] for r in rows if r["metric"] == metric and r["step"] == 0]
         if base and metric != "length":
             ax.axhline(100 * statistics.fmean(base), color="0.4", linestyle="--", linewidth=1,

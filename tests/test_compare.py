@@ -2,7 +2,8 @@
 training).
 
 Protects: --plot draws Avg, Pass and Maj@k with each arm's best checkpoint starred (never step 0),
-a log rollouts axis and each ceiling named at its line, and writes its data as CSV (seed mean, min, max per arm and step, from eval.jsonl and
+a log rollouts axis, each ceiling named at its line and an arm drawn over an identical one named
+in the legend, and writes its data as CSV (seed mean, min, max per arm and step, from eval.jsonl and
 metrics.jsonl) and, without matplotlib, only the CSV plus a one-line install hint; with matplotlib a
 PNG; the per-step table's numbers against hand-computed means and stds; the table's base row (a
 base shared by two arms counts once) and unparseable column; plain-text tables at most 100 columns
@@ -140,6 +141,10 @@ def test_plot_shows_the_papers_three_metrics_the_best_checkpoint_and_named_ceili
     assert [(line.get_xdata()[0], round(line.get_ydata()[0], 6)) for line in avg.lines
             if line.get_marker() == "*"] == [(10, 30.0)]
     assert avg.get_xscale() == "linear"
+    # an arm drawn exactly over another says so in the legend (its markers are hollow and larger)
+    rows = [{"arm": arm, "metric": "avg", "step": s, "mean": m} for arm in ("a", "b", "c")
+            for s, m in ((0, 0.1), (10, 0.5 if arm != "c" else 0.6))]
+    assert compare.identical_arms(rows, ["a", "b", "c"]) == {"b": "; Avg curve = a's"}
 
 
 def compare_main(argv, capsys):
