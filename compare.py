@@ -150,7 +150,8 @@ def group_runs(run_dirs, names=()):
     """Runs equal up to SAME_ARM_IGNORES are the seeds of one arm: ([(label, [(run_dir, config,
     {step: eval row})])], the non-default settings all arms share). The tables and --plot group alike.
     A run given twice, or two runs of one arm with one seed (a copy is not a second seed), is refused;
-    `names`: [(GLOB, NAME)] from --label."""
+    two runs with the same scores at every checkpoint are warned about. `names`: [(GLOB, NAME)] from
+    --label."""
     arms, seen, first = {}, {}, None
     for run_dir in run_dirs:
         real = os.path.realpath(run_dir)
@@ -169,6 +170,11 @@ def group_runs(run_dirs, names=()):
             raise UserError(f"{run_dir} and {twin} are one experiment (the same settings and seed {config['seed']}): "
                             f"a copy of a run is not a second seed; give each seed once")
         arms.setdefault(key, []).append((run_dir, config, rows))
+        scores = json.dumps({step: [row[m] for m in METRICS] for step, row in rows.items() if step > 0})
+        if scores in seen:  # sampled numbers never repeat to the last digit: a copy with its config edited
+            print(f"warning: {run_dir} has the very evaluation rows of {seen[scores]} at every checkpoint: "
+                  f"a copy of it, or settings that changed nothing?", file=sys.stderr)
+        seen[scores] = run_dir
     extras = [non_default(runs[0][1]) for runs in arms.values()]
     shared = {k: v for k, v in extras[0].items() if all(e.get(k, object()) == v for e in extras)}
     labels = arm_labels([runs[0][1] for runs in arms.values()], extras, shared)

@@ -281,7 +281,7 @@ def test_compare_pools_seeds(tmp_path):
 def test_compare_labels_runs_that_differ_in_length_budget_apart(tmp_path, capsys):
     """A toy run at its world's budget is the default; one at another budget says so (quietly)."""
     runs = [fake_run(tmp_path, "a", 0, {0: 0.1, 10: 0.3}),
-            fake_run(tmp_path, "b", 0, {0: 0.1, 10: 0.3}, max_new_tokens=toy_build.budget() + 8)]
+            fake_run(tmp_path, "b", 0, {0: 0.1, 10: 0.35}, max_new_tokens=toy_build.budget() + 8)]
     capsys.readouterr()
     labels = [arm["label"] for arm in compare.compare_runs(runs)[0]]
     assert labels == ["critique", f"critique max_new_tokens={toy_build.budget() + 8}"]

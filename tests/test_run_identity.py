@@ -133,7 +133,7 @@ def test_the_label_flag_on_the_command_line(tmp_path, capsys):
 
 
 @pytest.mark.bad_input  # issue 30's count: compare.py's cluster
-def test_a_copy_of_a_run_is_not_a_second_seed(tmp_path):
+def test_a_copy_of_a_run_is_not_a_second_seed(tmp_path, capsys):
     original = fake_run(tmp_path, "critique-s0", 0, {0: 0.1, 10: 0.3})
     copy = tmp_path / "backup"
     copy.mkdir()
@@ -142,6 +142,13 @@ def test_a_copy_of_a_run_is_not_a_second_seed(tmp_path):
     copy = str(copy / ".." / "backup")
     with pytest.raises(UserError, match=r"are one experiment \(the same settings and seed 0\): a copy"):
         compare.compare_runs([original, copy])
+    # a copy whose seed was edited pools, but not silently
+    config = tmp_path / "backup" / "config.yaml"
+    config.write_text(config.read_text().replace("seed: 0", "seed: 1"))
+    compare.compare_runs([original, copy])
+    assert "has the very evaluation rows of" in capsys.readouterr().err
+    compare.compare_runs([original, fake_run(tmp_path, "critique-s1", 1, {0: 0.1, 10: 0.31})])
+    assert "warning" not in capsys.readouterr().err
 
 
 @pytest.mark.bad_input  # issue 30's count: compare.py's cluster
