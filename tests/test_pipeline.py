@@ -17,9 +17,7 @@ is counted as critique_truncated; prepare, training and evaluation read the same
 training warns when they differ); every program runs on what the one before it wrote."""
 import json
 import os
-import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import sys
 
 import pytest
 import torch
@@ -35,7 +33,10 @@ pyarrow = pytest.importorskip("pyarrow")
 pytest.importorskip("datasets")
 import pyarrow.parquet  # noqa: E402
 
-from conftest import make_char_tokenizer, make_tiny_model  # noqa: E402
+from conftest import ROOT, make_char_tokenizer, make_tiny_model  # noqa: E402
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from paper_check import ThinkingCritic, omr_row  # noqa: E402  (the GPU check's critic and records)
 
 WRONG = "<step_1> 1+1=3 <answer> 3"  # what the trained solver writes, whatever the question
 CRITIC_BUDGET = 77  # critic_max_new_tokens in the config: the server must receive exactly this
@@ -44,12 +45,6 @@ CUT_ANSWER = "32"  # the problem whose critique runs out of tokens inside <think
 
 # ---------------------------------------------------------------------------------------------
 # Inputs: OMR-shaped shards, a solver that writes steps, a critic that thinks.
-
-
-def omr_row(problem, answer, solution, problem_type="has_answer_extracted", pass_rate="0.25"):
-    return {"expected_answer": answer, "problem_type": problem_type, "problem_source": "aops_c4",
-            "generation_model": "DeepSeek-R1", "pass_rate_72b_tir": pass_rate, "problem": problem,
-            "generated_solution": solution, "inference_mode": "cot", "used_in_kaggle": False}
 
 
 def omr_shards(folder):
@@ -102,54 +97,11 @@ def solver_dir(tmp_path_factory):
     return folder
 
 
-class ThinkingCritic:
-    """An OpenAI-compatible critic that thinks before its critique, as QwQ does: it reads the gold
-    answer from the prompt and answers `<think>…</think>` + a step-aligned fix. For CUT_ANSWER it runs
-    out of tokens inside <think> (finish_reason "length"). Records every request's max_tokens."""
-
-    def __init__(self):
-        self.max_tokens = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def reply(self, body):
-                data = json.dumps(body).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self):
-                self.reply({"data": [{"id": "critic-model"}]})
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.max_tokens.append(body["max_tokens"])
-                gold = re.search(r"Correct final answer: (\S+)", body["messages"][0]["content"]).group(1)
-                if gold == CUT_ANSWER:
-                    choice = {"message": {"content": "<think>Let me check every step " * 20},
-                              "finish_reason": "length"}
-                else:
-                    choice = {"message": {"content": f"<think>The sum is {gold}.</think>\n<step_1> the sum "
-                                                     f"is {gold} <answer> {gold}"}, "finish_reason": "stop"}
-                self.reply({"choices": [choice]})
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
-
-
 @pytest.fixture(scope="module")
 def thinking_critic():
-    server = ThinkingCritic()
+    server = ThinkingCritic(cut=CUT_ANSWER)
     yield server
-    server.httpd.shutdown()
-    server.httpd.server_close()
+    server.close()
 
 
 def write_config(path, solver_dir, critic_url, data_dir):
