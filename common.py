@@ -1,10 +1,10 @@
 """Plumbing every script needs and no reader of the method needs to see: one-line user errors,
-device / model / tokenizer / data loading, the optimizer and its step, data order and seeds,
-signals, the end-of-run evaluation's child process, timers, progress bars, the leak / overlap
-metrics and the optional figure backend. The rest of the plumbing has a file per job: the sampler
-(sampler.py), the run folder and checkpoints (runfolder.py), config parsing (options.py), the
-torchrun helpers (ranks.py). From the project this file imports only contexts.py (prompts),
-ema_teacher.py (the EMA update) and ranks.py (world size, gradient sums, process groups).
+device / model / tokenizer / data loading and the data's checks, the optimizer and its schedule,
+data order and seeds, signals, the end-of-run evaluation's child process, timers, progress bars and
+the optional figure backend. The rest of the plumbing has a file per job: the sampler (sampler.py),
+the run folder and checkpoints (runfolder.py), config parsing (options.py), the torchrun helpers
+(ranks.py). From the project this file imports only contexts.py (prompts) and ranks.py (world size,
+process groups). The update itself (selfdistill.optimizer_step) is the method's.
 """
 import contextlib
 import errno
@@ -21,7 +21,6 @@ import warnings
 import torch
 
 import contexts
-import ema_teacher
 import ranks
 
 # peft calls a transformers method that transformers 5 deprecates; nothing for users to act on.
@@ -304,28 +303,6 @@ def optimizer_for(cfg, model, n_records):
     return params, optimizer, scheduler, total_steps
 
 
-def optimizer_step(cfg, model, params, optimizer, scheduler, ema, totals, divisor, state, stop):
-    """One AdamW step on the LoRA weights, skipped when the loss or the gradient norm is not finite
-    (counted in state["nonfinite"]), and the EMA teacher's update after it (teacher=ema). Under
-    torchrun the processes' gradients and loss totals are summed first, a stop signal on one process
-    stops all, and every process takes the same step. Returns (summed totals, grad_norm, finite)."""
-    if divisor:  # the step's loss count, all processes: 0 = no sample entered the loss anywhere
-        ranks.sum_gradients(params)
-    *sums, asked = ranks.all_sum([*totals.values(), bool(stop["signal"])])
-    totals = dict(zip(totals, sums))
-    stop["signal"] = stop["signal"] or (signal.SIGTERM if asked else None)  # one stops, all stop
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
-    finite = math.isfinite(totals["loss"]) and math.isfinite(grad_norm)
-    if finite:
-        optimizer.step()
-        if cfg.teacher == "ema":
-            ema_teacher.ema_update(ema, model, cfg.ema_rate)
-    state["nonfinite"] = 0 if finite else state["nonfinite"] + 1
-    optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
-    return totals, grad_norm, finite
-
-
 def lr_lambda(cfg, total_steps):
     def factor(step):
         if step < cfg.warmup_steps:
@@ -452,27 +429,6 @@ class Timer:
     def record(self):
         return {**{f"time/{k}": round(v, 3) for k, v in self.seconds.items()},
                 **{f"memory/{k}": round(v, 2) for k, v in self.peak_gib.items()}}
-
-
-def leak_rate(texts, prompts_kind):
-    """Share of responses that mention the teacher's privileged prompt (a context-leakage sign)."""
-    markers = ("ref:", "fix:") if prompts_kind == "toy" else ("reference solution", "reviewer")
-    return sum(any(m in t for m in markers) for t in texts) / max(len(texts), 1)
-
-
-def ngram_overlap(response, context, n=4):
-    """Share of the response's token n-grams that also occur in the context (copying the context)."""
-    grams = {tuple(response[i:i + n]) for i in range(len(response) - n + 1)}
-    if not grams:
-        return 0.0
-    seen = {tuple(context[i:i + n]) for i in range(len(context) - n + 1)}
-    return len(grams & seen) / len(grams)
-
-
-def context_overlap(tokenizer, responses, context_texts):
-    """Mean over responses of ngram_overlap with its own teacher context (0 where it has none)."""
-    return sum(ngram_overlap(r, tokenizer(c, add_special_tokens=False)["input_ids"])
-               for r, c in zip(responses, context_texts) if c) / max(len(responses), 1)
 
 
 # ---------------------------------------------------------------------------------------------

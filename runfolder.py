@@ -18,8 +18,6 @@ import time
 import torch
 import yaml
 
-import common
-import contexts
 import options
 import ranks
 from common import UserError
@@ -218,7 +216,7 @@ def prepare_run_dir(cfg, train_path=None, model_path=None, may_change=()):
     if changes:  # the step is the newest checkpoint's: the one a resume starts from unless it is damaged
         step = int(os.path.basename(checkpoint_dirs(run_dir)[-1])[len("step_"):])
         append_jsonl(os.path.join(run_dir, "settings.jsonl"), {"step": step, "changed": changes})
-        print(f"resuming with other settings (how it runs, not what it computes): "
+        print("resuming with other settings (how it runs, not what it computes): "
               + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
     write_atomic(os.path.join(run_dir, "inputs.json"), json.dumps(inputs) + "\n")
     write_atomic(path, yaml.safe_dump(resolved, sort_keys=False))
@@ -387,8 +385,7 @@ def resume(run_dir, model, optimizer, scheduler, writer=True):
 # ---------------------------------------------------------------------------------------------
 # The step's log line, and stopping after a checkpoint.
 
-def log_step(run_dir, record, total_steps, finite, sample_every, sample_records, texts, rewards,
-             context_texts, verdicts, truncated):
+def log_step(run_dir, record, total_steps, finite, sample_every, rollouts):
     """One metrics line, one printed line, and every `sample_every` steps the samples with their
     teacher contexts (reading them is how self-distillation is debugged)."""
     from tqdm import tqdm
@@ -400,11 +397,12 @@ def log_step(run_dir, record, total_steps, finite, sample_every, sample_records,
                f" | invalid {record['train/critique_invalid']} | {record['time/step']:.1f}s"
                + ("" if finite else " | update skipped (non-finite)"))
     if sample_every and step % sample_every == 0 or step == 1:
-        for i, r in enumerate(sample_records):
+        for i, r in enumerate(rollouts.records):
             append_jsonl(os.path.join(run_dir, "samples.jsonl"),
-                         {"step": step, "id": r["id"], "question": r["question"], "response": texts[i],
-                          "reward": rewards[i].item(), "context": context_texts[i],
-                          "valid": verdicts[i] == "ok", "verdict": verdicts[i], "truncated": truncated[i]})
+                         {"step": step, "id": r["id"], "question": r["question"], "response": rollouts.texts[i],
+                          "reward": rollouts.rewards[i].item(), "context": rollouts.contexts[i],
+                          "valid": rollouts.verdicts[i] == "ok", "verdict": rollouts.verdicts[i],
+                          "truncated": rollouts.truncated[i]})
 
 
 def stop_if_asked(stop, give_up, nonfinite, step):
@@ -418,47 +416,28 @@ def stop_if_asked(stop, give_up, nonfinite, step):
         sys.exit(128 + stop["signal"])
 
 
-def drop_step_and_stop(run_dir, step, model, optimizer, scheduler, ema, state, stop, tokenizer):
+def drop_step_and_stop(trainer, step):
     """A stop signal came while the HTTP critic was waiting: nothing of this step is applied yet, so
     the checkpoint of the `step` finished steps is written (if not already) and we stop; a resume
-    repeats this step in full, as if never begun."""
+    repeats this step in full, as if never begun. trainer: selfdistill.Trainer."""
+    stop, state = trainer.stop, trainer.state
     if step == 0:
         print(f"stopped by signal {stop['signal']} during the first step; nothing to save yet")
         sys.exit(128 + stop["signal"])
-    save_checkpoint(run_dir, step, model, optimizer, scheduler,
-                    {"step": step, "ema": ema, "nonfinite": state["nonfinite"]}, tokenizer)
+    save_checkpoint(trainer.run_dir, step, trainer.model, trainer.optimizer, trainer.scheduler,
+                    {"step": step, "ema": state["ema"], "nonfinite": state["nonfinite"]}, trainer.tokenizer)
     stop_if_asked(stop, False, state["nonfinite"], step)
 
 
-def step_record(cfg, tokenizer, step, totals, rewards, responses, truncated, texts, context_texts, verdicts,
-                zero_signal, analysed, grad_norm, lr, finite, times):
-    """The step's metrics line (README, Metrics), all but the whole step's time (`time/step`)."""
-    record = {"step": step, "train/loss": totals["loss"], "train/reward": rewards.mean().item(),
-              "train/response_len": sum(map(len, responses)) / len(responses),
-              "train/truncated": sum(truncated) / len(truncated),
-              "train/critique_invalid": len(verdicts) - verdicts.count("ok"), "train/zero_signal": zero_signal,
-              "train/leak_rate": common.leak_rate(texts, cfg.prompts),
-              "train/context_overlap": common.context_overlap(tokenizer, responses, context_texts),
-              "train/grad_norm": grad_norm, "train/lr": lr, "train/nonfinite": int(not finite), **times}
-    for reason in sorted(set(verdicts) - {"ok"}):  # why critiques were dropped (critic.validate_critique)
-        record[f"train/dropped/{reason}"] = verdicts.count(reason)
-    if totals["tokens"]:  # absent, not 0, when no token entered the loss
-        record["train/entropy"] = totals["entropy"] / totals["tokens"]
-        if cfg.arm != "grpo" or cfg.grpo_beta:  # grpo: the k3 KL to π_ref, only when penalised
-            record["train/kl"] = totals["divergence"] / totals["tokens"]
-    if analysed:
-        record.update(contexts.advantage_stats(tokenizer, *map(list, zip(*analysed))))
-    return record
-
-
-def checkpoint_and_stop(cfg, run_dir, rank, step, total_steps, finite, state, stop, ema, model, optimizer,
-                        scheduler, tokenizer):
+def checkpoint_and_stop(cfg, trainer, step, total_steps, finite):
     """8. After `step` finished steps: a checkpoint every checkpoint_every steps, at the end, on a stop
-    signal, and before giving up after max_nonfinite non-finite steps in a row; then stop if asked."""
+    signal, and before giving up after max_nonfinite non-finite steps in a row; then stop if asked.
+    trainer: selfdistill.Trainer."""
+    stop, state = trainer.stop, trainer.state
     give_up = not finite and state["nonfinite"] >= cfg.max_nonfinite
-    if rank == 0 and (step == total_steps or step % cfg.checkpoint_every == 0 or stop["signal"] or give_up):
-        save_checkpoint(run_dir, step, model, optimizer, scheduler,
-                        {"step": step, "ema": ema, "nonfinite": state["nonfinite"]}, tokenizer)
+    if trainer.rank == 0 and (step == total_steps or step % cfg.checkpoint_every == 0 or stop["signal"] or give_up):
+        save_checkpoint(trainer.run_dir, step, trainer.model, trainer.optimizer, trainer.scheduler,
+                        {"step": step, "ema": state["ema"], "nonfinite": state["nonfinite"]}, trainer.tokenizer)
     if stop["signal"] or give_up:
         ranks.barrier()  # under torchrun the others wait for rank 0's checkpoint before leaving
     stop_if_asked(stop, give_up, state["nonfinite"], step)
