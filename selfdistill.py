@@ -52,7 +52,7 @@ Commands:
     python selfdistill.py --context grpo --config configs/smoke.yaml
     python selfdistill.py --context reference lr=1e-3 epochs=3    # key=value overrides
     python selfdistill.py --help                                  # every config field
-    python selfdistill.py --context critique --explain 2          # one step, shown for 2 rollouts
+    python explain.py --context critique --explain 2              # one step, shown for 2 rollouts
     torchrun --nproc_per_node=4 selfdistill.py --context critique run=NAME   # data-parallel
 """
 import contextlib
