@@ -124,7 +124,7 @@ class RunLock:
     stale. Released on release() or at exit; a process may take its own lock again (an in-process
     rerun after an error)."""
 
-    def __init__(self, run_dir, what):
+    def __init__(self, run_dir, what, noun="run folder"):
         self.path = os.path.join(run_dir, ".lock")
         for _ in range(50):  # each retry means another starter moved the lock meanwhile
             if create_with_pid(self.path):
@@ -133,7 +133,7 @@ class RunLock:
             if holder is None:
                 continue  # released between our two looks
             if holder != os.getpid() and alive(holder):
-                raise UserError(f"run folder {run_dir} is in use by process {holder}; wait for it to "
+                raise UserError(f"{noun} {run_dir} is in use by process {holder}; wait for it to "
                                 f"finish (or stop it) before {what} there")
             if holder == os.getpid() or self.take_over(holder):
                 break
