@@ -131,7 +131,7 @@ def parse_command_line(cls, choices, argv, description):
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     argv = list(argv)
     for i, word in enumerate(argv):  # a bare --explain before key=value words: N is its default
-        if word == "--explain" and (i + 1 == len(argv) or not argv[i + 1].isdigit()):
+        if word == "--explain" and (i + 1 == len(argv) or not re.fullmatch(r"-?\d+", argv[i + 1])):
             argv[i:i + 1] = ["--explain", "2"]
             break
     args = parser.parse_intermixed_args(argv)  # key=value may come before and after the options
