@@ -334,7 +334,8 @@ def evaluate_run(run_dir, samples=None, questions=None, temperature=None, k=None
     """Evaluate step 0 and every checkpoint not yet in RUN_DIR/eval.jsonl with these settings;
     append one line per step and return all rows of these settings. Pass `model`/`tokenizer` (a
     peft model of this run) to reuse a loaded model; its adapter is overwritten. Holds the run's
-    lock while it writes (a training process on the same run is refused, and vice versa).
+    lock while it writes (a training process on the same run is refused, and vice versa), then
+    sends the rows report_to has not had yet (tracking.evaluation_rows: a missing package warns).
     Under torchrun each process samples its share of the questions and rank 0 writes."""
     cfg = load_run_config(run_dir, trust_remote_code)
     device = next(model.parameters()).device if model is not None else common.pick_device(cfg)
@@ -346,15 +347,16 @@ def evaluate_run(run_dir, samples=None, questions=None, temperature=None, k=None
     # the tokenizer and the context length, to skip a test question that does not fit (weights not loaded)
     window = functools.cache(lambda: (tokenizer, getattr(model.config, "max_position_embeddings", None))
                              if model is not None else common.context_window(cfg, world.resolve_paths(cfg)[0]))
-    try:
-        rows = evaluate_steps(run_dir, cfg, samples, questions, temperature, k, load, device, window=window)
-        if world.transfer_path(cfg):  # the toy world's transfer probe: step 0 and the last checkpoint
-            evaluate_steps(run_dir, cfg, samples, questions, temperature, k, load, device, split="transfer",
-                           window=window)
-        return rows
-    finally:
-        if lock:
-            lock.release()
+    with tracking.evaluation_rows(cfg, run_dir):  # report_to: the rows it has not had yet
+        try:
+            rows = evaluate_steps(run_dir, cfg, samples, questions, temperature, k, load, device, window=window)
+            if world.transfer_path(cfg):  # the toy world's transfer probe: step 0 and the last checkpoint
+                evaluate_steps(run_dir, cfg, samples, questions, temperature, k, load, device, split="transfer",
+                               window=window)
+            return rows
+        finally:
+            if lock:
+                lock.release()
 
 
 def in_split(row, split="test"):
@@ -526,10 +528,8 @@ def main(argv=None):
         if args.temperature is not None:
             check_temperature(args.temperature)
         for run_dir in args.paths:
-            cfg = load_run_config(run_dir, args.trust_remote_code)
-            with tracking.evaluation_rows(cfg, run_dir):  # report_to: the rows it has not had yet
-                evaluate_run(run_dir, args.samples, args.questions, args.temperature, args.k,
-                             trust_remote_code=args.trust_remote_code)
+            evaluate_run(run_dir, args.samples, args.questions, args.temperature, args.k,
+                         trust_remote_code=args.trust_remote_code)
         ranks.leave_group()  # under torchrun
 
 
