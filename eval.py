@@ -14,6 +14,8 @@ Choices the paper leaves open (ours):
     computed once and copied to the other runs of the same out_dir whose `base_key` (digests of the
     base model's files and of the test set, device, samples, temperature, seed, length, sampling
     and thread settings) is equal.
+ 5. A test question whose prompt plus max_new_tokens exceeds the model's context is skipped with a
+    warning that counts it (rows count the questions kept); training refuses such a question.
 
 Outputs: RUN/eval.jsonl, one line per (step, setting): step, n, k, questions, temperature, test (a
 digest of the evaluated file: rows of a file since changed are not reused), avg, pass, maj, length
@@ -23,7 +25,8 @@ reused_from when copied). In the toy world each row has
 `toy`: toy.trace_stats of all samples (per-step arithmetic, chaining, answer = own last result,
 style mix and per-style accuracy), which compare.py shows in a last table. A toy world's transfer
 split (toy_build.build_transfer) is evaluated at step 0 and the last checkpoint; its rows say
-`split: "transfer"` (test rows have no `split`).
+`split: "transfer"` (test rows have no `split`). After evaluating, the rows the run's report_to
+has not had yet (an interrupted evaluation's included) are sent there (tracking.evaluation_rows).
 
 Commands:
     python eval.py runs/critique-s0 [--samples 12] [--questions 30] [--temperature 1.1] [--k 12]

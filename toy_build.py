@@ -18,7 +18,10 @@ the quickstart starts at once (`model=NAME`; any built folder works as `model=DI
     python toy_build.py build --root DIR --recovery 0      # v1's teacher (see 2 below)
     python toy_build.py probe [--world toy-v2]             # trace stats and the teacher's after-error mass
 
-A built world asked for other settings than its build.json's is an error that says to rebuild.
+A built world asked for other settings than its build.json's is an error that says to rebuild; so
+is a damaged one (a missing or cut file, a build.json that is not a world's record): it is never
+rebuilt silently. A build goes into ROOT/.building under ROOT/.lock and replaces the old world only
+once it has succeeded; `build --force` with no flags keeps the settings its build.json records.
 Besides train/test, a world has a transfer split (build_transfer): filtered problems none of whose
 faulty facts lies on any train question's chain, evaluated at step 0 and at a run's last checkpoint.
 

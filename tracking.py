@@ -51,21 +51,23 @@ def check_ready(cfg, run_dir=None):
         return
     import wandb
     mode = os.environ.get("WANDB_MODE", "online")
+    if os.environ.get("WANDB_DISABLED", "").lower() in ("true", "1", "yes"):  # wandb's older switch
+        mode = "disabled"
     if mode not in WANDB_MODES:
         raise UserError(f"WANDB_MODE={mode!r} is not a wandb mode; use one of {', '.join(WANDB_MODES)} "
                         f"(offline needs no account)")
     id_path = os.path.join(run_dir or os.path.join(cfg.out_dir, cfg.run), "wandb_id")
     stored = stored_run_id(id_path)
-    for what, values in ((f"WANDB_PROJECT={os.environ.get('WANDB_PROJECT')!r}", {"project": project()}),
-                         (f"the run id stored in {id_path} ({stored!r})", {"run_id": stored})):
-        if values.get("run_id", "") is None:
-            continue
+    asked = [(f"WANDB_PROJECT={project()!r}", {"project": project()}, "set another project name")]
+    if stored is not None:
+        asked.append((f"the run id stored in {id_path} ({stored!r})", {"run_id": stored},
+                      "remove that file to start a new wandb run"))
+    for what, values, fix in asked:
         try:
             wandb.Settings(**values)
         except Exception as e:  # noqa: BLE001 (wandb's UsageError or pydantic's ValidationError)
             errors = getattr(e, "errors", None)
             said = errors()[0]["msg"] if callable(errors) else (str(e).splitlines() or [""])[0]
-            fix = "remove that file to start a new wandb run" if "run_id" in values else "set another project name"
             raise UserError(f"report_to=wandb: {what} is refused by wandb ({said}); {fix}") from None
     if mode in ("online", "shared", "run") and not wandb_key_found():
         raise UserError("report_to=wandb needs a W&B API key to log online: run `wandb login`, set "
