@@ -24,11 +24,11 @@ a traceback, a hang, a silent wrong result or a destroyed file.
 """
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -158,16 +158,34 @@ def test_the_build_command_reports_a_damaged_world(command, damage, world_copy, 
     assert snapshot(world_copy) == before
 
 
+@pytest.mark.parametrize("via", ["ensure_built", "training"])
 @pytest.mark.parametrize("damage", ["no test.jsonl", "build.json garbage", "budget as text"])
-def test_a_damaged_named_world_names_its_rebuild(damage, shipped_copy, tmp_path, monkeypatch):
+def test_a_damaged_named_world_names_its_rebuild(damage, via, shipped_copy, tmp_path, monkeypatch, capsys):
     """model=toy on a damaged toy_world/: the message says `--world toy --force`."""
     no_build(monkeypatch)
     monkeypatch.setattr(toy_build, "HERE", str(tmp_path))
     root = os.path.join(tmp_path, "toy_world")
     shutil.copytree(shipped_copy, root)
     DAMAGES[damage](root)
-    with pytest.raises(UserError, match="build --world toy --force"):
-        toy_build.ensure_built(root, progress=False)
+    before = snapshot(root)
+    if via == "ensure_built":
+        with pytest.raises(UserError, match="build --world toy --force"):
+            toy_build.ensure_built(root, progress=False)
+    else:
+        code, _, err = run_main(["model=toy", f"out_dir={tmp_path / 'runs'}", "threads=1", "eval_at_end=false"], capsys)
+        one_line_error(code, err, "build --world toy --force")
+    assert snapshot(root) == before
+
+
+@pytest.mark.parametrize("damage", ["no test.jsonl", "no model folder", "build.json garbage", "budget as text"])
+def test_evaluating_a_run_of_a_damaged_world_is_one_line(damage, world_copy, data, tmp_path, monkeypatch, capsys):
+    no_build(monkeypatch)
+    run_dir = made_run(tmp_path, world_copy, "", test_file="", train_file="", prompts="auto")
+    DAMAGES[damage](world_copy)
+    before = snapshot(world_copy)
+    code, _, err = run_main([run_dir], capsys, script=ev)
+    one_line_error(code, err, "rebuild it")
+    assert snapshot(world_copy) == before
 
 
 @pytest.mark.parametrize("left", [["model"], ["train.jsonl"], ["model", "train.jsonl", "test.jsonl", "transfer.jsonl"]])
@@ -318,7 +336,7 @@ def made_run(tmp_path, model_dir, data, name="r", checkpoint=False, **extra):
     values = dict(model=model_dir, train_file=data, test_file=data, prompts="instruct", run=name,
                   out_dir=str(tmp_path / "runs"), eval_samples=1, eval_questions=2, max_new_tokens=4, threads=1)
     cfg = selfdistill.resolve(selfdistill.Config(**{**values, **extra}))
-    run_dir = runfolder.prepare_run_dir(cfg, data, model_dir)
+    run_dir = runfolder.prepare_run_dir(cfg, data or None, model_dir)
     if checkpoint:
         step = os.path.join(run_dir, "checkpoints", "step_000001")
         os.makedirs(step)
@@ -585,10 +603,13 @@ def test_unbounded_build_flags_are_one_line(flags, fragment, tmp_path, monkeypat
 
 @pytest.mark.parametrize("script", ["selfdistill.py", "toy_build.py"])
 def test_early_ctrl_c_exits_130_without_a_traceback(script):
-    child = subprocess.Popen([sys.executable, os.path.join(ROOT, script), "--help"], cwd=ROOT,
+    """Ctrl-C while torch is half imported (-X importtime names each module as it finishes)."""
+    child = subprocess.Popen([sys.executable, "-X", "importtime", os.path.join(ROOT, script), "--help"], cwd=ROOT,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-    time.sleep(1.0)  # torch takes several seconds to import
+    for line in child.stderr:
+        if re.search(rb"\|\s+torch\.", line):  # a part of torch is imported, torch itself not yet
+            break
     child.send_signal(signal.SIGINT)
     out, err = child.communicate(timeout=60)
     assert child.returncode == 130 and b"Traceback" not in err, err[-2000:]
