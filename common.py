@@ -95,8 +95,13 @@ def pick_device(cfg):
     name = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={cfg.device} but no CUDA device is available; use device=cpu")
+    if name == "mps" and not torch.backends.mps.is_available():  # else an allocator error at the first tensor
+        raise UserError("device=mps but no Apple GPU (MPS) is available; use device=cpu")
     if name == "cuda" and ranks.world_size() > 1:
         name = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise UserError(f"device={name} but this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
     if name.startswith("cuda:"):
         torch.cuda.set_device(torch.device(name))  # NCCL and the default allocations go there
     return torch.device(name)
@@ -261,13 +266,30 @@ def check_reference_lengths(tokenizer, records, max_context_tokens):
               f"context; raise max_context_tokens to show them whole", file=sys.stderr)
 
 
-def check_fits(model, tokenizer, cfg, records):
-    """Every student prompt plus max_new_tokens must fit the model's context window."""
-    limit = getattr(model.config, "max_position_embeddings", None)
+def context_window(cfg, path):
+    """(tokenizer, the model's context length or None), read without loading the weights."""
+    from transformers import AutoConfig
+    tokenizer = load_tokenizer(path, cfg.trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a causal LM from '{path}': {str(e).splitlines()[0]}") from None
+    return tokenizer, getattr(config, "max_position_embeddings", None)
+
+
+def longer_than(tokenizer, limit, cfg, records):
+    """The records whose student prompt plus max_new_tokens exceeds the context `limit` (None: none)."""
     if not limit:
-        return
-    too_long = [r for r in records if len(contexts.student_prompt_ids(
+        return []
+    return [r for r in records if len(contexts.student_prompt_ids(
         tokenizer, r["question"], cfg.prompts, cfg.student_thinking)) + cfg.max_new_tokens > limit]
+
+
+def check_fits(model, tokenizer, cfg, records):
+    """Every student prompt plus max_new_tokens must fit the model's context window (training: an
+    error; evaluation counts and skips a test question that does not fit, eval.fitting_records)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    too_long = longer_than(tokenizer, limit, cfg, records)
     if too_long:
         raise UserError(f"{len(too_long)} question(s) (first: id {too_long[0]['id']}) do not fit the model's "
                         f"context of {limit} tokens with max_new_tokens={cfg.max_new_tokens}; shorten or "

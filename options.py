@@ -2,8 +2,9 @@
 by a YAML file, then by key=value words; every key and value checked against the dataclass, and
 each field's trailing comment is its `--help` line (one source of truth).
 
-What the values must satisfy together (ranges, cross-field rules) is the method's business:
-selfdistill.check_consistency.
+Each key's own range is a table beside the choices (selfdistill.RANGES, in interval notation),
+enforced here (check_numbers); what the values must satisfy together (cross-field rules) is the
+method's business: selfdistill.check_consistency.
 """
 import argparse
 import dataclasses
@@ -11,6 +12,7 @@ import difflib
 import inspect
 import math
 import os
+import re
 
 import yaml
 
@@ -178,6 +180,8 @@ def parse_overrides(cls, choices, items):
         if not sep:
             raise UserError(f"expected key=value, got '{item}'")
         check_key(cls, key)
+        if key in values:  # as in YAML (UniqueKeyLoader): the last one would win silently
+            raise UserError(f"config key '{key}' is given twice on the command line")
         values[key] = coerce(cls, choices, key, value, from_text=True)
     return values
 
@@ -209,24 +213,58 @@ def parse_command_line(cls, choices, argv, description):
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     argv = list(argv)
     for i, word in enumerate(argv):  # a bare --explain before key=value words: N is its default
-        if word == "--explain" and (i + 1 == len(argv) or not argv[i + 1].isdigit()):
+        if word == "--explain" and (i + 1 == len(argv) or not re.fullmatch(r"-?\d+", argv[i + 1])):
             argv[i:i + 1] = ["--explain", "2"]
             break
     args = parser.parse_intermixed_args(argv)  # key=value may come before and after the options
-    values = config_values(cls, choices, args.config, args.overrides)
-    values.update({k: v for k, v in (("context", args.context), ("run", args.run), ("explain", args.explain)) if v})
+    if args.explain is not None and args.explain < 1:  # 0 would train a whole run; -3 drop the last 3
+        raise UserError(f"--explain N shows N rollouts of one step: N must be at least 1, got {args.explain}")
+    values = config_values(cls, choices, args.config, [])
+    overrides = parse_overrides(cls, choices, args.overrides)
+    flags = {k: v for k, v in (("context", args.context), ("run", args.run), ("explain", args.explain)) if v}
+    for flag, key in (("run", "run"), ("context", "arm")):  # the same setting twice: refuse, as above
+        if flag in flags and key in overrides:
+            raise UserError(f"--{flag} and {key}= both set the {'arm' if key == 'arm' else 'run name'}; give one")
+    values.update(overrides)
+    values.update(flags)
     return values
 
 
 INT_LIMIT = 2 ** 31 - 1  # larger integers overflow torch's and the tokenizers' index types
 
 
-def check_numbers(cfg):
+def check_numbers(cfg, ranges=None):
     """Every float finite (a NaN passes `x < 0` checks and poisons the optimizer), every integer in
-    0..INT_LIMIT; then the per-field ranges in selfdistill.check_consistency."""
+    0..INT_LIMIT; then each key of `ranges` ({key: "[low, high]"}, selfdistill.RANGES) in its range."""
     for field in dataclasses.fields(cfg):
         value = getattr(cfg, field.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"config key '{field.name}' must be a finite number, got {value}")
         if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= INT_LIMIT:
             raise UserError(f"config key '{field.name}' must lie in 0..{INT_LIMIT}, got {value}")
+    for key, interval in (ranges or {}).items():
+        if not in_range(getattr(cfg, key), interval):
+            whole = isinstance(getattr(cfg, key), int)
+            raise UserError(f"config key '{key}' must {range_words(interval, whole)}, got {getattr(cfg, key)}")
+
+
+def interval_parts(interval):
+    """"[1, 4096]" / "(0, 1]" / "[0, inf)" -> (low, high, low included, high included)."""
+    m = re.fullmatch(r"([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])", interval)
+    return float(m[2]), float(m[3]), m[1] == "[", m[4] == "]"
+
+
+def in_range(value, interval):
+    low, high, with_low, with_high = interval_parts(interval)
+    return (low <= value if with_low else low < value) and (value <= high if with_high else value < high)
+
+
+def range_words(interval, whole=False):
+    """The rule in words: "be at least 1", "be positive", "lie in 1..4096" (`whole` numbers), "lie in (0, 1]"."""
+    low, high, with_low, _ = interval_parts(interval)
+    number = lambda x: str(int(x)) if x == int(x) else f"{x:g}"
+    if math.isinf(high):
+        return f"be at least {number(low)}" if with_low else "be positive" if low == 0 else f"be above {number(low)}"
+    if whole and interval[0] == "[" and interval[-1] == "]":
+        return f"lie in {number(low)}..{number(high)}"
+    return f"lie in {interval}"

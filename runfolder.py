@@ -121,7 +121,7 @@ class RunLock:
     after release (waiters must share its inode), and its pid then means nothing. A RUN/.lock that
     is not a plain file (a folder, a link, a pipe) is a one-line error and is left in place."""
 
-    def __init__(self, run_dir, what):
+    def __init__(self, run_dir, what, noun="run folder"):
         import filelock
         self.path = os.path.abspath(os.path.join(run_dir, ".lock"))
         check_lock_file(self.path)
@@ -130,7 +130,7 @@ class RunLock:
             try:
                 lock.acquire()
             except filelock.Timeout:
-                raise UserError(f"run folder {run_dir} is in use by {lock_holder(self.path)}; wait for it to "
+                raise UserError(f"{noun} {run_dir} is in use by {lock_holder(self.path)}; wait for it to "
                                 f"finish (or stop it) before {what} there") from None
             except OSError as e:  # no flock on this file system, no permission, ...
                 raise UserError(f"cannot lock {self.path}: {e.strerror or e}") from None

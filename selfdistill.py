@@ -57,11 +57,15 @@ Commands:
 """
 import contextlib
 import math
+import os
 import re
 import signal
 import sys
 import time
 from dataclasses import dataclass
+
+if __name__ == "__main__":  # Ctrl-C while torch loads (seconds, nothing written yet): exit 130, no traceback
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))
 
 import torch
 from tqdm import tqdm
@@ -79,6 +83,9 @@ import tracking
 import world
 from common import UserError
 from grpo import NORMS, grpo_advantages, grpo_loss, policy_gradient_loss  # noqa: F401 (the baseline)
+
+if __name__ == "__main__":  # imported: Ctrl-C is KeyboardInterrupt again, one line through common.user_errors
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,37 +189,38 @@ CHOICES = {
     "distill_span": ("all", "through_first_divergence"), "grpo_norm": NORMS,
     "report_to": ("none", "tensorboard", "wandb"),
 }
+# One key's own range, in interval notation (options.check_numbers; every number is also finite and
+# every integer in 0..INT_LIMIT). Rules between keys are check_consistency's. The upper bounds catch
+# slips that would end in an allocator error or a hang rather than a run.
+RANGES = {
+    "threads": "[0, 1024]",                # 0 = torch's default
+    "lora_r": "[1, 4096]",                 # the paper's 64; ranks beyond a model's width add nothing
+    "lora_alpha": "[1, inf)",              # the update is scaled by lora_alpha / lora_r: 0 never learns
+    "lora_dropout": "[0, 1)",
+    "samples_per_question": "[1, 1024]",   # after resolve (0 = 8 for grpo, 1 otherwise)
+    "max_new_tokens": "[1, 1048576]",      # after resolve (0 = the world's budget, or 512)
+    "temperature": "[0.001, inf)",         # below 1e-3 greedy in all but name, as eval.MIN_TEMPERATURE
+    "logit_temperature": "[0.001, inf)",
+    "top_p": "(0, 1]", "top_k": "[0, inf)",
+    "generation_batch": "[1, inf)", "batch_size": "[1, inf)", "micro_batch": "[1, inf)",
+    "ema_rate": "(0, 1]", "jsd_alpha": "[0, 1]",
+    "grpo_beta": "[0, inf)", "token_clip": "[0, inf)", "chunk_size": "[0, inf)",
+    "epochs": "[0, inf)", "max_steps": "[0, inf)", "lr": "(0, inf)", "weight_decay": "[0, inf)",
+    "warmup_steps": "[0, inf)", "grad_clip": "[0, inf)",
+    "critic_max_new_tokens": "[1, 1048576]",
+    "checkpoint_every": "[1, inf)", "eval_samples": "[1, inf)",
+}
 
 
 def check_consistency(cfg):
-    """Settings that are out of range, or each valid but contradicting one another. Every number
-    finite and in 0..INT_LIMIT (options.check_numbers), the run name a plain folder name
+    """Settings that are out of range (RANGES), or each valid but contradicting one another. Every
+    number finite and in its range (options.check_numbers), the run name a plain folder name
     (runfolder.check_run_name) and the critic's own settings sane (critic.check_settings) first."""
-    options.check_numbers(cfg)
+    options.check_numbers(cfg, RANGES)
     runfolder.check_run_name(cfg.run)
     critic.check_settings(cfg)
-    tracking.check_installed(cfg.report_to)
-    for key in ("token_clip", "epochs", "grpo_beta"):
-        if getattr(cfg, key) < 0:
-            raise UserError(f"config key '{key}' must be at least 0")
-    if cfg.lora_alpha < 1:
-        raise UserError("config key 'lora_alpha' must be at least 1 (the adapter's update is scaled by "
-                        "lora_alpha / lora_r: with 0 the run would never learn)")
-    for key in ("batch_size", "micro_batch", "max_new_tokens", "generation_batch",
-                "lora_r", "eval_samples", "samples_per_question", "checkpoint_every"):
-        if getattr(cfg, key) < 1:
-            raise UserError(f"config key '{key}' must be at least 1")
-    for key in ("max_steps", "weight_decay", "grad_clip", "top_k", "warmup_steps", "chunk_size"):
-        if getattr(cfg, key) < 0:
-            raise UserError(f"config key '{key}' must be at least 0 (0 = off)")
-    if not cfg.lr > 0:
-        raise UserError("config key 'lr' must be positive")
     if cfg.max_steps == 0 and not cfg.epochs > 0:
         raise UserError("config key 'epochs' must be positive (or set max_steps)")
-    if not 0 <= cfg.lora_dropout < 1:
-        raise UserError("config key 'lora_dropout' must lie in [0, 1)")
-    if not 0 < cfg.top_p <= 1:
-        raise UserError("config key 'top_p' must lie in (0, 1] (1 = off)")
     if cfg.support == "topk" and cfg.topk < 1:
         raise UserError("config key 'topk' must be at least 1 with support=topk")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
@@ -226,12 +234,6 @@ def check_consistency(cfg):
     if (cfg.batch_size * G) % min(cfg.micro_batch, cfg.batch_size * G):
         raise UserError(f"batch_size·samples_per_question = {cfg.batch_size * G} is not divisible "
                         f"by micro_batch = {cfg.micro_batch}")
-    if not 0.0 <= cfg.jsd_alpha <= 1.0:
-        raise UserError("jsd_alpha must lie in [0, 1]")
-    if not 0.0 < cfg.ema_rate <= 1.0:
-        raise UserError("ema_rate must lie in (0, 1]")
-    if cfg.temperature <= 0 or cfg.logit_temperature <= 0:
-        raise UserError("temperature and logit_temperature must be positive")
     if cfg.distill_span != "all" and not cfg.arm.startswith("critique"):
         raise UserError("distill_span=through_first_divergence needs a critique arm (the span ends "
                         "where the response leaves the critique's verbatim prefix)")
@@ -239,6 +241,10 @@ def check_consistency(cfg):
                                              or cfg.distill_span != "all"):
         raise UserError(f"{cfg.arm if cfg.arm != 'critique' else 'distill_span=' + cfg.distill_span} reads "
                         f"the critique's steps: it needs critique_validation=full or format, not off")
+    if cfg.arm != "grpo" and (cfg.grpo_beta, cfg.grpo_norm) != (0.0, "token_mean"):
+        key = "grpo_beta" if cfg.grpo_beta else "grpo_norm"
+        raise UserError(f"config key '{key}' shapes GRPO's policy-gradient loss, which the {cfg.arm} arm "
+                        f"does not use (it distils from a teacher); leave it at its default or use --context grpo")
     if cfg.support == "sampled" and cfg.divergence != "reverse":
         raise UserError("support=sampled estimates reverse KL only; set divergence=reverse")
     if cfg.arm.startswith("critique"):  # the arms that call the critic at every step
@@ -264,7 +270,10 @@ def parse_args(argv):
     explain = values.pop("explain", 0)
     if "context" in values:  # --context names the arm, as the paper names each by its context
         values["arm"] = values.pop("context")
-    return resolve(Config(**values)), explain
+    cfg = resolve(Config(**values))
+    if not explain:  # training logs; --explain writes nothing (and programs that only read runs never log)
+        tracking.check_ready(cfg)
+    return cfg, explain
 
 
 def load_config(argv):
@@ -684,9 +693,7 @@ def main(argv=None):
             del model
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            with tracking.evaluation_rows(cfg, run_dir):  # report_to: its new eval.jsonl rows
-                code = common.evaluate_in_child(run_dir, cfg.trust_remote_code)
-            sys.exit(code)
+            sys.exit(common.evaluate_in_child(run_dir, cfg.trust_remote_code))  # it sends its rows to report_to
 
 
 if __name__ == "__main__":

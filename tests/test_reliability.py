@@ -52,7 +52,8 @@ def one_line_error(code, err, fragment):
     ("critic_timeout=0", "'critic_timeout' must be positive"),
 ])
 def test_non_finite_and_out_of_range_numbers_are_refused(override, fragment, tiny_model_dir, data, tmp_path, capsys):
-    code, _, err = run_main(settings(tiny_model_dir, data, tmp_path) + [override], capsys)
+    key, value = override.split("=", 1)  # in place of the setting's default (a key twice is an error)
+    code, _, err = run_main(settings(tiny_model_dir, data, tmp_path, **{key: value}), capsys)
     one_line_error(code, err, fragment)
     assert not any(tmp_path.iterdir())  # refused before anything was written
 
@@ -275,7 +276,7 @@ def test_a_full_or_read_only_disk_is_one_line(code_, text, tiny_model_dir, data,
 def test_a_missing_toy_world_says_it_is_built_and_how_long(tmp_path, capsys):
     settings_ = toy_build.BuildSettings(steps=2, n_train=2, n_test=1, n_transfer=1, samples=2, max_correct=2, score_batch=8)
     toy_build.ensure_built(str(tmp_path / "world"), progress=True, settings=settings_)
-    assert "toy world is missing or incomplete" in capsys.readouterr().err
+    assert "toy world is missing" in capsys.readouterr().err
     toy_build.ensure_built(str(tmp_path / "world"), progress=True, settings=settings_)
     assert "missing" not in capsys.readouterr().err  # complete now: said once, built once
 
