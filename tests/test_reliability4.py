@@ -239,7 +239,7 @@ def test_an_interrupted_or_failed_rebuild_leaves_the_old_world(fail, world_copy,
         toy_build.ensure_built(world_copy, progress=False, force=True)
     assert {name: open(os.path.join(world_copy, name), "rb").read() for name in before} == before
     assert toy_build.check_world(world_copy)["n_train"] == 320  # still complete, still itself
-    assert not os.path.exists(os.path.join(world_copy, ".lock"))  # released
+    runfolder.RunLock(world_copy, "checking").release()  # released: the OS lock is free again
     written = []
     monkeypatch.setattr(toy_build, "build", staged_build(written))
     toy_build.ensure_built(world_copy, progress=False, force=True)  # the next build clears the leftover
@@ -258,9 +258,12 @@ def test_force_without_flags_rebuilds_with_the_worlds_own_settings(world_copy, m
 
 def test_a_second_build_into_the_same_folder_is_refused(world_copy, monkeypatch):
     monkeypatch.setattr(toy_build, "build", staged_build())
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    from conftest import ROOT
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+                               "import runfolder; runfolder.RunLock(sys.argv[2], 'building'); print('held', "
+                               "flush=True); time.sleep(60)", ROOT, world_copy], stdout=subprocess.PIPE, text=True)
     try:
-        put(os.path.join(world_copy, ".lock"), str(holder.pid))
+        assert holder.stdout.readline().strip() == "held"  # another process holds the world's OS lock
         before = snapshot(world_copy)
         with pytest.raises(UserError, match=f"toy world folder {world_copy} is in use by process {holder.pid}"):
             toy_build.ensure_built(world_copy, progress=False, force=True)
@@ -268,7 +271,7 @@ def test_a_second_build_into_the_same_folder_is_refused(world_copy, monkeypatch)
     finally:
         holder.kill()
         holder.wait()
-    toy_build.ensure_built(world_copy, progress=False, force=True)  # its process gone: the lock is stale
+    toy_build.ensure_built(world_copy, progress=False, force=True)  # its process gone: the OS lock with it
     assert toy_build.check_world(world_copy)["n_train"] == 1
 
 
@@ -280,7 +283,8 @@ def test_an_empty_folder_is_built_once(tmp_path, monkeypatch, capsys):
     toy_build.ensure_built(root, progress=True)
     toy_build.ensure_built(root, progress=True)
     assert len(written) == 1 and "toy world is missing" in capsys.readouterr().err
-    assert sorted(os.listdir(root)) == ["build.json", "model", "test.jsonl", "train.jsonl", "transfer.jsonl"]
+    assert sorted(set(os.listdir(root)) - {".lock"}) == ["build.json", "model", "test.jsonl", "train.jsonl",
+                                                         "transfer.jsonl"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,7 +423,8 @@ def test_compare_and_analyze_read_a_run_whose_logging_package_is_missing(report_
     put(os.path.join(run_dir, "config.yaml"), yaml.safe_dump(cfg))
     row = {"step": 0, "n": 4, "k": 4, "questions": 10, "temperature": 1.0, **{m: 0.5 for m in ev.METRICS},
            "ci": {m: [0.4, 0.6] for m in ev.METRICS}}
-    runfolder.append_jsonl(os.path.join(run_dir, "eval.jsonl"), row)
+    for step in (0, 10):  # the base and a checkpoint (compare refuses a run evaluated at step 0 only)
+        runfolder.append_jsonl(os.path.join(run_dir, "eval.jsonl"), {**row, "step": step})
     without(report_to, ImportError(f"No module named '{report_to}'"))
     code, out, err = run_main([run_dir], capsys, script=compare)
     assert code in (0, None) and "error:" not in err, err
@@ -565,7 +570,6 @@ def test_a_run_from_before_the_record_is_not_sent_twice(tmp_path):
 ])
 def test_values_out_of_range_are_one_line(argv, fragment, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(selfdistill, "train", lambda cfg: pytest.fail("training started"))
-    monkeypatch.setattr(selfdistill.explain_step, "show_step", lambda *a: pytest.fail("a step was shown"))
     code, _, err = run_main([*argv, f"out_dir={tmp_path}"], capsys)
     one_line_error(code, err, fragment)
     assert not os.listdir(tmp_path)  # nothing written

@@ -65,8 +65,9 @@ def test_a_real_resume_with_other_memory_knobs_trains_on(tiny_model_dir, data, t
     code, out, err = run_main(["--context", "reference", "--run", "r", *settings], capsys)
     assert code == 0, err[-2000:]
     os.rename(tmp_path / "r" / "checkpoints" / "step_000002", tmp_path / "r" / "old_step_2")
-    code, out, err = run_main(["--context", "reference", "--run", "r", *settings, "micro_batch=2",
-                               "generation_batch=3", "chunk_size=3"], capsys)
+    knobs = run_settings(tiny_model_dir, data, tmp_path, max_new_tokens=8, max_steps=2, checkpoint_every=1,
+                         micro_batch=2, generation_batch=3, chunk_size=3)
+    code, out, err = run_main(["--context", "reference", "--run", "r", *knobs], capsys)
     assert code == 0 and "resuming" in out, err[-2000:]
     assert os.path.isdir(tmp_path / "r" / "checkpoints" / "step_000002")
     [record] = runfolder.read_jsonl(str(tmp_path / "r" / "settings.jsonl"))
