@@ -562,6 +562,16 @@ def test_a_run_from_before_the_record_is_not_sent_twice(tmp_path):
     (["seed=1", "seed=1"], "'seed' is given twice"),
     (["run=a", "--run", "b"], "--run and run= both set the run name"),
     (["arm=grpo", "--context", "critique"], "--context and arm= both set the arm"),
+    (["--context", "grpo", "--context=critique"], "--context is given twice on the command line"),
+    (["--run", "a", "--run", "b"], "--run is given twice"),
+    (["--explain", "1", "--explain", "2"], "--explain is given twice"),
+    (["epochs=-1"], "'epochs' must be at least 0"),
+    (["ema_rate=1.5"], "'ema_rate' must lie in (0, 1]"),
+    (["top_p=1.0001"], "'top_p' must lie in (0, 1]"),
+    (["logit_temperature=0"], "'logit_temperature' must be at least 0.001"),
+    (["--context", "grpo", "grpo_beta=-1"], "'grpo_beta' must be at least 0"),
+    (["micro_batch=0"], "'micro_batch' must be at least 1"),
+    (["lora_alpha=0"], "'lora_alpha' must be at least 1"),
 ])
 def test_values_out_of_range_are_one_line(argv, fragment, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(selfdistill, "train", lambda cfg: pytest.fail("training started"))
