@@ -201,6 +201,12 @@ def test_world_files_without_a_record_are_not_rebuilt(left, world_copy, tmp_path
     assert sorted(os.listdir(root)) == sorted(left)
 
 
+def test_the_shipped_worlds_are_complete():
+    """A control: the named worlds pass the check every reader now makes."""
+    for name in toy_build.WORLDS:
+        assert toy_build.check_world(toy_build.world_root(name))["settings"]["max_new_tokens"] == 64
+
+
 def test_a_budget_read_from_a_damaged_record_is_an_error_not_a_default(world_copy):
     DAMAGES["build.json garbage"](world_copy)
     with pytest.raises(UserError, match="is damaged"):
