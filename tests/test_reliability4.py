@@ -401,7 +401,8 @@ def without(monkeypatch):
                 raise error
             return real(module, *args, **kwargs)
         monkeypatch.setattr(builtins, "__import__", fake)
-        for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+        for key in [k for k in sys.modules if k.removeprefix("torch.utils.") == name
+                    or k.removeprefix("torch.utils.").startswith(name + ".")]:
             monkeypatch.delitem(sys.modules, key)
     return block
 
