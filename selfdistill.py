@@ -227,14 +227,19 @@ def check_consistency(cfg):
     if cfg.distill_span != "all" and not cfg.arm.startswith("critique"):
         raise UserError("distill_span=through_first_divergence needs a critique arm (the span ends "
                         "where the response leaves the critique's verbatim prefix)")
-    if cfg.arm != "grpo" and (cfg.grpo_beta, cfg.grpo_norm) != (0.0, "token_mean"):
-        key = "grpo_beta" if cfg.grpo_beta else "grpo_norm"
-        raise UserError(f"config key '{key}' shapes GRPO's policy-gradient loss, which the {cfg.arm} arm "
-                        f"does not use (it distils from a teacher); leave it at its default or use --context grpo")
     if cfg.support == "sampled" and cfg.divergence != "reverse":
         raise UserError("support=sampled estimates reverse KL only; set divergence=reverse")
     if cfg.arm.startswith("critique"):  # the arms that call the critic at every step
         critic.check_reachable(cfg)
+
+
+def check_arm(cfg):
+    """A setting that does nothing for the chosen arm is refused with the reason, when a run starts
+    (and for --explain); a program that reads a finished run does not re-judge what it trained with."""
+    if cfg.arm != "grpo" and (cfg.grpo_beta, cfg.grpo_norm) != (0.0, "token_mean"):
+        key = "grpo_beta" if cfg.grpo_beta else "grpo_norm"
+        raise UserError(f"config key '{key}' shapes GRPO's policy-gradient loss, which the {cfg.arm} arm "
+                        f"does not use (it distils from a teacher); leave it at its default or use --context grpo")
 
 
 def resolve(cfg):
@@ -257,6 +262,7 @@ def parse_args(argv):
     if "context" in values:  # --context names the arm, as the paper names each by its context
         values["arm"] = values.pop("context")
     cfg = resolve(Config(**values))
+    check_arm(cfg)
     if not explain:  # training logs; --explain writes nothing (and programs that only read runs never log)
         tracking.check_ready(cfg)
     return cfg, explain

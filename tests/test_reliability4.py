@@ -588,6 +588,15 @@ def test_values_out_of_range_are_one_line(argv, fragment, tmp_path, capsys, monk
     assert not os.listdir(tmp_path)  # nothing written
 
 
+def test_a_finished_run_with_a_setting_its_arm_ignored_is_still_read(tmp_path, capsys):
+    """Runs made before the rule (grpo_norm on a critique arm did nothing) stay readable."""
+    run_dir = str(tmp_path / "r")
+    os.makedirs(run_dir)
+    cfg = vars(selfdistill.resolve(selfdistill.Config(run="r", arm="critique", grpo_norm="constant")))
+    put(os.path.join(run_dir, "config.yaml"), yaml.safe_dump(cfg))
+    assert ev.load_run_config(run_dir).grpo_norm == "constant"
+
+
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="needs a machine without MPS")
 def test_device_mps_without_mps_is_one_line(tiny_model_dir, data, tmp_path, capsys):
     code, _, err = run_main([f"model={tiny_model_dir}", f"train_file={data}", f"test_file={data}", "device=mps",
