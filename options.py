@@ -212,6 +212,9 @@ def parse_command_line(cls, choices, argv, description):
                         help="show one training step for N rollouts (default 2), then stop; writes nothing")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     argv = list(argv)
+    for flag in ("--context", "--config", "--run", "--explain"):  # argparse would keep the last one silently
+        if sum(word == flag or word.startswith(flag + "=") for word in argv) > 1:
+            raise UserError(f"{flag} is given twice on the command line")
     for i, word in enumerate(argv):  # a bare --explain before key=value words: N is its default
         if word == "--explain" and (i + 1 == len(argv) or not re.fullmatch(r"-?\d+", argv[i + 1])):
             argv[i:i + 1] = ["--explain", "2"]

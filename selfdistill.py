@@ -207,7 +207,7 @@ RANGES = {
     "grpo_beta": "[0, inf)", "token_clip": "[0, inf)", "chunk_size": "[0, inf)",
     "epochs": "[0, inf)", "max_steps": "[0, inf)", "lr": "(0, inf)", "weight_decay": "[0, inf)",
     "warmup_steps": "[0, inf)", "grad_clip": "[0, inf)",
-    "critic_max_new_tokens": "[1, 1048576]",
+    "critic_max_new_tokens": "[1, 1048576]", "critic_batch": "[1, 4096]",  # the critic's budget, critiques at once
     "checkpoint_every": "[1, inf)", "eval_samples": "[1, inf)",
 }
 
@@ -241,14 +241,19 @@ def check_consistency(cfg):
                                              or cfg.distill_span != "all"):
         raise UserError(f"{cfg.arm if cfg.arm != 'critique' else 'distill_span=' + cfg.distill_span} reads "
                         f"the critique's steps: it needs critique_validation=full or format, not off")
-    if cfg.arm != "grpo" and (cfg.grpo_beta, cfg.grpo_norm) != (0.0, "token_mean"):
-        key = "grpo_beta" if cfg.grpo_beta else "grpo_norm"
-        raise UserError(f"config key '{key}' shapes GRPO's policy-gradient loss, which the {cfg.arm} arm "
-                        f"does not use (it distils from a teacher); leave it at its default or use --context grpo")
     if cfg.support == "sampled" and cfg.divergence != "reverse":
         raise UserError("support=sampled estimates reverse KL only; set divergence=reverse")
     if cfg.arm.startswith("critique"):  # the arms that call the critic at every step
         critic.check_reachable(cfg)
+
+
+def check_arm(cfg):
+    """A setting that does nothing for the chosen arm is refused with the reason, when a run starts
+    (and for --explain); a program that reads a finished run does not re-judge what it trained with."""
+    if cfg.arm != "grpo" and (cfg.grpo_beta, cfg.grpo_norm) != (0.0, "token_mean"):
+        key = "grpo_beta" if cfg.grpo_beta else "grpo_norm"
+        raise UserError(f"config key '{key}' shapes GRPO's policy-gradient loss, which the {cfg.arm} arm "
+                        f"does not use (it distils from a teacher); leave it at its default or use --context grpo")
 
 
 def resolve(cfg):
@@ -271,6 +276,7 @@ def parse_args(argv):
     if "context" in values:  # --context names the arm, as the paper names each by its context
         values["arm"] = values.pop("context")
     cfg = resolve(Config(**values))
+    check_arm(cfg)
     if not explain:  # training logs; --explain writes nothing (and programs that only read runs never log)
         tracking.check_ready(cfg)
     return cfg, explain

@@ -556,9 +556,10 @@ def rebuild_command(root):
     return f"python toy_build.py build {f'--world {name}' if name else f'--root {root}'} --force"
 
 
-def damaged(root, why):
-    return common.UserError(f"the toy world in {root} is damaged: {why}; rebuild it: {rebuild_command(root)} "
-                            f"(a readable build.json's settings are kept)")
+def damaged(root, why, record_read=True):
+    """The one-line error for a damaged world; the rebuild keeps a readable build.json's settings."""
+    keeps = "it keeps the settings build.json records" if record_read else "add the flags it was built with"
+    return common.UserError(f"the toy world in {root} is damaged: {why}; rebuild it: {rebuild_command(root)} ({keeps})")
 
 
 def info_problem(info):
@@ -594,10 +595,10 @@ def read_build_info(root):
         with open(os.path.join(root, "build.json"), encoding="utf-8") as f:
             info = json.load(f)
     except (OSError, ValueError) as e:  # garbage, not UTF-8, a folder in its place
-        raise damaged(root, f"build.json cannot be read as JSON ({type(e).__name__})") from None
+        raise damaged(root, f"build.json cannot be read as JSON ({type(e).__name__})", record_read=False) from None
     problem = info_problem(info)
     if problem:
-        raise damaged(root, problem)
+        raise damaged(root, problem, record_read=False)
     return info
 
 
@@ -639,7 +640,7 @@ def ensure_built(root=WORLD, progress=True, force=False, settings=None, threads=
     if force:
         build_in_place(root, check_settings(asked or own_settings(root) or BuildSettings()), progress, threads)
         return out
-    if os.path.exists(os.path.join(root, "build.json")):
+    if os.path.lexists(os.path.join(root, "build.json")):
         saved = check_world(root)["settings"]
         changes = settings_changes(saved, check_settings(asked)) if asked else {}
         if changes:
@@ -649,7 +650,8 @@ def ensure_built(root=WORLD, progress=True, force=False, settings=None, threads=
         return out
     left = [name for name in WORLD_ENTRIES if os.path.exists(os.path.join(root, name))]
     if left:  # a world without its record: we cannot tell what it was built with
-        raise damaged(root, f"it holds {', '.join(left)} but no build.json (the record of its settings)")
+        raise damaged(root, f"it holds {', '.join(left)} but no build.json (the record of its settings)",
+                      record_read=False)
     if progress:
         print(f"the toy world is missing in {root}; building it now (about 10 minutes on 2 CPU cores; "
               f"`python toy_build.py build` does the same)", file=sys.stderr)

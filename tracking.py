@@ -19,6 +19,7 @@ import runfolder
 from common import UserError
 
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # report_to → the package it needs
+MODULES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}  # … and what its tracker imports
 
 
 def check_installed(report_to):
@@ -27,7 +28,7 @@ def check_installed(report_to):
     if report_to == "none":
         return
     try:
-        __import__(PACKAGES[report_to])
+        __import__(MODULES[report_to])
     except ImportError:
         raise UserError(f"report_to={report_to} needs the {PACKAGES[report_to]} package: "
                         f"pip install -r requirements-logging.txt") from None

@@ -101,7 +101,10 @@ NOT_BAD_INPUTS = {
     "test_named_worlds_resolve_to_their_folders", "test_rollout_matched_grpo_draws_a_self_distillation_arms_rollouts",
     "test_the_shipped_worlds_hold_their_names_settings", "test_transfer_split_of_the_shipped_worlds_lies_off_the_train_chains",
     "test_a_world_folder_is_a_toy_model_everywhere", "test_plot_out_in_each_figure_format",
-    "test_an_adapter_on_a_copy_of_its_base_is_silent", "test_other_runtime_errors_still_raise"}
+    "test_an_adapter_on_a_copy_of_its_base_is_silent", "test_other_runtime_errors_still_raise",
+    "test_an_unchanged_base_under_its_own_path_passes", "test_wandb_settings_it_accepts_pass",
+    "test_wandb_finds_a_key_in_netrc", "test_a_world_without_a_transfer_split_is_silent",
+    "test_the_shipped_worlds_are_complete"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m selects by marker

@@ -507,7 +507,7 @@ def test_a_config_temperature_below_the_floor_is_never_written(tiny_model_dir, d
     config = yaml.safe_load(open(os.path.join(run, "config.yaml")))
     yaml.safe_dump({**config, "temperature": 1e-300}, open(os.path.join(run, "config.yaml"), "w"))
     code, _, err = run_main([run], capsys, ev)
-    one_line_error(code, err, "finite number >= 0.001")
+    one_line_error(code, err, "'temperature' must be at least 0.001")  # the config check, as training
     assert not os.path.exists(os.path.join(run, "eval.jsonl"))
 
 

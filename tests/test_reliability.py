@@ -115,7 +115,7 @@ def test_a_stale_lock_is_taken_over_and_released(tmp_path):
     lock = runfolder.RunLock(str(tmp_path), "training")
     assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
     lock.release()
-    assert not runfolder.HELD and not os_lock_held(tmp_path / ".lock")
+    assert str(tmp_path / ".lock") not in runfolder.HELD and not os_lock_held(tmp_path / ".lock")
 
 
 def os_lock_held(path):

@@ -201,6 +201,12 @@ def test_world_files_without_a_record_are_not_rebuilt(left, world_copy, tmp_path
     assert sorted(os.listdir(root)) == sorted(left)
 
 
+def test_the_shipped_worlds_are_complete():
+    """A control: the named worlds pass the check every reader now makes."""
+    for name in toy_build.WORLDS:
+        assert toy_build.check_world(toy_build.world_root(name))["settings"]["max_new_tokens"] == 64
+
+
 def test_a_budget_read_from_a_damaged_record_is_an_error_not_a_default(world_copy):
     DAMAGES["build.json garbage"](world_copy)
     with pytest.raises(UserError, match="is damaged"):
@@ -399,7 +405,8 @@ def without(monkeypatch):
                 raise error
             return real(module, *args, **kwargs)
         monkeypatch.setattr(builtins, "__import__", fake)
-        for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+        for key in [k for k in sys.modules if k.removeprefix("torch.utils.") == name
+                    or k.removeprefix("torch.utils.").startswith(name + ".")]:
             monkeypatch.delitem(sys.modules, key)
     return block
 
@@ -567,12 +574,31 @@ def test_a_run_from_before_the_record_is_not_sent_twice(tmp_path):
     (["seed=1", "seed=1"], "'seed' is given twice"),
     (["run=a", "--run", "b"], "--run and run= both set the run name"),
     (["arm=grpo", "--context", "critique"], "--context and arm= both set the arm"),
+    (["--context", "grpo", "--context=critique"], "--context is given twice on the command line"),
+    (["--run", "a", "--run", "b"], "--run is given twice"),
+    (["--explain", "1", "--explain", "2"], "--explain is given twice"),
+    (["epochs=-1"], "'epochs' must be at least 0"),
+    (["ema_rate=1.5"], "'ema_rate' must lie in (0, 1]"),
+    (["top_p=1.0001"], "'top_p' must lie in (0, 1]"),
+    (["logit_temperature=0"], "'logit_temperature' must be at least 0.001"),
+    (["--context", "grpo", "grpo_beta=-1"], "'grpo_beta' must be at least 0"),
+    (["micro_batch=0"], "'micro_batch' must be at least 1"),
+    (["lora_alpha=0"], "'lora_alpha' must be at least 1"),
 ])
 def test_values_out_of_range_are_one_line(argv, fragment, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(selfdistill, "train", lambda cfg: pytest.fail("training started"))
     code, _, err = run_main([*argv, f"out_dir={tmp_path}"], capsys)
     one_line_error(code, err, fragment)
     assert not os.listdir(tmp_path)  # nothing written
+
+
+def test_a_finished_run_with_a_setting_its_arm_ignored_is_still_read(tmp_path, capsys):
+    """Runs made before the rule (grpo_norm on a critique arm did nothing) stay readable."""
+    run_dir = str(tmp_path / "r")
+    os.makedirs(run_dir)
+    cfg = vars(selfdistill.resolve(selfdistill.Config(run="r", arm="critique", grpo_norm="constant")))
+    put(os.path.join(run_dir, "config.yaml"), yaml.safe_dump(cfg))
+    assert ev.load_run_config(run_dir).grpo_norm == "constant"
 
 
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="needs a machine without MPS")
