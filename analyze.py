@@ -39,13 +39,13 @@ import torch
 from safetensors import SafetensorError
 
 import chunked_head
-import common
+from plumbing import common
 import contexts
 import critic
-import runfolder
-import sampler
-import world
-from common import UserError
+from plumbing import runfolder
+from plumbing import sampler
+from toyworld import world
+from plumbing.common import UserError
 from eval import check_adapter_base, checkpoint_steps, load_adapter, target_config
 
 # ---------------------------------------------------------------------------------------------

@@ -46,11 +46,11 @@ if __name__ == "__main__":  # Ctrl-C while torch loads (seconds, nothing written
     import signal
     signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))
 
-import common
-import options
+from plumbing import common
+from plumbing import options
 import selfdistill
-import world
-from common import UserError
+from toyworld import world
+from plumbing.common import UserError
 from eval import METRICS, finite, in_split, load_run_config, read_rows, whole
 
 # The seeds of one arm differ in these only: the seed, the run's name and folder, and the settings that

@@ -40,9 +40,9 @@ import urllib.request
 import math_verify
 import torch
 
-import common
-import sampler
-from common import UserError
+from plumbing import common
+from plumbing import sampler
+from plumbing.common import UserError
 from contexts import check_chat_template, parse_steps, render_prompt
 
 log = logging.getLogger("critic")

@@ -49,17 +49,17 @@ if __name__ == "__main__":  # Ctrl-C while torch loads (seconds, nothing written
 import torch
 from safetensors import SafetensorError
 
-import common
+from plumbing import common
 import contexts
 import critic
-import options
-import ranks
-import runfolder
-import sampler
+from plumbing import options
+from plumbing import ranks
+from plumbing import runfolder
+from plumbing import sampler
 import selfdistill  # the method: Config, its choices and its rules
-import tracking
-import world
-from common import UserError
+from plumbing import tracking
+from toyworld import world
+from plumbing.common import UserError
 
 METRICS = ("avg", "pass", "maj", "length", "unparseable", "truncated")
 
@@ -502,16 +502,8 @@ def target_config(target, overrides):
 
 # ---------------------------------------------------------------------------------------------
 
-MOVED = {"--compare": "python compare.py RUN ...", "--plot": "python compare.py --plot RUN ...",
-         "--analyze": "python analyze.py RUN|MODEL|toy ...", "--prepare": "python prepare.py INPUT [MODEL] ..."}
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    for flag, command in MOVED.items():  # the programs eval.py used to hold: one line, exit 2
-        if flag in argv:
-            print(f"error: eval.py {flag} is now its own program: {command}", file=sys.stderr)
-            sys.exit(2)
     parser = argparse.ArgumentParser(
         description="Evaluate selfdistill runs: Avg@k, Pass@k, Maj@k and length at every checkpoint.",
         epilog=__doc__[__doc__.index("Commands:"):], formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -19,10 +19,10 @@ if __name__ == "__main__":  # Ctrl-C while torch loads (seconds, nothing written
 
 import torch
 
-import common
+from plumbing import common
 import contexts
 import selfdistill as loop
-import world
+from toyworld import world
 
 # ---------------------------------------------------------------------------------------------
 # Printing

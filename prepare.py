@@ -41,14 +41,14 @@ if __name__ == "__main__":  # Ctrl-C while torch loads (seconds, nothing written
 
 import torch
 
-import common
+from plumbing import common
 import contexts
 import critic
-import options
-import runfolder
+from plumbing import options
+from plumbing import runfolder
 import selfdistill
-import world
-from common import UserError
+from toyworld import world
+from plumbing.common import UserError
 from eval import sample_answers
 
 # ---------------------------------------------------------------------------------------------

@@ -71,17 +71,17 @@ import torch
 from tqdm import tqdm
 
 import chunked_head
-import common
+from plumbing import common
 import contexts
 import critic
 import ema_teacher
-import options
-import ranks
-import runfolder
-import sampler
-import tracking
-import world
-from common import UserError
+from plumbing import options
+from plumbing import ranks
+from plumbing import runfolder
+from plumbing import sampler
+from plumbing import tracking
+from toyworld import world
+from plumbing.common import UserError
 from grpo import NORMS, grpo_advantages, grpo_loss, policy_gradient_loss  # noqa: F401 (the baseline)
 
 if __name__ == "__main__":  # imported: Ctrl-C is KeyboardInterrupt again, one line through common.user_errors

@@ -222,7 +222,7 @@ def main(argv=None):
                         "(QwQ's real budget is 16,384: a random critic would use all of it)")
     args = parser.parse_args(argv)
     import torch
-    import common
+    from plumbing import common
     if not args.twin and not torch.cuda.is_available():
         with common.user_errors():
             raise common.UserError("device=cuda but no CUDA device is available; use device=cpu")

@@ -228,7 +228,7 @@ def critic_server(monkeypatch):
 def lora_model(tiny_model_dir):
     """(cfg, peft model in eval mode, tokenizer): the tiny model with a non-zero LoRA adapter, one per
     test module (tests load other adapters into it)."""
-    import common
+    from plumbing import common
     import selfdistill
     cfg = selfdistill.Config(model=tiny_model_dir, prompts="instruct", lora_r=4, chunk_size=5, micro_batch=8)
     model, tok = common.load_model(cfg, tiny_model_dir, torch.device("cpu"))

@@ -34,14 +34,14 @@ import torch
 import yaml
 
 import analyze
-import common
+from plumbing import common
 import compare
 import eval as ev
 import prepare
-import ranks
-import runfolder
+from plumbing import ranks
+from plumbing import runfolder
 import selfdistill
-from common import UserError
+from plumbing.common import UserError
 from conftest import run_main
 from test_compare import train_log, write_run
 

@@ -155,7 +155,7 @@ def test_one_problem_many_solutions_gives_one_record_with_the_shortest_right_ref
 
 
 def test_a_garbage_prepare_json_is_a_warning_not_a_stop(tmp_path, capsys):
-    import common
+    from plumbing import common
     import selfdistill
     (tmp_path / "prepare.json").write_text("{not json")
     common.check_data_settings(selfdistill.Config(), str(tmp_path / "train.jsonl"))

@@ -18,12 +18,12 @@ import sys
 import pytest
 import yaml
 
-import common
+from plumbing import common
 import compare
 import eval as ev
 import selfdistill
-import toy_build
-from common import UserError
+from toyworld import toy_build
+from plumbing.common import UserError
 
 
 def write_run(root, name, arm, seed, evals, metrics=(), **config):

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-import options
+from plumbing import options
 import selfdistill
-import toy_build
-from common import UserError
+from toyworld import toy_build
+from plumbing.common import UserError
 from selfdistill import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

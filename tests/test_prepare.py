@@ -12,7 +12,7 @@ import os
 import pytest
 
 import prepare
-from common import UserError
+from plumbing.common import UserError
 
 pyarrow = pytest.importorskip("pyarrow")
 pytest.importorskip("datasets")

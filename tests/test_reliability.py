@@ -18,13 +18,13 @@ import pytest
 import torch
 import yaml
 
-import common
+from plumbing import common
 import compare
 import eval as ev
-import runfolder
+from plumbing import runfolder
 import selfdistill
-import toy_build
-from common import UserError
+from toyworld import toy_build
+from plumbing.common import UserError
 from conftest import run_main, run_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

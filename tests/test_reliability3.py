@@ -38,11 +38,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-import common
+from plumbing import common
 import critic
 import eval as ev
-import runfolder
-from common import UserError
+from plumbing import runfolder
+from plumbing.common import UserError
 from conftest import run_main, run_settings
 from test_reliability import HOLDER, os_lock_held
 
@@ -147,7 +147,7 @@ def test_four_simultaneous_starters_one_lock(tmp_path):
         go, done = str(tmp_path / f"go{round_}"), str(tmp_path / f"done{round_}")
         results = [str(tmp_path / f"result{round_}_{k}") for k in range(4)]
         starters = [subprocess.Popen([sys.executable, "-c", STARTER, str(run_dir), go, r, done,
-                                      os.pathsep.join(os.path.join(ROOT, f) for f in ("runfolder.py", "common.py"))])
+                                      os.pathsep.join(os.path.join(ROOT, "plumbing", f) for f in ("runfolder.py", "common.py"))])
                     for r in results]
         wait_for([r + ".ready" for r in results])
         open(go, "w").close()

@@ -5,14 +5,14 @@ a traceback, a hang, a silent wrong result or a destroyed file.
 
 | input | how it ends |
 |---|---|
-| a built world missing model/, config.json, train/test.jsonl, or with a cut train.jsonl | one line "is damaged ...; rebuild it: python toy_build.py build ... --force"; build.json byte for byte |
-| build.json garbage, empty, not UTF-8, a list, a folder, no settings, budget as text / bool / 0 / huge, a bad setting | the same, through ensure_built, training, `toy_build.py build` and `probe` |
+| a built world missing model/, config.json, train/test.jsonl, or with a cut train.jsonl | one line "is damaged ...; rebuild it: python -m toyworld.toy_build build ... --force"; build.json byte for byte |
+| build.json garbage, empty, not UTF-8, a list, a folder, no settings, budget as text / bool / 0 / huge, a bad setting | the same, through ensure_built, training, `python -m toyworld.toy_build build` and `probe` |
 | a folder with a world's files but no build.json | one line: no record of its settings; nothing rebuilt |
 | `build --force` interrupted (Ctrl-C) or failing halfway | the old world intact, build.json byte for byte; the next build clears the leftover |
 | a second build while one runs (a live lock); a stale lock | one line "in use by process N"; the stale one is taken over |
 | `build --root DIR --force` with no flags | rebuilt with the settings its build.json records |
 | transfer.jsonl gone or emptied | one warning per process, no transfer rows |
-| a build.json of another version (no measurements) | `toy_build.py build` prints a short summary |
+| a build.json of another version (no measurements) | `python -m toyworld.toy_build build` prints a short summary |
 | a base model replaced in place under the same path | eval.py and analyze.py: one line |
 | a finished run whose report_to package is missing | eval.py / compare.py / analyze.py read it; eval warns its rows wait |
 | a bad WANDB_MODE / WANDB_PROJECT, a bad stored run id, no API key online, a package that fails to import | one line at start |
@@ -37,12 +37,12 @@ import yaml
 import analyze
 import compare
 import eval as ev
-import runfolder
+from plumbing import runfolder
 import selfdistill
-import toy_build
-import tracking
-import world
-from common import UserError
+from toyworld import toy_build
+from plumbing import tracking
+from toyworld import world
+from plumbing.common import UserError
 from conftest import make_char_tokenizer, make_tiny_model, run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -631,10 +631,10 @@ def test_unbounded_build_flags_are_one_line(flags, fragment, tmp_path, monkeypat
 # 7. Ctrl-C while the programs import torch: exit 130, no traceback.
 
 
-@pytest.mark.parametrize("script", ["selfdistill.py", "toy_build.py"])
+@pytest.mark.parametrize("script", [["selfdistill.py"], ["-m", "toyworld.toy_build"]])
 def test_early_ctrl_c_exits_130_without_a_traceback(script):
     """Ctrl-C while torch is half imported (-X importtime names each module as it finishes)."""
-    child = subprocess.Popen([sys.executable, "-X", "importtime", os.path.join(ROOT, script), "--help"], cwd=ROOT,
+    child = subprocess.Popen([sys.executable, "-X", "importtime", *script, "--help"], cwd=ROOT,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
     for line in child.stderr:

@@ -14,9 +14,9 @@ import os
 import pytest
 
 import compare
-import runfolder
+from plumbing import runfolder
 import selfdistill
-from common import UserError
+from plumbing.common import UserError
 from conftest import run_main, run_settings
 from test_bad_inputs import Tripwire, one_line_error, trip
 from test_compare import fake_run

@@ -11,9 +11,9 @@ import pytest
 import eval as ev
 import prepare
 import selfdistill
-import toy
-import toy_build
-import world
+from toyworld import toy
+from toyworld import toy_build
+from toyworld import world
 
 ANALYSIS = ("analysis/A_mean", "analysis/rollouts", "analysis/A_prefix", "analysis/A_wrong", "analysis/A_after")
 

@@ -16,10 +16,10 @@ import sys
 
 import pytest
 
-import runfolder
+from plumbing import runfolder
 import selfdistill
-import tracking
-from common import UserError
+from plumbing import tracking
+from plumbing.common import UserError
 from conftest import run_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -18,12 +18,12 @@ import torch
 import yaml
 
 import chunked_head
-import common
+from plumbing import common
 import contexts
 import ema_teacher
-import sampler
+from plumbing import sampler
 import selfdistill
-from common import UserError
+from plumbing.common import UserError
 from conftest import run_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -23,9 +23,9 @@ import os
 import pytest
 import torch
 
-import options
+from plumbing import options
 import selfdistill
-from common import UserError
+from plumbing.common import UserError
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -15,8 +15,8 @@ import os
 import secrets
 import sys
 
-import runfolder
-from common import UserError
+from plumbing import runfolder
+from plumbing.common import UserError
 
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # report_to → the package it needs
 MODULES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}  # … and what its tracker imports

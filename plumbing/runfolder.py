@@ -18,9 +18,9 @@ import time
 import torch
 import yaml
 
-import options
-import ranks
-from common import UserError
+from plumbing import options
+from plumbing import ranks
+from plumbing.common import UserError
 
 # ---------------------------------------------------------------------------------------------
 # Atomic writes and JSONL logs.

@@ -21,7 +21,7 @@ import warnings
 import torch
 
 import contexts
-import ranks
+from plumbing import ranks
 
 # peft calls a transformers method that transformers 5 deprecates; nothing for users to act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
@@ -420,7 +420,7 @@ def run_child(command, env=None):
 def evaluate_in_child(run_dir, trust_remote_code=False):
     """After training: `python eval.py RUN` in its own process (it imports the method's file, never
     the reverse), under torchrun as its own group of the same ranks. Returns its exit code."""
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
     trust = ["--trust-remote-code"] if trust_remote_code else []  # given on this command line
     env = ranks.child_group_env()  # under torchrun, eval.py's processes form their own group
     ranks.leave_group()

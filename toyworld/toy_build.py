@@ -13,10 +13,10 @@ the quickstart starts at once (`model=NAME`; any built folder works as `model=DI
     toy-v2  toy_world_v2/  the contrast: fault_rate 0.8, it writes them right a fifth of the time,
                            which a binary reward finds
 
-    python toy_build.py build --world toy --force          # rebuild a named world (bit-identical)
-    python toy_build.py build --root DIR --fault-rate 0.9  # any BuildSettings field is a checked flag
-    python toy_build.py build --root DIR --recovery 0      # v1's teacher (see 2 below)
-    python toy_build.py probe [--world toy-v2]             # trace stats and the teacher's after-error mass
+    python -m toyworld.toy_build build --world toy --force          # rebuild a named world (bit-identical)
+    python -m toyworld.toy_build build --root DIR --fault-rate 0.9  # any BuildSettings field is a checked flag
+    python -m toyworld.toy_build build --root DIR --recovery 0      # v1's teacher (see 2 below)
+    python -m toyworld.toy_build probe [--world toy-v2]             # trace stats and the teacher's after-error mass
 
 A built world asked for other settings than its build.json's is an error that says to rebuild; so
 is a damaged one (a missing or cut file, a build.json that is not a world's record): it is never
@@ -73,14 +73,14 @@ if __name__ == "__main__":  # Ctrl-C while torch loads (seconds, nothing written
 
 import torch
 
-import common
+from plumbing import common
 import critic
-import options
-import runfolder
-import sampler
+from plumbing import options
+from plumbing import runfolder
+from plumbing import sampler
 from contexts import student_prompt_ids, teacher_prompt_ids
 from contexts import ANSWER_TAG as ANSWER, build_rows, critique_form, parse_steps, render_steps
-from toy import (MAX_OPS, after_error_mass, MIN_OPS, MIN_VALUE, MAX_VALUE, OPERANDS, STEP_PATTERNS, STYLES, apply,
+from toyworld.toy import (MAX_OPS, after_error_mass, MIN_OPS, MIN_VALUE, MAX_VALUE, OPERANDS, STEP_PATTERNS, STYLES, apply,
                  chain_steps, format_step, iter_problems, generate_problems, make_model, make_tokenizer,
                  parse_question, parse_step, random_question, reference_solution, response_style,
                  restyle_step, rule_critique, solve, trace_stats)
@@ -553,7 +553,7 @@ def settings_changes(saved, settings):
 
 def rebuild_command(root):
     name = world_name(root)
-    return f"python toy_build.py build {f'--world {name}' if name else f'--root {root}'} --force"
+    return f"python -m toyworld.toy_build build {f'--world {name}' if name else f'--root {root}'} --force"
 
 
 def damaged(root, why, record_read=True):
@@ -654,7 +654,7 @@ def ensure_built(root=WORLD, progress=True, force=False, settings=None, threads=
                       record_read=False)
     if progress:
         print(f"the toy world is missing in {root}; building it now (about 10 minutes on 2 CPU cores; "
-              f"`python toy_build.py build` does the same)", file=sys.stderr)
+              f"`python -m toyworld.toy_build build` does the same)", file=sys.stderr)
     build_in_place(root, check_settings(asked or BuildSettings()), progress, threads, only_if_missing=True)
     return out
 
@@ -792,7 +792,7 @@ def probe(root=WORLD, samples=4, seed=0):
 
 
 def command_line(argv=None):
-    """python toy_build.py build|probe [--world NAME | --root DIR] [--force] [--threads N] [--SETTING V ...]:
+    """python -m toyworld.toy_build build|probe [--world NAME | --root DIR] [--force] [--threads N] [--SETTING V ...]:
     every BuildSettings field is a flag (--fault-rate 0.9; tuples as comma lists, --mix 0.5,0.3,0.2),
     range-checked before a build starts and recorded in build.json."""
     parser = argparse.ArgumentParser(description="Build a toy world (base model + data), or probe a built one.")
@@ -823,7 +823,7 @@ def command_line(argv=None):
         if flags:
             raise common.UserError("build settings (" + ", ".join(flags) + ") apply to `build` only")
         if not os.path.isfile(os.path.join(root, "build.json")):
-            raise common.UserError(f"no built toy world in {root}; build it first: python toy_build.py build")
+            raise common.UserError(f"no built toy world in {root}; build it first: python -m toyworld.toy_build build")
         torch.set_num_threads(args.threads)
         print(json.dumps(probe(root), indent=1))
         return

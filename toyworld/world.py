@@ -10,11 +10,11 @@ import math
 import os
 import sys
 
-import common
+from plumbing import common
 import critic
-import toy
-import toy_build
-from common import UserError
+from toyworld import toy
+from toyworld import toy_build
+from plumbing.common import UserError
 
 
 def is_world_model(model):

@@ -16,7 +16,7 @@ import re
 
 import yaml
 
-from common import UserError
+from plumbing.common import UserError
 
 # ---------------------------------------------------------------------------------------------
 # Config: a dataclass of defaults (selfdistill.Config), overridden by YAML then key=value.
