@@ -266,7 +266,7 @@ def test_a_second_build_into_the_same_folder_is_refused(world_copy, monkeypatch)
     monkeypatch.setattr(toy_build, "build", staged_build())
     from conftest import ROOT
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
-                               "import runfolder; runfolder.RunLock(sys.argv[2], 'building'); print('held', "
+                               "from plumbing import runfolder; runfolder.RunLock(sys.argv[2], 'building'); print('held', "
                                "flush=True); time.sleep(60)", ROOT, world_copy], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"  # another process holds the world's OS lock
