@@ -168,7 +168,7 @@ class Config:
     eval_at_end: bool = True  # evaluate every checkpoint on the test set when training ends
     eval_samples: int = 12  # samples per test question for eval (Avg@k, Pass@k, Maj@k)
     eval_questions: int = 0  # test questions to evaluate (0 = all)
-    report_to: str = "none"  # also send each metrics line and the eval rows to: none | tensorboard (RUN/tensorboard/) | wandb (WANDB_MODE=offline works); pip install -r requirements-logging.txt
+    report_to: str = "none"  # also send each metrics line and the eval rows to: none | tensorboard (RUN/tensorboard/) | wandb (WANDB_MODE=offline works); pip install -r requirements-extras.txt
 
 
 # Settings that change how a run executes, not what it computes: they may change when a run resumes
