@@ -43,15 +43,9 @@ from toyworld import toy_build
 from plumbing import tracking
 from toyworld import world
 from plumbing.common import UserError
-from conftest import make_char_tokenizer, make_tiny_model, run_main
+from conftest import make_char_tokenizer, make_tiny_model, one_line_error, run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def one_line_error(code, err, fragment):
-    assert code == 2, err[-2000:]
-    assert "Traceback" not in err and fragment in err, err[-2000:]
-    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1, err[-2000:]
 
 
 def no_build(monkeypatch):
