@@ -40,6 +40,7 @@ import math_verify
 import torch
 
 import common
+import contexts
 import sampler
 from common import UserError
 from contexts import check_chat_template, parse_steps, render_prompt
@@ -241,7 +242,12 @@ def validate_critique(rollout, critique, gold=None):
 # The model critic's instruction (PAPER.md §4, in our words)
 
 
-def critic_prompt(question, response, solution, answer):
+def critic_prompt(question, response, solution, answer, prompts="instruct"):
+    """The critic's instruction in the run's prompt set: the toy world's learned critic reads a
+    short toy form (contexts.PROMPTS["toy"]["critic"]: question, gold answer, attempt), as the toy
+    solver reads short toy prompts; any other critic reads the full instruction below."""
+    if prompts == "toy":
+        return contexts.PROMPTS["toy"]["critic"].format(question=question, answer=answer, response=response)
     # Concatenation, not str.format: LaTeX braces in the inputs must pass through untouched.
     return (
         "You are reviewing a student's solution to a math problem. You know a correct solution "
@@ -279,7 +285,7 @@ class HFCritic:
     """A frozen local Hugging Face causal LM: eval mode, no grad, greedy, batched, left-padded."""
 
     def __init__(self, model_path, device="cpu", dtype="float32", max_new_tokens=1024,
-                 batch_size=8, trust_remote_code=False):
+                 batch_size=8, trust_remote_code=False, prompts="instruct"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         check_chat_template(self.tokenizer, where=f"the critic {model_path}")
@@ -288,6 +294,7 @@ class HFCritic:
             dtype=dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype),
             trust_remote_code=trust_remote_code).to(device).eval().requires_grad_(False)
         self.device, self.max_new_tokens, self.batch_size = device, max_new_tokens, batch_size
+        self.prompts = prompts  # the prompt set of critic_prompt
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         eos = self.model.generation_config.eos_token_id
@@ -307,8 +314,8 @@ class HFCritic:
                 for row, cut in zip(out, truncated)]
 
     def __call__(self, questions, responses, solutions, answers):
-        prompts = [critic_prompt(*item) for item in zip(questions, responses, solutions, answers,
-                                                        strict=True)]
+        prompts = [critic_prompt(*item, prompts=self.prompts)
+                   for item in zip(questions, responses, solutions, answers, strict=True)]
         critiques = []
         for start in range(0, len(prompts), self.batch_size):
             batch = prompts[start:start + self.batch_size]
@@ -346,8 +353,9 @@ class HTTPCritic:
     raises Stopped at once instead of waiting for a server that may never answer."""
 
     def __init__(self, base_url, model, api_key_env="OPENAI_API_KEY", timeout=120, retries=3,
-                 max_tokens=4096, workers=4, backoff=1.0, max_reply_bytes=None):
+                 max_tokens=4096, workers=4, backoff=1.0, max_reply_bytes=None, prompts="instruct"):
         self.base_url = base_url.rstrip("/")
+        self.prompts = prompts  # the prompt set of critic_prompt
         self.model, self.api_key_env = model, api_key_env
         self.timeout, self.retries, self.max_tokens = timeout, retries, max_tokens
         self.workers, self.backoff = workers, backoff
@@ -434,8 +442,8 @@ class HTTPCritic:
         return None
 
     def __call__(self, questions, responses, solutions, answers):
-        prompts = [critic_prompt(*item) for item in zip(questions, responses, solutions, answers,
-                                                        strict=True)]
+        prompts = [critic_prompt(*item, prompts=self.prompts)
+                   for item in zip(questions, responses, solutions, answers, strict=True)]
         critiques, done, errors = [None] * len(prompts), [], []
         todo = collections.deque(enumerate(prompts))
 
@@ -512,16 +520,18 @@ def make_critic(kind, **settings):
     return critics[kind](**settings)
 
 
-def from_config(cfg, device):
+def from_config(cfg, device, model_path=None):
     """The frozen model critic (hf or http) of a run's config, checked once (one-line errors).
-    The toy world's rule critic is toy.RuleCritic."""
+    model_path: critic=hf's folder when world.critic_folder resolved a name. The toy world's rule
+    critic is toy.RuleCritic."""
     settings = {
-        "hf": dict(model_path=cfg.critic_model, device=str(device), dtype=cfg.dtype,
+        "hf": dict(model_path=model_path or cfg.critic_model, device=str(device), dtype=cfg.dtype,
                    max_new_tokens=cfg.critic_max_new_tokens, trust_remote_code=cfg.trust_remote_code),
         "http": dict(base_url=cfg.critic_url, model=cfg.critic_model, api_key_env=cfg.critic_api_key_env,
                      timeout=cfg.critic_timeout, retries=cfg.critic_retries,
                      max_tokens=cfg.critic_max_new_tokens),
     }[cfg.critic]
+    settings["prompts"] = cfg.prompts  # the critic speaks the run's prompt set (toy or instruct)
     try:
         judge = make_critic(cfg.critic, **settings)
     except (OSError, ValueError) as e:

@@ -150,7 +150,7 @@ class Config:
     critic_api_key_env: str = "OPENAI_API_KEY"  # http: environment variable that holds the API key
     critic_timeout: float = 120.0  # http: seconds per request (a critique gets at most 3x this in all, retries included)
     critic_retries: int = 3  # http: retries after a failed request
-    critic_max_new_tokens: int = 1024  # critique length limit
+    critic_max_new_tokens: int = 1024  # critique length limit (a toy world: at most twice its budget)
     # logging, checkpoints, evaluation
     sample_every: int = 10  # write samples.jsonl (with the teacher contexts) every N steps
     checkpoint_every: int = 10  # checkpoint every N steps (and at the end)

@@ -14,6 +14,7 @@ import common
 import critic
 import toy
 import toy_build
+import toy_critic
 from common import UserError
 
 
@@ -42,6 +43,8 @@ def model_settings(cfg):
                   f"{budget} (build.json), which its difficulty filter used", file=sys.stderr)
     elif cfg.max_new_tokens == 0:
         cfg.max_new_tokens = 512
+    if toy_model:  # a toy critique is a trace: the budget bounds it (and the model's 512 positions must hold it)
+        cfg.critic_max_new_tokens = min(cfg.critic_max_new_tokens, 2 * cfg.max_new_tokens)
     if not toy_model and (cfg.toy_order, cfg.toy_phrasing) != ("grouped", "other"):
         raise UserError("config keys 'toy_order' and 'toy_phrasing' apply to toy-world models only")
 
@@ -101,11 +104,31 @@ def exact_answers(cfg):
     return is_world_model(cfg.model)
 
 
+def critic_folder(cfg):
+    """critic=hf's model: on a toy world, a name of its learned critics (weak / medium / strong,
+    toy_critic.py) is that critic's folder; any other critic_model is used as given (a folder or a
+    hub id). A toy critic that is not built, or an unknown name, is a one-line error."""
+    root = toy_build.world_root(cfg.model)
+    name = cfg.critic_model
+    if cfg.critic != "hf" or not root or os.path.exists(name) or "/" in name or os.sep in name:
+        return name
+    path = toy_critic.resolve(root, name)
+    if path is None:
+        raise UserError(f"critic_model={name} is neither a folder nor a toy critic; the toy world's learned "
+                        f"critics are {', '.join(toy_critic.NAMES)} (or give a critic's folder)")
+    if not os.path.isfile(os.path.join(toy_critic.folder(root), "build.json")):
+        where = f"--world {toy_build.world_name(root)}" if toy_build.world_name(root) else f"--root {root}"
+        raise UserError(f"the toy world in {root} has no learned critics yet; build them (about 15 CPU "
+                        f"minutes): python toy_build.py critics {where}")
+    return path
+
+
 def make_judge(cfg, device, records=()):
     """The frozen critic: the toy world's rule critic (which reads toy chains only: `records` it
-    could not critique are a one-line error), or a model critic (critic.py)."""
+    could not critique are a one-line error), or a model critic (critic.py; on a toy world
+    critic=hf critic_model=weak|medium|strong names its learned critics, critic_folder)."""
     if cfg.critic != "rule":
-        return critic.from_config(cfg, device)
+        return critic.from_config(cfg, device, critic_folder(cfg))
     toy.check_rule_critic(records)
     return toy.RuleCritic()
 
