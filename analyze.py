@@ -1,4 +1,4 @@
-"""The per-token advantage analysis of Fig. 4 (PAPER.md §2): for wrong rollouts, how the teacher
+"""The per-token advantage analysis of Fig. 4 (the paper's §2): for wrong rollouts, how the teacher
 with each context scores every response token against the student,
 
     A_t = log π_T(ŷ_t | x, c, ŷ<t) − log π_θ(ŷ_t | x, ŷ<t),
@@ -57,7 +57,7 @@ KINDS = ("reference", "critique", "critique_quoting", "critique_no_prefix")
 def response_logp(model, cfg, prompts, responses, pad_id, device):
     """log π(ŷ_t | prompt, ŷ<t) for each response: a list of (T_i,) tensors. The caller decides
     which model this is (adapter on or off). The LM head runs on `chunk_size` positions at a time,
-    so no (B, T, V) tensor is ever held (DESIGN.md, memory rule)."""
+    so no (B, T, V) tensor is ever held (the memory rule, chunked_head.py)."""
     weight = model.get_base_model().get_output_embeddings().weight  # (V, d)
     out = []
     for i in range(0, len(prompts), cfg.micro_batch):

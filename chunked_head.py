@@ -1,6 +1,6 @@
 """The LM head, applied by us, at the response positions only: the transformer body's hidden states
 there (`response_hidden`), then the head and a per-token function chunk by chunk over positions, so
-no (T, V) tensor is ever held (DESIGN.md, memory rule: Qwen3's V = 151,936 at 2,048 positions is
+no (T, V) tensor is ever held (the memory rule: Qwen3's V = 151,936 at 2,048 positions is
 1.2 GB per float32 tensor). `ChunkedHead` takes each chunk's gradient w.r.t. the hidden states right
 there (one extra matmul), so nothing of size V outlives its chunk and nothing is recomputed in the
 backward pass; the losses in selfdistill.py run on it. Results equal the unchunked computation
@@ -18,7 +18,7 @@ def chunk_positions(chunk_size, vocab_size):
     """Positions per chunk: chunk_size, or for 0 the most whose (C, V) float32 logits fit in
     CHUNK_LOGITS_MB. A chunk holds about eight tensors of that size at once: at Qwen3's V = 151,936,
     193 positions and ≈ 0.9 GB; at the toy's V = 111, a whole micro-batch in one chunk. The LM head's
-    matmuls run faster on more rows (README, Performance)."""
+    matmuls run faster on more rows (docs/performance.md)."""
     return chunk_size or max(1, int(CHUNK_LOGITS_MB * 2 ** 20 // (4 * vocab_size)))
 
 
@@ -66,7 +66,7 @@ def response_hidden(model, rows, T, device):
 
 def token_log_probs(hidden, weight, ids, chunk_size, temperature=1.0):
     """log softmax(h·Wᵀ / temperature)[ŷ_t] for each position: hidden (N, d), ids (N,) → (N,),
-    `chunk_size` positions at a time, so no (N, V) tensor is held (DESIGN.md, memory rule)."""
+    `chunk_size` positions at a time, so no (N, V) tensor is held (the memory rule above)."""
     return torch.cat([(hidden[j:j + chunk_size] @ weight.T).float().div(temperature).log_softmax(-1)
                       .gather(-1, ids[j:j + chunk_size, None]).squeeze(-1)
                       for j in range(0, len(ids), chunk_size)])

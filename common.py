@@ -1,10 +1,10 @@
 """Plumbing every script needs and no reader of the method needs to see: one-line user errors,
-device / model / tokenizer / data loading, forward passes at response positions, the step's data
-order and seeds, signals, timers, progress bars and the optional figure backend.
-
-The rest of the plumbing has a file per job: the sampler (sampler.py), the run folder and its
-checkpoints (runfolder.py), config parsing (options.py) and the torchrun helpers (ranks.py).
-From the project this file imports only contexts.py (prompts) and ranks.py (the world size).
+device / model / tokenizer / data loading, the optimizer and its step, data order and seeds,
+signals, the end-of-run evaluation's child process, timers, progress bars, the leak / overlap
+metrics and the optional figure backend. The rest of the plumbing has a file per job: the sampler
+(sampler.py), the run folder and checkpoints (runfolder.py), config parsing (options.py), the
+torchrun helpers (ranks.py). From the project this file imports only contexts.py (prompts),
+ema_teacher.py (the EMA update) and ranks.py (world size, gradient sums, process groups).
 """
 import contextlib
 import errno

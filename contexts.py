@@ -189,7 +189,7 @@ def distilled_span(mask, lengths):
 
 
 # ---------------------------------------------------------------------------------------------
-# Critique forms (PAPER.md §4): the aligned critique and the paper's two controls, as texts.
+# Critique forms (the paper's §4): the aligned critique and the paper's two controls, as texts.
 
 def first_differing_step(response_text, critique_text):
     """Index of the first step where critique and rollout differ (with a step-aligned critic, the

@@ -9,11 +9,12 @@ On the 104 hand-labelled pairs of tests/test_answers.py it agrees with the label
 normaliser it replaced: 60). A parse failure is a wrong answer, never an exception; a pathological
 answer is cut off after a few seconds and counts as wrong, on any thread (see answers_match).
 
-Critique (PAPER.md §4). A frozen critic rewrites the solver's step-tagged trace by four cases:
+Critique (the paper's §4). A frozen critic rewrites the solver's step-tagged trace by four cases:
 A correct → reproduce it; B right answer, missing step → reproduce and insert it; C unfinished →
 reproduce, condense, finish; D wrong → copy the correct steps verbatim up to the earliest error,
 fix that step, finish. Every critic has one call, `critic(questions, responses, solutions,
-answers) -> list[str | None]` (None: the call failed), and a `check()` the trainer runs at start:
+answers) -> list[str | Failure]` (a Failure says why no critique came back: critic_error,
+critique_truncated, critic_oom), and a `check()` the trainer runs at start:
 
     toy.RuleCritic()                    the toy world's program (toy.rule_critique)
     HFCritic(model_path, ...)           a local Hugging Face causal LM, greedy
@@ -195,8 +196,38 @@ def squash(step):
     return re.sub(r"\s+", "", step).lower()
 
 
-def validate_critique(rollout, critique, gold=None):
-    """(valid, reason). A critique is valid when all of these hold:
+VALIDATION = ("full", "format", "off")  # critique_validation: what a critique must pass to enter the loss
+
+
+class Failure:
+    """A critique that did not come back, and why: `reason` is the name it is counted under in
+    metrics.jsonl (train/dropped/REASON) and prepare.json. critic_error: the request or the model
+    failed; critique_truncated: the critic reached its token budget (critic_max_new_tokens) before
+    it finished, e.g. still inside <think>; critic_oom: out of memory even one prompt at a time.
+    Falsy, like the None it replaces: `if critique:` reads as before."""
+    __slots__ = ("reason",)
+
+    def __init__(self, reason):
+        self.reason = reason
+
+    def __bool__(self):
+        return False
+
+    def __eq__(self, other):
+        return isinstance(other, Failure) and other.reason == self.reason
+
+    def __hash__(self):
+        return hash(self.reason)
+
+    def __repr__(self):
+        return f"Failure({self.reason!r})"
+
+
+def validate_critique(rollout, critique, gold=None, mode="full"):
+    """(valid, reason); an invalid critique's reason starts with the name it is counted under
+    (`reason.split(":")[0]`: critic_error, critique_truncated, critic_oom, bad_format,
+    wrong_answer, retyped_step, rewrote_right_answer). With mode="full" (the default) a critique
+    is valid when all of these hold:
 
     1. it parses: step tags numbered 1..N in order, N >= 1, no empty step, a non-empty answer;
     2. no paraphrased step: let k be the first step where critique and rollout differ (steps are
@@ -209,21 +240,26 @@ def validate_critique(rollout, critique, gold=None):
        (A rollout right by luck with a wrong first step is dropped too: the safe side.)
     4. when `gold` is given, the critique's answer matches it: every case ends at the right answer.
     An unparseable or unfinished rollout (case C) has no steps to align with: rules 2 and 3 skip.
-    Never raises."""
+    mode="format" checks rules 1-3 only (no gold check); mode="off" accepts any critique that came
+    back with text. Never raises."""
+    if isinstance(critique, Failure):
+        return False, f"{critique.reason}: no critique came back"
     if not isinstance(critique, str):
-        return False, "no critique"
+        return False, "critic_error: no critique came back"
+    if mode == "off":
+        return (True, "ok") if critique.strip() else (False, "bad_format: empty critique")
     try:
         steps, answer = parse_steps(critique)
     except ValueError as error:
-        return False, f"bad step tags: {error}"
+        return False, f"bad_format: bad step tags: {error}"
     if not steps:
-        return False, "no step tags"
+        return False, "bad_format: no step tags"
     if not all(steps):
-        return False, f"step {steps.index('') + 1} is empty"
+        return False, f"bad_format: step {steps.index('') + 1} is empty"
     if not answer:
-        return False, "no answer"
-    if gold is not None and not answers_match(extract_answer(critique), gold):
-        return False, "the critique's answer is not the gold answer"
+        return False, "bad_format: no answer"
+    if mode == "full" and gold is not None and not answers_match(extract_answer(critique), gold):
+        return False, "wrong_answer: the critique's answer is not the gold answer"
     try:
         rollout_steps = parse_steps(rollout)[0] if isinstance(rollout, str) else []
     except ValueError:
@@ -231,15 +267,15 @@ def validate_critique(rollout, critique, gold=None):
     n = min(len(steps), len(rollout_steps))
     k = next((i for i in range(n) if steps[i] != rollout_steps[i]), n)  # first changed step
     if k < n and squash(steps[k]) == squash(rollout_steps[k]):
-        return False, f"step {k + 1} retypes the solver's step (whitespace/case only)"
+        return False, f"retyped_step: step {k + 1} retypes the solver's step (whitespace/case only)"
     same_answer = answers_match(extract_answer(rollout), extract_answer(critique))
     if rollout_steps and same_answer and not set(steps) & set(rollout_steps):
-        return False, "rewrites a right-answer trace without copying any of its steps"
+        return False, "rewrote_right_answer: rewrites a right-answer trace without copying any of its steps"
     return True, "ok"
 
 
 # ---------------------------------------------------------------------------------------------
-# The model critic's instruction (PAPER.md §4, in our words)
+# The model critic's instruction (the paper's §4, in our words)
 
 
 def critic_prompt(question, response, solution, answer, prompts="instruct"):
@@ -306,26 +342,37 @@ class HFCritic:
 
     def generate(self, prompts):
         """Greedy completions of a few prompts, decoded with special tokens kept (the think tags
-        are special in some tokenizers and clean_critique needs them)."""
+        are special in some tokenizers and clean_critique needs them), and whether each reached
+        max_new_tokens before its end."""
         ids = [render_prompt(self.tokenizer, p, thinking=True) for p in prompts]
         out, truncated = sampler.generate(self.model, self.tokenizer, ids, self.max_new_tokens, temperature=0,
                                          batch_size=len(ids), stop=self.stop_ids)
         return [self.tokenizer.decode(row if cut else row[:-1], skip_special_tokens=False)
-                for row, cut in zip(out, truncated)]
+                for row, cut in zip(out, truncated)], truncated
 
     def __call__(self, questions, responses, solutions, answers):
         prompts = [critic_prompt(*item, prompts=self.prompts)
                    for item in zip(questions, responses, solutions, answers, strict=True)]
-        critiques = []
-        for start in range(0, len(prompts), self.batch_size):
-            batch = prompts[start:start + self.batch_size]
+        critiques, start, batch_size = [], 0, self.batch_size
+        while start < len(prompts):
+            batch = prompts[start:start + batch_size]
             try:
-                critiques += [clean_critique(t) for t in self.generate(batch)]
-            except torch.OutOfMemoryError:  # one too-long batch drops its samples, not the run
-                log.warning("critic ran out of memory on %d prompts; they count as failed", len(batch))
-                critiques += [None] * len(batch)
+                texts, truncated = self.generate(batch)
+            except torch.OutOfMemoryError:  # halve the batch and retry before any sample is dropped
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
+                if batch_size > 1:
+                    batch_size //= 2
+                    log.warning("critic ran out of memory on %d prompts; retrying %d at a time "
+                                "(set critic_batch=%d)", len(batch), batch_size, batch_size)
+                    continue
+                log.warning("critic ran out of memory on one prompt; it counts as critic_oom")
+                texts, truncated = [Failure("critic_oom")], [False]
+            critiques += [text if isinstance(text, Failure) else
+                          Failure("critique_truncated") if cut else clean_critique(text)
+                          for text, cut in zip(texts, truncated)]
+            start += len(batch)
+        self.batch_size = batch_size  # the size that fitted serves the next call too
         return critiques
 
 
@@ -348,7 +395,9 @@ class HTTPCritic:
     `timeout` applies per request (per socket operation); a request that times out, cannot
     connect, or gets HTTP 5xx/429 is retried `retries` times with an exponential backoff of at most
     MAX_BACKOFF, all within DEADLINE_TIMEOUTS × timeout per critique; any other HTTP error, a
-    malformed reply or one over `max_reply_bytes` fails at once. A sample that failed is None.
+    malformed reply or one over `max_reply_bytes` fails at once. A sample that failed is a
+    Failure: critic_error, or critique_truncated when the reply stopped at max_tokens
+    (finish_reason "length"). `workers` requests are in flight at once (critic_batch).
     Requests run on daemon threads that a stop signal (common.STOPPING) abandons: the call then
     raises Stopped at once instead of waiting for a server that may never answer."""
 
@@ -396,27 +445,30 @@ class HTTPCritic:
                              f"(it serves {', '.join(map(str, served[:5]))})")
 
     def post(self, prompt, deadline):
-        """One request; returns the reply's text or raises (TimeoutError past `deadline`)."""
+        """One request: (the reply's text, whether it stopped at max_tokens); raises on failure
+        (TimeoutError past `deadline`)."""
         body = json.dumps({"model": self.model, "temperature": 0, "max_tokens": self.max_tokens,
                            "messages": [{"role": "user", "content": prompt}]}).encode()
         request = urllib.request.Request(self.base_url + "/chat/completions", data=body,
                                          headers=self.headers(), method="POST")
         timeout = max(0.01, min(self.timeout, deadline - time.monotonic()))
         with urllib.request.urlopen(request, timeout=timeout) as reply:
-            content = json.loads(read_capped(reply, self.max_reply_bytes, deadline))["choices"][0]["message"]["content"]
+            choice = json.loads(read_capped(reply, self.max_reply_bytes, deadline))["choices"][0]
+        content = choice["message"]["content"]
         if not isinstance(content, str):
             raise TypeError("the reply has no text content")
-        return content
+        return content, choice.get("finish_reason") == "length"
 
     def ask(self, prompt):
-        """One critique with bounded retries and a deadline; None when it still failed. Raises
+        """One critique with bounded retries and a deadline; a Failure when it still failed. Raises
         Stopped when a stop signal came first."""
         deadline = time.monotonic() + DEADLINE_TIMEOUTS * self.timeout
         for attempt in range(max(self.retries, 0) + 1):
             if common.STOPPING.is_set():
                 raise Stopped
             try:
-                return clean_critique(self.post(prompt, deadline))
+                text, cut = self.post(prompt, deadline)  # cut: max_tokens reached (greedy: again if asked)
+                return Failure("critique_truncated") if cut else clean_critique(text)
             except urllib.error.HTTPError as error:
                 error.close()
                 reason = f"HTTP {error.code}"
@@ -439,12 +491,12 @@ class HTTPCritic:
             if common.STOPPING.wait(delay):  # not time.sleep: a stop signal ends the wait
                 raise Stopped
         log.warning("critic request failed after %d attempt(s): %s", attempt + 1, reason)
-        return None
+        return Failure("critic_error")
 
     def __call__(self, questions, responses, solutions, answers):
         prompts = [critic_prompt(*item, prompts=self.prompts)
                    for item in zip(questions, responses, solutions, answers, strict=True)]
-        critiques, done, errors = [None] * len(prompts), [], []
+        critiques, done, errors = [Failure("critic_error")] * len(prompts), [], []
         todo = collections.deque(enumerate(prompts))
 
         def work():  # one worker: prompts from the shared queue until it is empty, or an error
@@ -500,6 +552,8 @@ def check_settings(cfg):
                         "(e.g. OPENAI_API_KEY) that holds the key, not the key itself; it was not saved")
     if not cfg.critic_timeout > 0:
         raise UserError("config key 'critic_timeout' must be positive (seconds)")
+    if cfg.critic_max_new_tokens < 1 or cfg.critic_batch < 1:
+        raise UserError("config keys 'critic_max_new_tokens' and 'critic_batch' must be at least 1")
     if cfg.critic_retries > MAX_CRITIC_RETRIES:
         raise UserError(f"config key 'critic_retries' must lie in 0..{MAX_CRITIC_RETRIES} (a critique gets "
                         f"a few critic_timeouts in all, retries included)")
@@ -526,10 +580,11 @@ def from_config(cfg, device, model_path=None):
     critic is toy.RuleCritic."""
     settings = {
         "hf": dict(model_path=model_path or cfg.critic_model, device=str(device), dtype=cfg.dtype,
-                   max_new_tokens=cfg.critic_max_new_tokens, trust_remote_code=cfg.trust_remote_code),
+                   max_new_tokens=cfg.critic_max_new_tokens, batch_size=cfg.critic_batch,
+                   trust_remote_code=cfg.trust_remote_code),
         "http": dict(base_url=cfg.critic_url, model=cfg.critic_model, api_key_env=cfg.critic_api_key_env,
                      timeout=cfg.critic_timeout, retries=cfg.critic_retries,
-                     max_tokens=cfg.critic_max_new_tokens),
+                     max_tokens=cfg.critic_max_new_tokens, workers=cfg.critic_batch),
     }[cfg.critic]
     settings["prompts"] = cfg.prompts  # the critic speaks the run's prompt set (toy or instruct)
     try:

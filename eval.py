@@ -1,4 +1,4 @@
-"""Evaluation: Avg@k, Pass@k, Maj@k and mean length at every checkpoint of a run (PAPER.md §6),
+"""Evaluation: Avg@k, Pass@k, Maj@k and mean length at every checkpoint of a run (the paper's §6),
 and the base model as step 0. The other programs that read runs have a file each: the comparison
 tables and plots (compare.py), the per-token advantage analysis of Fig. 4 (analyze.py) and data
 preparation (prepare.py); they share this file's metrics and its checked loading of a run's config.

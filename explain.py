@@ -59,8 +59,8 @@ def show_step(cfg, n_shown, loop):
     prompt_ids, responses, truncated, texts = loop.sample_rollouts(cfg, model, tokenizer, per_rollout, step, 0)
     rewards = torch.tensor([critic.reward(t, r["answer"], world.exact_answers(cfg))
                             for t, r in zip(texts, per_rollout)])
-    critiques, valid, context_texts, _ = loop.judge_rollouts(cfg, judge, per_rollout, texts, False)
-    keep, divisor, _, advantages = loop.kept_rollouts(cfg, rewards, responses, valid)
+    critiques, verdicts, context_texts, _ = loop.judge_rollouts(cfg, judge, per_rollout, texts, False)
+    keep, divisor, _, advantages = loop.kept_rollouts(cfg, rewards, responses, verdicts)
     if cfg.arm != "grpo":
         teacher_ids, span_ends = loop.teacher_inputs(cfg, tokenizer, per_rollout, responses, critiques,
                                                      context_texts, keep)

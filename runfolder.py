@@ -428,7 +428,7 @@ def resume(run_dir, model, optimizer, scheduler, writer=True):
 # The step's log line, and stopping after a checkpoint.
 
 def log_step(run_dir, record, total_steps, finite, sample_every, sample_records, texts, rewards,
-             context_texts, valid, truncated):
+             context_texts, verdicts, truncated):
     """One metrics line, one printed line, and every `sample_every` steps the samples with their
     teacher contexts (reading them is how self-distillation is debugged)."""
     from tqdm import tqdm
@@ -443,8 +443,8 @@ def log_step(run_dir, record, total_steps, finite, sample_every, sample_records,
         for i, r in enumerate(sample_records):
             append_jsonl(os.path.join(run_dir, "samples.jsonl"),
                          {"step": step, "id": r["id"], "question": r["question"], "response": texts[i],
-                          "reward": rewards[i].item(), "context": context_texts[i], "valid": valid[i],
-                          "truncated": truncated[i]})
+                          "reward": rewards[i].item(), "context": context_texts[i],
+                          "valid": verdicts[i] == "ok", "verdict": verdicts[i], "truncated": truncated[i]})
 
 
 def stop_if_asked(stop, give_up, nonfinite, step):
@@ -470,16 +470,18 @@ def drop_step_and_stop(run_dir, step, model, optimizer, scheduler, ema, state, s
     stop_if_asked(stop, False, state["nonfinite"], step)
 
 
-def step_record(cfg, tokenizer, step, totals, rewards, responses, truncated, texts, context_texts, valid,
+def step_record(cfg, tokenizer, step, totals, rewards, responses, truncated, texts, context_texts, verdicts,
                 zero_signal, analysed, grad_norm, lr, finite, times):
     """The step's metrics line (README, Metrics), all but the whole step's time (`time/step`)."""
     record = {"step": step, "train/loss": totals["loss"], "train/reward": rewards.mean().item(),
               "train/response_len": sum(map(len, responses)) / len(responses),
               "train/truncated": sum(truncated) / len(truncated),
-              "train/critique_invalid": valid.count(False), "train/zero_signal": zero_signal,
+              "train/critique_invalid": len(verdicts) - verdicts.count("ok"), "train/zero_signal": zero_signal,
               "train/leak_rate": common.leak_rate(texts, cfg.prompts),
               "train/context_overlap": common.context_overlap(tokenizer, responses, context_texts),
               "train/grad_norm": grad_norm, "train/lr": lr, "train/nonfinite": int(not finite), **times}
+    for reason in sorted(set(verdicts) - {"ok"}):  # why critiques were dropped (critic.validate_critique)
+        record[f"train/dropped/{reason}"] = verdicts.count(reason)
     if totals["tokens"]:  # absent, not 0, when no token entered the loss
         record["train/entropy"] = totals["entropy"] / totals["tokens"]
         if cfg.arm != "grpo" or cfg.grpo_beta:  # grpo: the k3 KL to π_ref, only when penalised

@@ -2,7 +2,7 @@
 build's filter and the HF critic's critiques. Its decoding loop `decode` draws what HF's
 `model.generate` would draw from the same seed (tests/test_train.py compares them), but lets
 finished rows leave the batch, reads each distinct prompt once and writes the KV cache into
-buffers (README, Performance). Settings `decode` does not apply (`hf_only_settings`) and the
+buffers (docs/performance.md). Settings `decode` does not apply (`hf_only_settings`) and the
 toy build's static cache go through HF's own loop.
 """
 import inspect

@@ -26,8 +26,9 @@ Deviations from the paper, and the choices it leaves open (each a config field):
 14. `grpo_beta` > 0 adds β·KL(π_θ ‖ π_ref) per token, π_ref = the base (adapter off, one no-grad
     forward, no second model), with the k3 estimator r − log r − 1, r = π_ref(ŷ_t)/π_θ(ŷ_t), as TRL
     and DeepSeekMath do; default 0, as in TRL (the paper's GRPO arm names no KL term).
- 5. A critique that fails validation (critic.validate_critique) drops its sample from the loss,
-    counted in `train/critique_invalid`; it is never replaced by anything else.
+ 5. A critique that fails validation (critic.validate_critique at `critique_validation`) drops
+    its sample from the loss, counted in `train/critique_invalid` and by reason in
+    `train/dropped/REASON`; it is never replaced by anything else.
  6. A teacher context longer than `max_context_tokens` loses its middle (marked); the question
     and the final instruction are never cut.
  7. The student's chat template runs with thinking off; the teacher's with `teacher_thinking`
@@ -150,7 +151,9 @@ class Config:
     critic_api_key_env: str = "OPENAI_API_KEY"  # http: environment variable that holds the API key
     critic_timeout: float = 120.0  # http: seconds per request (a critique gets at most 3x this in all, retries included)
     critic_retries: int = 3  # http: retries after a failed request
-    critic_max_new_tokens: int = 1024  # critique length limit (a toy world: at most twice its budget)
+    critic_max_new_tokens: int = 1024  # critique length limit, thinking included (a critique cut there counts as critique_truncated; a toy world: at most twice its budget)
+    critic_batch: int = 8  # critiques in flight at once: hf's batch (halved on out-of-memory), http's concurrent requests
+    critique_validation: str = "full"  # what a critique must pass to enter the loss: full (format, alignment, gold answer) | format (no gold check) | off (any text)
     # logging, checkpoints, evaluation
     sample_every: int = 10  # write samples.jsonl (with the teacher contexts) every N steps
     checkpoint_every: int = 10  # checkpoint every N steps (and at the end)
@@ -168,7 +171,8 @@ CHOICES = {
     "toy_phrasing": ("other", "same"), "teacher": ("base", "ema", "live"),
     "divergence": ("forward", "reverse", "jsd"), "support": ("full", "topk", "sampled"),
     "topk_side": ("student", "teacher"), "schedule": ("constant", "linear", "cosine"),
-    "critic": ("rule", "hf", "http"), "distill_span": ("all", "through_first_divergence"), "grpo_norm": NORMS,
+    "critic": ("rule", "hf", "http"), "critique_validation": critic.VALIDATION,
+    "distill_span": ("all", "through_first_divergence"), "grpo_norm": NORMS,
     "report_to": ("none", "tensorboard", "wandb"),
 }
 
@@ -224,6 +228,10 @@ def check_consistency(cfg):
     if cfg.distill_span != "all" and not cfg.arm.startswith("critique"):
         raise UserError("distill_span=through_first_divergence needs a critique arm (the span ends "
                         "where the response leaves the critique's verbatim prefix)")
+    if cfg.critique_validation == "off" and (cfg.arm in ("critique_quoting", "critique_no_prefix")
+                                             or cfg.distill_span != "all"):
+        raise UserError(f"{cfg.arm if cfg.arm != 'critique' else 'distill_span=' + cfg.distill_span} reads "
+                        f"the critique's steps: it needs critique_validation=full or format, not off")
     if cfg.support == "sampled" and cfg.divergence != "reverse":
         raise UserError("support=sampled estimates reverse KL only; set divergence=reverse")
     if cfg.arm.startswith("critique"):  # the arms that call the critic at every step
@@ -395,10 +403,12 @@ def sample_rollouts(cfg, model, tokenizer, per_rollout, step, rank):
 def judge_rollouts(cfg, judge, per_rollout, texts, analyse):
     """2. The teacher's context c for each rollout: the arm's form of its critique, or the reference
     (the record's solution; under the toy world's alignment dial the dial's, world.load_records).
-    Returns (critiques, valid, context_texts, stopped): an invalid critique drops its rollout;
-    stopped: a signal abandoned the HTTP critic's requests (no critique came back)."""
+    Returns (critiques, verdicts, context_texts, stopped). A verdict is "ok" or the reason its
+    rollout is dropped (critic.validate_critique at `critique_validation`: critic_error,
+    critique_truncated, bad_format, wrong_answer, ...); stopped: a signal abandoned the HTTP
+    critic's requests (no critique came back)."""
     n, is_critique = len(per_rollout), cfg.arm.startswith("critique")
-    critiques, valid, context_texts, stopped = [None] * n, [True] * n, [None] * n, False
+    critiques, verdicts, context_texts, stopped = [None] * n, ["ok"] * n, [None] * n, False
     if is_critique or analyse:
         try:
             critiques = judge([r["question"] for r in per_rollout], texts,
@@ -407,16 +417,16 @@ def judge_rollouts(cfg, judge, per_rollout, texts, analyse):
             stopped = True
     if is_critique:  # the arm's form of each valid critique (the two controls rewrite it)
         restyle = world.toy_restyle(cfg)
-        valid = [c is not None and critic.validate_critique(t, c, r["answer"])[0]
-                 for t, c, r in zip(texts, critiques, per_rollout)]
-        context_texts = [contexts.critique_form(cfg.arm, t, c, restyle) if ok else c
-                         for t, c, ok in zip(texts, critiques, valid)]
+        verdicts = [critic.validate_critique(t, c, r["answer"], cfg.critique_validation)[1].split(":")[0]
+                    for t, c, r in zip(texts, critiques, per_rollout)]
+        context_texts = [contexts.critique_form(cfg.arm, t, c, restyle) if v == "ok" else c or None
+                         for t, c, v in zip(texts, critiques, verdicts)]
     elif cfg.arm == "reference":
         context_texts = [r["solution"] for r in per_rollout]
-    return critiques, valid, context_texts, stopped
+    return critiques, verdicts, context_texts, stopped
 
 
-def kept_rollouts(cfg, rewards, responses, valid):
+def kept_rollouts(cfg, rewards, responses, verdicts):
     """The rollouts that enter the loss, and the loss's divisor: the whole step's count, summed over
     processes under torchrun: GRPO's kept tokens (of samples with A_i ≠ 0), self-distillation's kept
     sequences (a valid context). GRPO's divisor follows grpo_norm (grpo.policy_gradient_loss).
@@ -430,7 +440,7 @@ def kept_rollouts(cfg, rewards, responses, valid):
         constant = cfg.max_new_tokens * cfg.batch_size * cfg.samples_per_question if n_tokens else 0
         divisor = {"token_mean": n_tokens, "sequence_mean": n_sequences, "constant": constant}[cfg.grpo_norm]
         return keep, divisor, flat_groups / cfg.batch_size, advantages
-    keep = [i for i in range(len(responses)) if valid[i]]
+    keep = [i for i in range(len(responses)) if verdicts[i] == "ok"]
     [n_sequences] = ranks.all_sum([len(keep)])
     return keep, n_sequences, 1 - n_sequences / (cfg.batch_size * cfg.samples_per_question), None
 
@@ -499,14 +509,14 @@ def train(cfg):
         # 2. judge: the teacher's context c for each rollout (an invalid critique drops its rollout)
         analyse = cfg.arm != "grpo" and cfg.analysis_every and (step + 1) % cfg.analysis_every == 0
         with timer("critic"):
-            critiques, valid, context_texts, stopped = judge_rollouts(cfg, judge, per_rollout,
-                                                                      texts, analyse)
+            critiques, verdicts, context_texts, stopped = judge_rollouts(cfg, judge, per_rollout,
+                                                                         texts, analyse)
         if stopped and world_size == 1:  # the step never happened: save the last one, stop
             runfolder.drop_step_and_stop(run_dir, step, model, optimizer, scheduler, ema, state,
                                          stop, tokenizer)
         # 3-5. teacher and student on the same ŷ; the loss's gradient accumulates over
         # micro-batches, each divided by the whole step's `divisor` (GRPO: tokens, SD: sequences)
-        keep, divisor, zero_signal, advantages = kept_rollouts(cfg, rewards, responses, valid)
+        keep, divisor, zero_signal, advantages = kept_rollouts(cfg, rewards, responses, verdicts)
         if cfg.arm != "grpo":
             teacher_ids, span_ends = teacher_inputs(cfg, tokenizer, per_rollout, responses,
                                                     critiques, context_texts, keep)
@@ -558,17 +568,17 @@ def train(cfg):
         # 7. log (under torchrun, every process's rollouts in rank order; rank 0 writes)
         analysed = list(zip(*[[responses[i] for i in keep], A_parts, [texts[i] for i in keep],
                               [critiques[i] for i in keep]])) if analyse else []
-        rewards, per_rollout, texts, responses, truncated, context_texts, valid, analysed = \
+        rewards, per_rollout, texts, responses, truncated, context_texts, verdicts, analysed = \
             ranks.gather_rollouts(world_size, rewards, per_rollout, texts, responses, truncated,
-                                  context_texts, valid, analysed)
+                                  context_texts, verdicts, analysed)
         record = runfolder.step_record(
             cfg, tokenizer, step + 1, totals, rewards, responses, truncated, texts, context_texts,
-            valid, zero_signal, analysed, grad_norm=grad_norm, lr=scheduler.get_last_lr()[0],
+            verdicts, zero_signal, analysed, grad_norm=grad_norm, lr=scheduler.get_last_lr()[0],
             finite=finite, times=timer.record())
         record["time/step"] = round(time.perf_counter() - step_start, 3)  # all of it up to here
         if rank == 0:
             runfolder.log_step(run_dir, record, total_steps, finite, cfg.sample_every,
-                               per_rollout, texts, rewards, context_texts, valid, truncated)
+                               per_rollout, texts, rewards, context_texts, verdicts, truncated)
             tracker.log(record)
         # 8. checkpoint (and stop, on a signal or too many non-finite steps)
         runfolder.checkpoint_and_stop(cfg, run_dir, rank, step + 1, total_steps, finite, state,

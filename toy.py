@@ -191,7 +191,7 @@ def reference_solution(question, order="grouped", phrasing="other"):
 
 
 # ---------------------------------------------------------------------------------------------
-# The frozen rule-based critic (PAPER.md §4).
+# The frozen rule-based critic (the paper's §4).
 
 
 def critique_case(question, response, gold_answer):

@@ -23,10 +23,10 @@ A built world asked for other settings than its build.json's is an error that sa
 Besides train/test, a world has a transfer split (build_transfer): filtered problems none of whose
 faulty facts lies on any train question's chain, evaluated at step 0 and at a run's last checkpoint.
 
-World v3: the same code as v2 with fault_rate 1.0 (see the README's comparison: at 0.8 GRPO's
+World v3: the same code as v2 with fault_rate 1.0 (see docs/results.md: at 0.8 GRPO's
 binary reward found the fix in its own samples, 53-57 % of its groups had a reward contrast).
 
-World v2 (v1's comparison was decided by the world, not the method; see the README):
+World v2 (v1's comparison was decided by the world, not the method; see docs/toy_world.md):
   - arithmetic is the only lever: one solver style (a+b=r), so there is no style to choose (v1 had
     four, unequally hard, and GRPO won by avoiding the hard one); what the solver gets wrong is a
     fixed set of arithmetic facts (ASSUMPTION 0 below);
@@ -89,7 +89,7 @@ class BuildSettings:
     seed: int = 0
     steps: int = 2000             # pretraining steps: a fixed count, so the build is deterministic
     batch_size: int = 32
-    lr: float = 1e-3              # lr 3e-3 stalled in MEASURED.md; 2e-3 learned slower here
+    lr: float = 1e-3              # lr 3e-3 stalled before v1 (docs/history.md); 2e-3 learned slower here
     warmup: int = 50              # linear warm-up steps
     decay: float = 0.25           # last share of the steps, lr decays linearly to lr / 10 (most of
                                   # the accuracy appears during this decay)

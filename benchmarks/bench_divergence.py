@@ -24,7 +24,7 @@ They are about the full size: --quick only shows the script working, its ratios 
 fixed costs (library set-up, per-chunk overhead) and mean nothing. On a 2-core CPU the full size
 takes 30-40 s per run, ~6 min in all with 3 repeats and --entropy. --chunk defaults to the
 training default (selfdistill.Config.chunk_size). What moves the ratio, measured on a 2-core
-AMD EPYC machine (README, Performance): the matmuls' speed on C rows (slower at 128 than at 192 or
+AMD EPYC machine (docs/performance.md): the matmuls' speed on C rows (slower at 128 than at 192 or
 2,048, more so on 2 threads), and the naive side's page faults on its 8 GB, whose cost varies from
 machine to machine and hour to hour; the chunked side's extra passes do not (entropy ≈ +3 %).
 """

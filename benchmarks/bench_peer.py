@@ -100,7 +100,7 @@ Run (PEER="--peer-python .venv-peer/bin/python"; wall time on 2 shared cores):
     .venv/bin/python benchmarks/bench_peer.py $PEER --shape qwen3 --batch-size 16 --micro-batch 16 --steps 2 \\
       --repeats 1                                                      # TRL passes the 10 GiB cap
 
-The figures and the date they were measured are in the README's Performance section.
+The figures and the date they were measured are in docs/performance.md.
 """
 import argparse
 import json

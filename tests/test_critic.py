@@ -17,7 +17,7 @@ import pytest
 import selfdistill
 import toy
 from common import UserError
-from critic import (HFCritic, HTTPCritic, answers_match, clean_critique, critic_prompt, extract_answer,
+from critic import (Failure, HFCritic, HTTPCritic, answers_match, clean_critique, critic_prompt, extract_answer,
                     from_config, make_critic, reward, validate_critique)
 from toy import RuleCritic
 import world
@@ -151,7 +151,7 @@ GOOD = "<step_1> 2+7=9 <step_2> 9+5=14 <answer> 14"
 def test_hf_critic_on_tiny_model(tiny_model_dir):
     hf = HFCritic(tiny_model_dir, max_new_tokens=8, batch_size=2)
     out = hf(*(column * 3 for column in ARGS))                   # 3 prompts: batches of 2 and 1
-    assert len(out) == 3 and all(o is None or isinstance(o, str) for o in out)
+    assert len(out) == 3 and all(isinstance(o, (Failure, str)) for o in out)
     assert not any(p.requires_grad for p in hf.model.parameters()) and not hf.model.training
 
 
@@ -182,12 +182,12 @@ def test_http_critic_timeout_gives_none_quickly(server):
     server.replies = "slow"
     http = HTTPCritic(server.url, "critic-model", timeout=0.5, retries=1, backoff=0.05)
     start = time.time()
-    assert http(*ARGS) == [None]
+    assert http(*ARGS) == [Failure("critic_error")]
     assert len(server.requests) == 2 and time.time() - start < 3
 
 
 @pytest.mark.parametrize("mode, answer, attempts", [
-    ("not_json", None, 1), ("400", None, 1), ("flaky", GOOD, 2)])
+    ("not_json", Failure("critic_error"), 1), ("400", Failure("critic_error"), 1), ("flaky", GOOD, 2)])
 def test_http_critic_failures_and_retries(server, mode, answer, attempts):
     server.replies = mode
     http = HTTPCritic(server.url, "critic-model", timeout=5, retries=2, backoff=0.01)

@@ -312,7 +312,7 @@ def test_retries_of_a_silent_critic_end_at_the_deadline(serve):
     server = serve("hang")
     http = critic.HTTPCritic(server.url, "critic-model", timeout=0.3, retries=10, backoff=0.01)
     result, seconds = timed(lambda: http(*ARGS))
-    assert result == [None] and seconds < critic.DEADLINE_TIMEOUTS * 0.3 + 1.0
+    assert result == [critic.Failure("critic_error")] and seconds < critic.DEADLINE_TIMEOUTS * 0.3 + 1.0
     assert server.posts < 11
 
 
@@ -325,7 +325,7 @@ def test_the_backoff_is_capped(cap, serve, monkeypatch):
         monkeypatch.setattr(critic, "MAX_BACKOFF", 0.1)
     http = critic.HTTPCritic(server.url, "critic-model", timeout=timeout, retries=3, backoff=1000)
     result, seconds = timed(lambda: http(*ARGS))
-    assert result == [None] and seconds < 2.5
+    assert result == [critic.Failure("critic_error")] and seconds < 2.5
     assert server.posts == (4 if cap == "MAX_BACKOFF" else 1)
 
 
@@ -335,7 +335,7 @@ def test_a_reply_over_the_size_cap_is_a_counted_failure(mode, serve, caplog):
     server = serve(mode)
     http = critic.HTTPCritic(server.url, "critic-model", timeout=5, retries=3, max_reply_bytes=10_000)
     with caplog.at_level(logging.WARNING, logger="critic"):
-        assert http(*ARGS) == [None]
+        assert http(*ARGS) == [critic.Failure("critic_error")]
     assert server.posts == 1
     assert any("over the 10000" in r.getMessage() for r in caplog.records)
 
