@@ -154,6 +154,16 @@ def pool_transfer(members):
             "final": at([r["avg"] for r in finals], finals), "questions": finals[0]["questions"]}
 
 
+def train_seconds(run_dir):
+    """(seconds, critic seconds) of a run's training: its metrics.jsonl's time/step and time/critic
+    summed over steps (the last line of a step wins: a resumed run logs it again); None when absent."""
+    log = {m["step"]: m for m in read_rows(os.path.join(run_dir, "metrics.jsonl"), metrics_problem)}
+    if not log or not all(finite(m.get("time/step")) for m in log.values()):
+        return None
+    return (sum(m["time/step"] for m in log.values()),
+            sum(m["time/critic"] for m in log.values() if finite(m.get("time/critic"))))
+
+
 def compare_runs(run_dirs):
     """Arms (runs equal up to SAME_ARM_IGNORES), each pooled: a list of dicts, plus common notes."""
     groups, shared = group_runs(run_dirs)
@@ -162,10 +172,12 @@ def compare_runs(run_dirs):
         runs = [(config, rows) for _, config, rows in members]
         config = runs[0][0]
         k = next(iter(runs[0][1].values()))["k"]
+        seconds = [train_seconds(run_dir) for run_dir, _, _ in members]
         result.append({"label": label, "seeds": sorted(c["seed"] for c, _ in runs), "k": k,
                        "questions_per_step": config["batch_size"],
                        "rollouts_per_step": config["batch_size"] * config["samples_per_question"],
                        "ceiling": world.teacher_ceiling(config), "transfer": pool_transfer(members),
+                       "seconds": None if None in seconds else [statistics.fmean(x) for x in zip(*seconds)],
                        **pool_arm(runs)})
     return result, shared
 
@@ -196,15 +208,18 @@ def budget_table(arms, markdown=False, reach=0.5):
     R = min(finals[a["label"]] * a["rollouts_per_step"] for a in arms)
     cell = lambda entry, a: "—" if entry is None else format_cell(entry, len(a["seeds"]), 100, markdown, step=True)
     header = ["arm", "questions/step", "rollouts/step", "questions", "rollouts", f"Avg@{k} final",
-              f"Avg@{k} at {Q} questions", f"Avg@{k} at {R} rollouts", f"rollouts to Avg@{k} ≥ {100 * reach:g}"]
+              f"Avg@{k} at {Q} questions", f"Avg@{k} at {R} rollouts", f"rollouts to Avg@{k} ≥ {100 * reach:g}",
+              "train s (critic s)"]
     body = [[a["label"], str(a["questions_per_step"]), str(a["rollouts_per_step"]),
              str(finals[a["label"]] * a["questions_per_step"]), str(finals[a["label"]] * a["rollouts_per_step"]),
              cell(a["avg"]["final"], a), cell(at_budget(a, Q, a["questions_per_step"]), a),
              cell(at_budget(a, R, a["rollouts_per_step"]), a),
-             "—" if (n := rollouts_to_reach(a, reach)) is None else str(n)] for a in arms]
+             "—" if (n := rollouts_to_reach(a, reach)) is None else str(n),
+             "—" if a["seconds"] is None else f"{a['seconds'][0]:.0f} ({a['seconds'][1]:.0f})"] for a in arms]
     note = ("Budgets: questions seen and rollouts drawn (step × questions per step × G), Avg@k in % ± std "
             "over seeds; each arm at the evaluated step (in parentheses) closest to the budget, a dash where "
-            "it never got there:")
+            "it never got there; train s: the whole run's training wall-clock (the critic's share in "
+            "parentheses), seed mean, from metrics.jsonl's time/step and time/critic; evaluation not included:")
     return ["", *([note] if markdown else textwrap.wrap(note, WIDTH)), ""] + table_lines(header, body, markdown)
 
 

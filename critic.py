@@ -345,7 +345,11 @@ class HFCritic:
         are special in some tokenizers and clean_critique needs them), and whether each reached
         max_new_tokens before its end."""
         ids = [render_prompt(self.tokenizer, p, thinking=True) for p in prompts]
-        out, truncated = sampler.generate(self.model, self.tokenizer, ids, self.max_new_tokens, temperature=0,
+        # never past the model's last position (the toy critic has 512): a critique that would go
+        # on is cut there and counts as critique_truncated, instead of an indexing error
+        positions = getattr(self.model.config, "max_position_embeddings", None) or 10 ** 9
+        budget = max(1, min(self.max_new_tokens, positions - max(map(len, ids))))
+        out, truncated = sampler.generate(self.model, self.tokenizer, ids, budget, temperature=0,
                                          batch_size=len(ids), stop=self.stop_ids)
         return [self.tokenizer.decode(row if cut else row[:-1], skip_special_tokens=False)
                 for row, cut in zip(out, truncated)], truncated

@@ -26,6 +26,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -298,3 +299,56 @@ def resolve(root, name):
     """A critic's folder: a name of a world's critics (weak / medium / strong), or None."""
     path = os.path.join(folder(root), name)
     return path if name in NAMES else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving a critic: `transformers serve`, the OpenAI-compatible API that `vllm serve` speaks
+
+
+SERVING_EXTRA = 'pip install "transformers[serving]==5.24.0"'
+
+
+def check_serving():
+    """A one-line error when transformers' serving extra (FastAPI, uvicorn) is not installed."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise common.UserError(f"serving a critic needs transformers' serving extra: {SERVING_EXTRA}") from None
+
+
+def serve_command(path, port, host="127.0.0.1"):
+    """`transformers serve PATH` on the CPU, pinned to one model: the server answers for it under the
+    name PATH exactly as written here (so critic_model=PATH), and lists it at /v1/models."""
+    launcher = "import sys; from transformers.cli.transformers import main; sys.exit(main())"
+    return [sys.executable, "-c", launcher, "serve", path, "--device", "cpu", "--host", host, "--port", str(port)]
+
+
+def command_line(argv=None):
+    """python toy_critic.py serve NAME|FOLDER [--world toy] [--port 8000]: serve a toy critic on
+    127.0.0.1 and print the training command that uses it."""
+    import argparse
+    import toy_build
+    parser = argparse.ArgumentParser(description="Serve a toy world's learned critic (transformers serve).")
+    parser.add_argument("command", choices=["serve"])
+    parser.add_argument("critic", help=f"one of {', '.join(NAMES)}, or a critic's folder")
+    parser.add_argument("--world", default="toy", choices=sorted(toy_build.WORLDS))
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args(argv)
+    check_serving()
+    root = toy_build.world_root(args.world)
+    path = resolve(root, args.critic) or args.critic
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise common.UserError(f"no critic in {path}: name one of {', '.join(NAMES)} (built with python "
+                               f"toy_build.py critics --world {args.world}) or a critic's folder")
+    path = os.path.relpath(path)  # the name the server answers for, as the user will type it
+    print(f"serving {path} on http://127.0.0.1:{args.port}/v1; train against it with:\n"
+          f"  python selfdistill.py --context critique model={args.world} critic=http "
+          f"critic_url=http://127.0.0.1:{args.port}/v1 critic_model={path}", flush=True)
+    command = serve_command(path, args.port)
+    os.execv(command[0], command)
+
+
+if __name__ == "__main__":
+    with common.user_errors():
+        command_line()

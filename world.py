@@ -43,8 +43,6 @@ def model_settings(cfg):
                   f"{budget} (build.json), which its difficulty filter used", file=sys.stderr)
     elif cfg.max_new_tokens == 0:
         cfg.max_new_tokens = 512
-    if toy_model:  # a toy critique is a trace: the budget bounds it (and the model's 512 positions must hold it)
-        cfg.critic_max_new_tokens = min(cfg.critic_max_new_tokens, 2 * cfg.max_new_tokens)
     if not toy_model and (cfg.toy_order, cfg.toy_phrasing) != ("grouped", "other"):
         raise UserError("config keys 'toy_order' and 'toy_phrasing' apply to toy-world models only")
 
