@@ -18,6 +18,7 @@ Prompts (contexts.PROMPTS["toy"] through the chat template; each tag and special
     student  <|user|>2+7+5-9<|end|><|assistant|>
     teacher  <|user|>2+7+5-9\\nfix: <critique><|end|><|assistant|>    (or "\\nref: <reference>")
     response <step_1> 2+7=9 ... <answer> 5<|end|>
+    critic   <|user|>2+7+5-9\nanswer: 5\nattempt: <response><|end|><|assistant|>   (the learned critic, toy_critic.py)
 """
 import itertools
 import random

@@ -18,8 +18,15 @@ critic.validate_critique with and without the gold check, the share whose fix is
 critique's (same first changed step, same text), and the teacher ceiling with its critiques.
 The world's own model, data and build.json are not touched.
 
+The critics serve through `transformers serve` (transformers' OpenAI-compatible server, the API
+`vllm serve` gives a GPU user; extra: requirements-serving.txt), which answers for a model under
+the path it was started with: critic_model must be that path, and /v1/models lists it.
+
     python toy_build.py critics --world toy [--force] [--threads 1]   # build (or rebuild) them
     python selfdistill.py --context critique critic=hf critic_model=strong
+    python toy_critic.py serve strong --port 8000                     # then, in another shell:
+    python selfdistill.py --context critique critic=http critic_url=http://127.0.0.1:8000/v1 \
+        critic_model=toy_world/critics/strong
 """
 import copy
 import json
