@@ -359,3 +359,12 @@ def command_line(argv=None):
 if __name__ == "__main__":
     with common.user_errors():
         command_line()
+
+
+def name_of(root, critic_model):
+    """The name (weak / medium / strong) a run's critic_model gives one of a world's critics, as a
+    name or as its folder (critic=http names the served folder); None for any other model."""
+    if critic_model in NAMES:
+        return critic_model
+    path = os.path.realpath(critic_model) if critic_model else ""
+    return next((name for name in NAMES if path == os.path.realpath(os.path.join(folder(root), name))), None)

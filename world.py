@@ -148,7 +148,8 @@ def toy_instruments(scored):
 
 def teacher_ceiling(config):
     """The toy world's measured accuracy of the base teacher with this arm's context (build.json's
-    `ceilings`, toy_build.follow_rates): with a fixed base teacher the student at best becomes it.
+    `ceilings`, toy_build.follow_rates; with a learned toy critic, critics/build.json's, measured
+    on its held-out attempts): with a fixed base teacher the student at best becomes it.
     None for GRPO, a moving teacher, a dial setting not measured, or a model that is no toy world."""
     root = toy_build.world_root(config.get("model", ""))
     dial = (config.get("toy_order"), config.get("toy_phrasing"))
@@ -157,9 +158,16 @@ def teacher_ceiling(config):
         return None
     if config["arm"] != "reference" and dial != ("grouped", "other"):
         return None
+    path, key_path = os.path.join(root, "build.json"), ("ceilings", key)
+    if config.get("critic", "rule") != "rule":  # a learned toy critic's own (toy_critic.quality); any other: unknown
+        name = toy_critic.name_of(root, config.get("critic_model", ""))
+        if name is None or config["arm"] != "critique":
+            return None
+        path, key_path = os.path.join(toy_critic.folder(root), "build.json"), ("critics", name)
     try:
-        with open(os.path.join(root, "build.json")) as f:
-            value = json.load(f).get("ceilings", {}).get(key)
-    except (OSError, ValueError):
+        with open(path) as f:
+            value = json.load(f).get(key_path[0], {}).get(key_path[1])
+        value = value.get("ceiling") if isinstance(value, dict) else value
+    except (OSError, ValueError, AttributeError):
         return None
     return value if isinstance(value, (int, float)) and math.isfinite(value) else None

@@ -110,3 +110,36 @@ def test_critic_hf_with_a_critic_name_trains(tmp_path, capsys):
     assert code in (0, None), err
     metrics = json.loads(open(tmp_path / "weak" / "metrics.jsonl").readline())
     assert metrics["time/critic"] > 0 and metrics["step"] == 1
+
+
+def test_compare_shows_what_each_critic_dropped_and_cost(tmp_path):
+    """compare.py on two critique arms that differ in their critic: the critic table (dropped share
+    by reason, critic seconds per step, training seconds) from hand-written metrics, and each arm's
+    teacher ceiling: the rule critic's from build.json, the learned critic's from critics/build.json."""
+    import compare
+    import world
+    from test_compare import write_run
+
+    def log(invalid, reasons, critic_s):
+        return [{"step": i + 1, "train/reward": 0.5, "train/response_len": 30, "train/critique_invalid": invalid,
+                 **{f"train/dropped/{r}": n for r, n in reasons.items()}, "time/critic": critic_s,
+                 "time/step": critic_s + 1.0} for i in range(2)]
+    evals = {0: (0.1, 0.0), 2: (0.5, 0.0)}
+    rule = write_run(tmp_path, "rule", "critique", 0, evals, log(0, {}, 0.01), model="toy")
+    weak = write_run(tmp_path, "weak", "critique", 0, evals, log(16, {"wrong_answer": 12, "bad_format": 4}, 2.0),
+                     model="toy", critic="hf", critic_model="weak")
+    arms, _ = compare.compare_runs([rule, weak])
+    lines = "\n".join(compare.critic_table(arms, markdown=True))
+    row = next(line for line in lines.splitlines() if line.startswith("| critique critic=hf"))
+    # 16 of 32 rollouts dropped per step (batch 32, G 1); wrong_answer 12/32, bad_format 4/32
+    assert "| weak | full | 50.0 | wrong_answer 37.5, bad_format 12.5 | 2.00 | 6 |" in row, row
+    assert "| rule | full | 0.0 | — | 0.01 | 2 |" in lines
+    info = json.load(open(os.path.join(SHIPPED, "critics", "build.json")))
+    assert [a["ceiling"] for a in arms] == [json.load(open(os.path.join(SHIPPED, "build.json")))["ceilings"]["critique"],
+                                            info["critics"]["weak"]["ceiling"]]
+    assert world.teacher_ceiling({"model": "toy", "arm": "critique", "teacher": "base", "toy_order": "grouped",
+                                  "toy_phrasing": "other", "critic": "http",
+                                  "critic_model": os.path.join(SHIPPED, "critics", "strong")}) \
+        == info["critics"]["strong"]["ceiling"]
+    assert world.teacher_ceiling({"model": "toy", "arm": "critique", "teacher": "base", "toy_order": "grouped",
+                                  "toy_phrasing": "other", "critic": "hf", "critic_model": "some/model"}) is None
