@@ -17,7 +17,7 @@ the quickstart starts at once (`model=NAME`; any built folder works as `model=DI
     python toy_build.py build --root DIR --fault-rate 0.9  # any BuildSettings field is a checked flag
     python toy_build.py build --root DIR --recovery 0      # v1's teacher (see 2 below)
     python toy_build.py probe [--world toy-v2]             # trace stats and the teacher's after-error mass
-    python toy_build.py critics --world toy [--force]      # its learned critics (toy_critic.py), beside it
+    python toy_critic.py build --world toy [--force]       # its learned critics, beside it (toy_critic.py)
 
 A built world asked for other settings than its build.json's is an error that says to rebuild.
 Besides train/test, a world has a transfer split (build_transfer): filtered problems none of whose
@@ -71,7 +71,6 @@ import critic
 import options
 import runfolder
 import sampler
-import toy_critic
 from contexts import student_prompt_ids, teacher_prompt_ids
 from contexts import ANSWER_TAG as ANSWER, build_rows, critique_form, parse_steps, render_steps
 from toy import (MAX_OPS, after_error_mass, MIN_OPS, MIN_VALUE, MAX_VALUE, OPERANDS, STEP_PATTERNS, STYLES, apply,
@@ -635,8 +634,7 @@ def command_line(argv=None):
     every BuildSettings field is a flag (--fault-rate 0.9; tuples as comma lists, --mix 0.5,0.3,0.2),
     range-checked before a build starts and recorded in build.json."""
     parser = argparse.ArgumentParser(description="Build a toy world (base model + data), or probe a built one.")
-    parser.add_argument("command", choices=["build", "probe", "critics"],
-                        help="critics: build the world's learned critics (toy_critic.py) beside it")
+    parser.add_argument("command", choices=["build", "probe"])
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--world", choices=sorted(WORLDS), help="a named world (default toy; toy-v2 = the contrast)")
     where.add_argument("--root", help="a folder of your own (any build settings)")
@@ -659,14 +657,6 @@ def command_line(argv=None):
         raise common.UserError(f"--root {root} exists and is not a folder")
     if args.threads < 1:
         raise common.UserError(f"--threads must be >= 1, got {args.threads}")
-    if args.command == "critics":
-        if flags:
-            raise common.UserError("build settings (" + ", ".join(flags) + ") apply to `build` only")
-        if not os.path.isfile(os.path.join(root, "build.json")):
-            raise common.UserError(f"no built toy world in {root}; build it first: python toy_build.py build")
-        toy_critic.build_critics(root, force=args.force, threads=args.threads)
-        print(toy_critic.summary(root))
-        return
     if args.command == "probe":
         if flags:
             raise common.UserError("build settings (" + ", ".join(flags) + ") apply to `build` only")

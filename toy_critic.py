@@ -22,7 +22,7 @@ The critics serve through `transformers serve` (transformers' OpenAI-compatible 
 `vllm serve` gives a GPU user; extra: requirements-serving.txt), which answers for a model under
 the path it was started with: critic_model must be that path, and /v1/models lists it.
 
-    python toy_build.py critics --world toy [--force] [--threads 1]   # build (or rebuild) them
+    python toy_critic.py build --world toy [--force] [--threads 1]    # build (or rebuild) them
     python selfdistill.py --context critique critic=hf critic_model=strong
     python toy_critic.py serve strong --port 8000                     # then, in another shell:
     python selfdistill.py --context critique critic=http critic_url=http://127.0.0.1:8000/v1 \
@@ -43,6 +43,7 @@ import torch
 import common
 import critic
 import runfolder
+import toy_build
 from contexts import parse_steps, render_prompt, student_prompt_ids, teacher_prompt_ids
 from toy import critique_case, generate_problems, make_model, make_tokenizer
 
@@ -84,9 +85,8 @@ def folder(root):
 def sample_attempts(solver, tok, questions, settings, budget, rng):
     """One attempt per question: the solver's own sample at T = 1 with the plain prompt, cut short
     at a random character with probability cut_share (an unfinished attempt, case C)."""
-    from toy_build import sample
     prompts = [student_prompt_ids(tok, q, prompts="toy", thinking=False) for q in questions]
-    texts = sample(solver, tok, prompts, budget, 1.0, 1024)
+    texts = toy_build.sample(solver, tok, prompts, budget, 1.0, 1024)
     return [t[:rng.randrange(len(t))] if t and rng.random() < settings.cut_share else t for t in texts]
 
 
@@ -109,8 +109,7 @@ def examples(tok, problems, attempts):
 
 def write_critiques(model, tok, problems, attempts, budget):
     """The critic's greedy critiques, through the same generation and cleaning as critic.HFCritic."""
-    from toy_build import sample
-    texts = sample(model, tok, [critic_ids(tok, p, a) for p, a in zip(problems, attempts)], budget, 0, 1024)
+    texts = toy_build.sample(model, tok, [critic_ids(tok, p, a) for p, a in zip(problems, attempts)], budget, 0, 1024)
     return [critic.clean_critique(t) for t in texts]
 
 
@@ -127,7 +126,6 @@ def agreement(model, tok, problems, attempts, budget):
 def train(tok, rows, probe, settings, budget, solver_dir, progress=True):
     """Train a critic from scratch on `rows`; returns [(step, probe agreement, state_dict)]."""
     from tqdm import tqdm
-    from toy_build import response_loss
     if settings.init == "solver":  # the solver's own weights: it already copies a critique after `fix:`
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained(solver_dir)
@@ -149,7 +147,7 @@ def train(tok, rows, probe, settings, budget, solver_dir, progress=True):
             order = [index[i:i + settings.batch_size] for i in range(0, len(index), settings.batch_size)]
             rng.shuffle(order)
         model.train()
-        loss = response_loss(model, [rows[i] for i in order.pop()], tok.pad_token_id)
+        loss = toy_build.response_loss(model, [rows[i] for i in order.pop()], tok.pad_token_id)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -204,7 +202,7 @@ def quality(model, tok, solver, problems, attempts, budget):
     same text), and the teacher ceiling with its critiques (the base solver's accuracy at T = 1
     after `fix: <critique>` on the wrong attempts; an invalid critique counts, as under
     critique_validation=off) beside the same with the rule critiques."""
-    from toy_build import is_correct, sample
+    is_correct = toy_build.is_correct
     written = write_critiques(model, tok, problems, attempts, budget)
     rows = []
     for p, a, w in zip(problems, attempts, written):
@@ -220,7 +218,7 @@ def quality(model, tok, solver, problems, attempts, budget):
                                                                             problems[i]["answer"])[1])]
     prompts = [teacher_prompt_ids(tok, problems[i]["question"], c, "critique", prompts="toy", thinking=False)
                for i, c in contexts_]
-    texts = sample(solver, tok, prompts, budget, 1.0, 1024)
+    texts = toy_build.sample(solver, tok, prompts, budget, 1.0, 1024)
     right = [is_correct(t, problems[i]["answer"]) for t, (i, _) in zip(texts, contexts_)]
     mean = lambda flags: round(sum(flags) / len(flags), 4) if flags else None
     keys = ("exact", "valid", "valid_format", "fix_right")
@@ -238,7 +236,6 @@ def build_critics(root, settings=None, force=False, threads=1, progress=True):
     """Build WORLD/critics/{weak,medium,strong}/ and critics/build.json beside a built world; a
     complete folder (build.json present) is kept unless `force`."""
     from transformers import AutoModelForCausalLM
-    import toy_build
     settings = settings or CriticSettings()
     out = folder(root)
     if os.path.isfile(os.path.join(out, "build.json")) and not force:
@@ -308,6 +305,15 @@ def resolve(root, name):
     return path if name in NAMES else None
 
 
+def name_of(root, critic_model):
+    """The name (weak / medium / strong) a run's critic_model gives one of a world's critics, as a
+    name or as its folder (critic=http names the served folder); None for any other model."""
+    if critic_model in NAMES:
+        return critic_model
+    path = os.path.realpath(critic_model) if critic_model else ""
+    return next((name for name in NAMES if path == os.path.realpath(os.path.join(folder(root), name))), None)
+
+
 # ---------------------------------------------------------------------------------------------
 # Serving a critic: `transformers serve`, the OpenAI-compatible API that `vllm serve` speaks
 
@@ -332,39 +338,47 @@ def serve_command(path, port, host="127.0.0.1"):
 
 
 def command_line(argv=None):
-    """python toy_critic.py serve NAME|FOLDER [--world toy] [--port 8000]: serve a toy critic on
-    127.0.0.1 and print the training command that uses it."""
+    """python toy_critic.py build [--world toy | --root DIR] [--force] [--threads N]: build a world's
+    critics (a complete critics/ folder is kept unless --force).
+    python toy_critic.py serve NAME|FOLDER [--world toy] [--port 8000]: serve one on 127.0.0.1 and
+    print the training command that uses it."""
     import argparse
-    import toy_build
-    parser = argparse.ArgumentParser(description="Serve a toy world's learned critic (transformers serve).")
-    parser.add_argument("command", choices=["serve"])
-    parser.add_argument("critic", help=f"one of {', '.join(NAMES)}, or a critic's folder")
-    parser.add_argument("--world", default="toy", choices=sorted(toy_build.WORLDS))
+    parser = argparse.ArgumentParser(description="Build or serve a toy world's learned critics.")
+    parser.add_argument("command", choices=["build", "serve"])
+    parser.add_argument("critic", nargs="?", help=f"serve: one of {', '.join(NAMES)}, or a critic's folder")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--world", choices=sorted(toy_build.WORLDS), help="a named world (default toy)")
+    where.add_argument("--root", help="build: a built world's folder of your own")
+    parser.add_argument("--force", action="store_true", help="build: rebuild complete critics too")
+    parser.add_argument("--threads", type=int, default=1, help="build: torch threads (the build is "
+                        "bit-identical at the same count; the shipped critics: 1)")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
+    world = args.world or "toy"
+    root = args.root or toy_build.world_root(world)
+    if args.command == "build":
+        if not os.path.isfile(os.path.join(root, "build.json")):
+            raise common.UserError(f"no built toy world in {root}; build it first: python toy_build.py build")
+        if args.threads < 1:
+            raise common.UserError(f"--threads must be >= 1, got {args.threads}")
+        build_critics(root, force=args.force, threads=args.threads)
+        print(summary(root))
+        return
+    if not args.critic:
+        raise common.UserError(f"serve needs a critic: one of {', '.join(NAMES)}, or a critic's folder")
     check_serving()
-    root = toy_build.world_root(args.world)
     path = resolve(root, args.critic) or args.critic
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise common.UserError(f"no critic in {path}: name one of {', '.join(NAMES)} (built with python "
-                               f"toy_build.py critics --world {args.world}) or a critic's folder")
+                               f"toy_critic.py build --world {world}) or a critic's folder")
     path = os.path.relpath(path)  # the name the server answers for, as the user will type it
     print(f"serving {path} on http://127.0.0.1:{args.port}/v1; train against it with:\n"
-          f"  python selfdistill.py --context critique model={args.world} critic=http "
+          f"  python selfdistill.py --context critique model={world} critic=http "
           f"critic_url=http://127.0.0.1:{args.port}/v1 critic_model={path}", flush=True)
     command = serve_command(path, args.port)
     os.execv(command[0], command)
-
 
 if __name__ == "__main__":
     with common.user_errors():
         command_line()
 
-
-def name_of(root, critic_model):
-    """The name (weak / medium / strong) a run's critic_model gives one of a world's critics, as a
-    name or as its folder (critic=http names the served folder); None for any other model."""
-    if critic_model in NAMES:
-        return critic_model
-    path = os.path.realpath(critic_model) if critic_model else ""
-    return next((name for name in NAMES if path == os.path.realpath(os.path.join(folder(root), name))), None)

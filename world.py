@@ -116,8 +116,8 @@ def critic_folder(cfg):
                         f"critics are {', '.join(toy_critic.NAMES)} (or give a critic's folder)")
     if not os.path.isfile(os.path.join(toy_critic.folder(root), "build.json")):
         where = f"--world {toy_build.world_name(root)}" if toy_build.world_name(root) else f"--root {root}"
-        raise UserError(f"the toy world in {root} has no learned critics yet; build them (about 15 CPU "
-                        f"minutes): python toy_build.py critics {where}")
+        raise UserError(f"the toy world in {root} has no learned critics yet; build them (about 10 CPU "
+                        f"minutes): python toy_critic.py build {where}")
     return path
 
 

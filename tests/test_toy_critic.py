@@ -78,7 +78,7 @@ def test_a_missing_or_unknown_critic_is_one_line(world_copy, tmp_path, capsys):
     base = ["--context", "critique", "critic=hf", "max_steps=1", "eval_at_end=false", "threads=1",
             f"out_dir={tmp_path}"]
     code, _, err = run_main(base + [f"model={bare}", "critic_model=strong"], capsys)
-    assert code == 2 and "python toy_build.py critics --root" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "python toy_critic.py build --root" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_main(base + ["model=toy", "critic_model=strongest"], capsys)
     assert code == 2 and "weak, medium, strong" in err and len(err.strip().splitlines()) == 1
 
