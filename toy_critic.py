@@ -45,7 +45,7 @@ import critic
 import runfolder
 import toy_build
 from contexts import parse_steps, render_prompt, student_prompt_ids, teacher_prompt_ids
-from toy import critique_case, generate_problems, make_model, make_tokenizer
+from toy import critique_case, generate_problems, make_model, make_tokenizer, parse_step
 
 # ---------------------------------------------------------------------------------------------
 # Settings
@@ -305,6 +305,43 @@ def resolve(root, name):
     return path if name in NAMES else None
 
 
+def inspect(root, name, seed=5):
+    """How a critic's critiques differ from the rule's, on one fresh attempt per test question
+    (sampled after torch.manual_seed(seed)): {kind: count}. Kinds: exact; echo (a wrong attempt
+    reproduced verbatim, as if right); wrong_fix (its first departure from the attempt is not the
+    rule's); later_step (the same fix, a later step differs); ending (the same steps, another
+    length or answer); unparseable. `faulty` counts the wrong_fix / later_step whose step writes the
+    solver's own faulty value for the fact (toy_build.faulty_facts): a blind spot it shares."""
+    from transformers import AutoModelForCausalLM
+    paths, budget = toy_build.paths(root), toy_build.budget(root)
+    info = json.load(open(os.path.join(root, "build.json")))["settings"]
+    faults = toy_build.faulty_facts(info["seed"], info["faulty_share"])
+    tok, problems = make_tokenizer(), [json.loads(line) for line in open(paths["test"])]
+    solver = AutoModelForCausalLM.from_pretrained(paths["model_dir"]).eval()
+    torch.manual_seed(seed)
+    attempts = sample_attempts(solver, tok, [p["question"] for p in problems], CriticSettings(), budget,
+                               random.Random(seed))
+    model = AutoModelForCausalLM.from_pretrained(resolve(root, name) or name).eval()
+    kinds = Counter()
+    for p, a, w in zip(problems, attempts, write_critiques(model, tok, problems, attempts, budget)):
+        rule = critique_case(p["question"], a, p["answer"])[1]
+        mine, theirs, own = steps_of(w), steps_of(rule), steps_of(a) or []
+        if w == rule or mine is None:
+            kinds["exact" if w == rule else "unparseable"] += 1
+            continue
+        if w.strip() == a.strip() and not toy_build.is_correct(a, p["answer"]):
+            kinds["echo"] += 1
+            continue
+        fix = first_change(mine, own)
+        k = next((i for i in range(min(len(mine), len(theirs))) if mine[i] != theirs[i]), None)
+        kind, step = ("wrong_fix", fix and fix[1]) if fix != first_change(theirs, own) else \
+            ("ending", None) if k is None else ("later_step", mine[k])
+        kinds[kind] += 1
+        fact = parse_step(step) if step else None
+        kinds["faulty"] += bool(fact and faults.get(fact[:3]) == fact[3])
+    return dict(kinds)
+
+
 def name_of(root, critic_model):
     """The name (weak / medium / strong) a run's critic_model gives one of a world's critics, as a
     name or as its folder (critic=http names the served folder); None for any other model."""
@@ -341,11 +378,12 @@ def command_line(argv=None):
     """python toy_critic.py build [--world toy | --root DIR] [--force] [--threads N]: build a world's
     critics (a complete critics/ folder is kept unless --force).
     python toy_critic.py serve NAME|FOLDER [--world toy] [--port 8000]: serve one on 127.0.0.1 and
-    print the training command that uses it."""
+    print the training command that uses it.
+    python toy_critic.py inspect NAME|FOLDER [--world toy]: how its critiques differ from the rule's."""
     import argparse
     parser = argparse.ArgumentParser(description="Build or serve a toy world's learned critics.")
-    parser.add_argument("command", choices=["build", "serve"])
-    parser.add_argument("critic", nargs="?", help=f"serve: one of {', '.join(NAMES)}, or a critic's folder")
+    parser.add_argument("command", choices=["build", "serve", "inspect"])
+    parser.add_argument("critic", nargs="?", help=f"serve, inspect: one of {', '.join(NAMES)}, or a critic's folder")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--world", choices=sorted(toy_build.WORLDS), help="a named world (default toy)")
     where.add_argument("--root", help="build: a built world's folder of your own")
@@ -365,12 +403,16 @@ def command_line(argv=None):
         print(summary(root))
         return
     if not args.critic:
-        raise common.UserError(f"serve needs a critic: one of {', '.join(NAMES)}, or a critic's folder")
-    check_serving()
+        raise common.UserError(f"{args.command} needs a critic: one of {', '.join(NAMES)}, or a critic's folder")
     path = resolve(root, args.critic) or args.critic
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise common.UserError(f"no critic in {path}: name one of {', '.join(NAMES)} (built with python "
                                f"toy_critic.py build --world {world}) or a critic's folder")
+    if args.command == "inspect":
+        torch.set_num_threads(1)
+        print(json.dumps(inspect(root, path)))
+        return
+    check_serving()
     path = os.path.relpath(path)  # the name the server answers for, as the user will type it
     print(f"serving {path} on http://127.0.0.1:{args.port}/v1; train against it with:\n"
           f"  python selfdistill.py --context critique model={world} critic=http "
