@@ -39,14 +39,14 @@ import torch
 from safetensors import SafetensorError
 
 import chunked_head
-import common
+from plumbing import common
 import contexts
 import critic
-import runfolder
-import sampler
-import world
-from common import UserError
-from eval import checkpoint_steps, load_adapter, target_config
+from plumbing import runfolder
+from plumbing import sampler
+from toyworld import world
+from plumbing.common import UserError
+from eval import check_adapter_base, checkpoint_steps, load_adapter, target_config
 
 # ---------------------------------------------------------------------------------------------
 # Per-token advantage A_t: one student forward, one teacher forward per context (batched rows).
@@ -387,6 +387,9 @@ def analyze(target, overrides=(), step=0, rollouts=8, out=None):
     steps = checkpoint_steps(run_dir) if run_dir else {0: None}
     if step not in steps:
         raise UserError(f"no checkpoint for step {step}; available: {sorted(steps)}")
+    judge = world.make_judge(cfg, device, records)  # the rule critic reads toy chains only: one line for other data
+    if steps[step]:
+        check_adapter_base(steps[step], model_path, run_dir)  # the base it was trained on, by contents
     model, tokenizer = common.load_model(cfg, model_path, device)
     try:
         load_adapter(model, steps[step])
@@ -396,7 +399,7 @@ def analyze(target, overrides=(), step=0, rollouts=8, out=None):
         raise UserError(f"the checkpoint {steps[step]} is damaged and does not load ({type(e).__name__}); "
                         f"analyse another --step") from None
     torch.manual_seed(cfg.seed)
-    items = wrong_rollouts(model, tokenizer, cfg, device, records, world.make_judge(cfg, device), rollouts)
+    items = wrong_rollouts(model, tokenizer, cfg, device, records, judge, rollouts)
     results = analyze_rollouts(model, tokenizer, cfg, device, items)
     if not results:
         raise UserError("found no wrong rollout with a locatable first wrong step to analyse")

@@ -7,7 +7,8 @@ Choices the paper leaves open (ours):
     more), shown beside the final step. Length has no "best": it is shown at the Avg@k-best step.
     Step 0 (the base model) is never a candidate.
  2. Spreads: the tables show mean ± std over seeds (one seed: its bootstrap CI, with --ci);
-    --plot draws the seed mean with a min–max band (with three seeds, the honest range).
+    --plot draws the seed mean with a min–max band (with three seeds, the honest range) and stars
+    each arm's best checkpoint; `--x rollouts` is a log axis (the arms' rollouts per step differ 8-30x).
  3. Budgets: when arms draw different rollouts per step, the budget table puts each arm at equal
     questions (the most any arm saw, the paper's axis) and at equal rollouts (the fewest any arm
     drew), at the evaluated step closest to the budget; `--reach` sets the score whose rollouts-
@@ -16,6 +17,11 @@ Choices the paper leaves open (ours):
     teacher's accuracy with the arm's own context) is shown beside it, and the transfer split's
     Avg@k at step 0 and the last step in its own table.
 
+Arms: runs equal in everything but the seed, the name and the settings that change how a run
+executes (selfdistill.OPERATIONAL) are the seeds of one arm; an arm is labelled by its name and the
+settings in which it differs from the other arms given (its world included), or by --label. A run
+given twice, or a copy of a run (the same settings and seed), is refused: it is not a second seed.
+
 Outputs: the tables on stdout (--markdown for markdown); --plot writes FIG.png (or .pdf, .svg; with
 matplotlib) and FIG.csv, the figure's numbers. Malformed rows of eval.jsonl and metrics.jsonl are
 skipped with one warning per file (eval.read_rows), never shown.
@@ -23,28 +29,33 @@ skipped with one warning per file (eval.read_rows), never shown.
 Commands:
     python compare.py runs/grpo-s* runs/critique-s* [--markdown] [--ci] [--per-step] [--reach 50]
     python compare.py --plot runs/grpo-s* runs/critique-s* [--out analysis/training.png] [--x rollouts]
+    python compare.py runs/grpo-small-s* runs/critique-s* --label 'runs/grpo-small-*=grpo, rollout-matched'
 """
 import argparse
 import csv
 import dataclasses
+import fnmatch
 import json
 import math
 import os
 import statistics
+import sys
 import textwrap
 
 if __name__ == "__main__":  # Ctrl-C while torch loads (seconds, nothing written yet): exit 130, no traceback
     import signal
     signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))
 
-import common
-import options
+from plumbing import common
+from plumbing import options
 import selfdistill
-import world
-from common import UserError
+from toyworld import world
+from plumbing.common import UserError
 from eval import METRICS, finite, in_split, load_run_config, read_rows, whole
 
-SAME_ARM_IGNORES = ("seed", "run", "out_dir", "device", "eval_at_end")  # do not change the experiment
+# The seeds of one arm differ in these only: the seed, the run's name and folder, and the settings that
+# change how a run executes, not what it computes (selfdistill.OPERATIONAL: threads, logging, ...).
+SAME_ARM_IGNORES = ("seed", "run", "out_dir", *selfdistill.OPERATIONAL)
 TABLE_METRICS = (("pass", "Pass"), ("maj", "Maj"), ("avg", "Avg"))
 TOY_STATS = ("step_arith", "step_chain", "answer_own")  # toy.trace_stats, shown by the last table
 
@@ -54,9 +65,12 @@ def load_compared_run(run_dir):
     test file's contents: rows of a test file since changed are left out)."""
     cfg = load_run_config(run_dir)  # the same checks and errors as evaluation
     config = {**dataclasses.asdict(cfg), **options.read_yaml_config(os.path.join(run_dir, "config.yaml"))}
-    rows = [r for r in read_rows(os.path.join(run_dir, "eval.jsonl")) if in_split(r)]
+    rows = [r for r in without_bad_toy_blocks(os.path.join(run_dir, "eval.jsonl")) if in_split(r)]
     if not rows:
         raise UserError(f"{run_dir} has no eval.jsonl rows yet (none usable); run: python eval.py {run_dir}")
+    if all(r["step"] == 0 for r in rows):  # the base alone: no checkpoint of this run to show
+        raise UserError(f"{run_dir} is evaluated at step 0 (the base model) only, at no checkpoint of its own; "
+                        f"evaluate its checkpoints (python eval.py {run_dir}) or leave it out")
     setting = {f: rows[-1][f] for f in EVAL_SETTING}
     test = rows[-1].get("test")
     return config, {r["step"]: r for r in rows if all(r[f] == v for f, v in setting.items())
@@ -66,6 +80,21 @@ def load_compared_run(run_dir):
 EVAL_SETTING = ("n", "k", "questions", "temperature")  # runs compared must share these
 
 
+def without_bad_toy_blocks(path):
+    """eval.read_rows, with each row's toy-world block (toy.trace_stats) dropped where it lacks a key
+    the toy table reads: the row's scores stay, the file gets one warning that counts them."""
+    rows, bad = read_rows(path), []
+    for row in rows:
+        toy = row.get("toy")
+        if toy is not None and not (all(key in toy for key in TOY_STATS) and isinstance(toy.get("styles"), dict)):
+            bad.append(row["step"])
+            del row["toy"]
+    if bad:
+        print(f"warning: {path}: {len(bad)} row{'s' * (len(bad) > 1)} with an incomplete toy block (step "
+              f"{bad[0]} first): left out of the toy table", file=sys.stderr)
+    return rows
+
+
 def transfer_rows(run_dir, setting):
     """{step: row} of the toy world's transfer split evaluated with the test rows' n, k and T."""
     return {r["step"]: r for r in read_rows(os.path.join(run_dir, "eval.jsonl")) if in_split(r, "transfer")
@@ -73,8 +102,10 @@ def transfer_rows(run_dir, setting):
 
 
 def non_default(config):
-    """Settings that differ from the defaults of its arm (derived defaults included)."""
+    """Settings that differ from the defaults of its arm: the values the model derives (prompt set,
+    length budget) at that model's, the model itself (the world) at the Config's default."""
     defaults = dataclasses.asdict(selfdistill.resolve(selfdistill.Config(arm=config["arm"], model=config["model"])))
+    defaults["model"] = selfdistill.Config.model
     return {key: value for key, value in config.items()
             if key not in SAME_ARM_IGNORES and key != "arm" and value != defaults.get(key)}
 
@@ -82,7 +113,7 @@ def non_default(config):
 def pool_arm(runs):
     """Best step of the seed-mean curve and the final step, mean ± std over seeds (CI for one);
     the Avg@k curve at every step all seeds evaluated (step 0 too); each seed's base row."""
-    steps = set.intersection(*[{s for s in rows if s > 0} or {0} for _, rows in runs])
+    steps = set.intersection(*[{s for s in rows if s > 0} for _, rows in runs])  # never step 0: the base
     if not steps:
         raise UserError(f"the seeds of {runs[0][0]['run']} share no evaluated step")
     steps = sorted(steps)
@@ -115,9 +146,12 @@ def pool_arm(runs):
     return out
 
 
-def group_runs(run_dirs):
+def group_runs(run_dirs, names=()):
     """Runs equal up to SAME_ARM_IGNORES are the seeds of one arm: ([(label, [(run_dir, config,
-    {step: eval row})])], the non-default settings all arms share). the tables and --plot group alike."""
+    {step: eval row})])], the non-default settings all arms share). The tables and --plot group alike.
+    A run given twice, or two runs of one arm with one seed (a copy is not a second seed), is refused;
+    two runs with the same scores at every checkpoint are warned about. `names`: [(GLOB, NAME)] from
+    --label."""
     arms, seen, first = {}, {}, None
     for run_dir in run_dirs:
         real = os.path.realpath(run_dir)
@@ -131,12 +165,53 @@ def group_runs(run_dirs):
             raise UserError(f"{run_dir} was evaluated with other settings than {first[0]} ({differ}); "
                             f"evaluate them alike (python eval.py RUN --samples N --questions Q --temperature T)")
         key = json.dumps({k: v for k, v in config.items() if k not in SAME_ARM_IGNORES}, sort_keys=True)
+        twin = next((other for other, c, _ in arms.get(key, []) if c["seed"] == config["seed"]), None)
+        if twin:
+            raise UserError(f"{run_dir} and {twin} are one experiment (the same settings and seed {config['seed']}): "
+                            f"a copy of a run is not a second seed; give each seed once")
         arms.setdefault(key, []).append((run_dir, config, rows))
+        scores = json.dumps({step: [row[m] for m in METRICS] for step, row in rows.items() if step > 0})
+        if scores in seen:  # sampled numbers never repeat to the last digit: a copy with its config edited
+            print(f"warning: {run_dir} has the very evaluation rows of {seen[scores]} at every checkpoint: "
+                  f"a copy of it, or settings that changed nothing?", file=sys.stderr)
+        seen[scores] = run_dir
     extras = [non_default(runs[0][1]) for runs in arms.values()]
     shared = {k: v for k, v in extras[0].items() if all(e.get(k, object()) == v for e in extras)}
-    labels = [" ".join([runs[0][1]["arm"]] + [f"{k}={v}" for k, v in extra.items() if k not in shared])
-              for runs, extra in zip(arms.values(), extras)]
+    labels = arm_labels([runs[0][1] for runs in arms.values()], extras, shared)
+    labels = named(labels, [[run_dir for run_dir, _, _ in runs] for runs in arms.values()], names)
     return list(zip(labels, arms.values())), shared
+
+
+def arm_labels(configs, extras, shared):
+    """Each arm's name and the settings in which it differs from the other arms (at a value other
+    than its default); where two labels would still be equal (a setting whose default depends on
+    the model), every setting in which those arms differ."""
+    def label(config, keys):
+        return " ".join([config["arm"]] + [f"{k}={config[k]}" for k in config if k in keys])
+    varying = {k for k in configs[0] if k not in SAME_ARM_IGNORES
+               and len({json.dumps(c.get(k)) for c in configs}) > 1}
+    labels = [label(c, {k for k in extra if k not in shared}) for c, extra in zip(configs, extras)]
+    return [label(c, varying) if labels.count(text) > 1 else text for c, text in zip(configs, labels)]
+
+
+def named(labels, members, names):
+    """--label GLOB=NAME: an arm whose run folders a GLOB matches (the path as given, or its last
+    folder's name) is called NAME; a GLOB that matches no run, or two arms given one NAME, is an error."""
+    labels = list(labels)
+    for pattern, name in names:
+        hits = [i for i, runs in enumerate(members) if any(
+            fnmatch.fnmatchcase(os.path.normpath(run), os.path.normpath(pattern))
+            or fnmatch.fnmatchcase(os.path.basename(os.path.normpath(run)), pattern) for run in runs)]
+        if not hits:
+            raise UserError(f"--label {pattern}={name}: {pattern} matches none of the runs given")
+        if len(hits) > 1:
+            raise UserError(f"--label {pattern}={name}: {pattern} matches runs of {len(hits)} arms ("
+                            + "; ".join(labels[i] for i in hits) + "); one name per arm")
+        labels[hits[0]] = name
+    if len(set(labels)) < len(labels):
+        raise UserError("two arms would have the same label (" + next(x for x in labels if labels.count(x) > 1)
+                        + "); give each arm its own --label")
+    return labels
 
 
 def pool_transfer(members):
@@ -196,9 +271,9 @@ def critic_table(arms, markdown=False):
     return ["", *([note] if markdown else textwrap.wrap(note, WIDTH)), ""] + table_lines(header, body, markdown)
 
 
-def compare_runs(run_dirs):
+def compare_runs(run_dirs, names=()):
     """Arms (runs equal up to SAME_ARM_IGNORES), each pooled: a list of dicts, plus common notes."""
-    groups, shared = group_runs(run_dirs)
+    groups, shared = group_runs(run_dirs, names)
     result = []
     for label, members in groups:
         runs = [(config, rows) for _, config, rows in members]
@@ -207,7 +282,7 @@ def compare_runs(run_dirs):
         seconds = [train_seconds(run_dir) for run_dir, _, _ in members]
         judged = [critic_stats(run_dir, config["batch_size"] * config["samples_per_question"])
                   for run_dir, _, _ in members] if config["arm"].startswith("critique") else [None]
-        result.append({"label": label, "seeds": sorted(c["seed"] for c, _ in runs), "k": k,
+        result.append({"label": label, "seeds": sorted(c["seed"] for c, _ in runs), "k": k, "model": config["model"],
                        "questions_per_step": config["batch_size"],
                        "rollouts_per_step": config["batch_size"] * config["samples_per_question"],
                        "ceiling": world.teacher_ceiling(config), "transfer": pool_transfer(members),
@@ -291,11 +366,12 @@ def format_cell(entry, seeds, scale=100, markdown=False, step=False):
 def base_rows(arms):
     """Step 0 (the base model) pooled over seeds: one entry when every arm starts from the same
     base (equal base_key up to the seed), else one per group of arms. A base row reused by another
-    arm (same base_key) counts once; rows without a base_key (older logs) count per run."""
+    arm (same base_key) counts once; rows without a base_key (older logs) count per run, pooled per
+    model (world)."""
     groups = {}  # base_key without the seed -> ({base_key: row}, arm labels)
     for a in arms:
         for index, row in enumerate(a["base"]):
-            key = row.get("base_key") or {"row": f"{a['label']}/{index}"}
+            key = row.get("base_key") or {"row": f"{a['label']}/{index}", "model": a["model"]}  # its world
             family = json.dumps({f: v for f, v in key.items() if f not in ("seed", "row")}, sort_keys=True)
             rows, labels = groups.setdefault(family, ({}, []))
             rows[json.dumps(key, sort_keys=True)] = row
@@ -435,10 +511,16 @@ def toy_table(arms, markdown):
 
 
 # ---------------------------------------------------------------------------------------------
-# --plot: Avg@k over training per arm, and the training log's reward, KL and length.
+# --plot: Avg@k, Pass@k and Maj@k over training per arm, the evaluation's length, and the training
+# log's reward, KL, length, invalid critiques and entropy.
 
-TRAIN_CURVES = (("train/reward", "train reward (share right)"), ("train/kl", "KL per distilled token (SD arms)"),
-                ("train/response_len", "response length (tokens)"))
+EVAL_CURVES = (("avg", "Avg"), ("pass", "Pass"), ("maj", "Maj"))  # eval.jsonl, in %, the paper's three
+SMALL_PANELS = (("length", "eval response length (tokens)"), ("train/reward", "train reward (share right)"),
+                ("train/kl", "KL per distilled token (SD arms)"),
+                ("train/response_len", "train response length (tokens)"),
+                ("train/critique_invalid", "invalid critiques per step (critique arms)"),
+                ("train/entropy", "student entropy per distilled token"))
+TRAIN_CURVES = tuple(panel for panel in SMALL_PANELS if panel[0].startswith("train/"))  # metrics.jsonl
 
 
 def seed_stats(per_seed):
@@ -462,12 +544,13 @@ def metrics_problem(row):
     return f"{', '.join(bad)} not a finite number" if bad else None
 
 
-def plot_rows(run_dirs):
+def plot_rows(run_dirs, names=()):
     """(rows, evaluation setting): the figure's data, one dict per (arm, metric, step): mean, std,
     min and max over seeds.
-    Arms are grouped as the tables group them; metric "avg" is Avg@k from eval.jsonl (steps every
-    seed evaluated, step 0 = the base), the others come from metrics.jsonl (steps every seed logged)."""
-    groups, _ = group_runs(run_dirs)
+    Arms are grouped as the tables group them; metrics avg, pass, maj and length come from eval.jsonl
+    (steps every seed evaluated, step 0 = the base), the train/ ones from metrics.jsonl (steps every
+    seed logged); "ceiling" is a toy world's teacher with the arm's context."""
+    groups, _ = group_runs(run_dirs, names)
     setting = next(iter(groups[0][1][0][2].values()))  # every run shares it (group_runs checks)
     model = groups[0][1][0][1]["model"]  # for a one-arm figure's title
     setting = {**setting, "model": "the toy world" if model == "toy" else "/".join(model.rstrip("/").split("/")[-2:])}
@@ -475,10 +558,13 @@ def plot_rows(run_dirs):
     for label, members in groups:
         config = members[0][1]
         rate = config["batch_size"] * config["samples_per_question"]  # rollouts per step: questions × G
-        curves = {"avg": [{step: row["avg"] for step, row in evals.items()} for _, _, evals in members]}
+        curves = {metric: [{step: row[metric] for step, row in evals.items()} for _, _, evals in members]
+                  for metric in ("avg", "pass", "maj", "length")}
         logs = [{m["step"]: m for m in read_rows(os.path.join(run_dir, "metrics.jsonl"), metrics_problem)}
                 for run_dir, _, _ in members]
         for key, _ in TRAIN_CURVES:  # the last line of a step wins (a resumed run logs it again)
+            if key == "train/critique_invalid" and not config["arm"].startswith("critique"):
+                continue  # always 0 where no critique is asked for
             curves[key] = [{step: m[key] for step, m in log.items() if m.get(key) is not None} for log in logs]
         for metric, per_seed in curves.items():
             for step, mean, std, low, high, n in seed_stats(per_seed):
@@ -491,11 +577,72 @@ def plot_rows(run_dirs):
     return rows, setting
 
 
-def plot_training(run_dirs, out, x="step"):
-    """Write OUT (PNG) and its data as OUT with .csv: Avg@k over training per arm (line: mean over
-    seeds; band: min–max over seeds; dashed: the base), and train reward, KL and response length.
+def best_point(points):
+    """The checkpoint with the highest seed mean (the earliest of equals); never step 0, the base."""
+    trained = [p for p in points if p["step"] > 0]
+    return max(trained, key=lambda p: (p["mean"], -p["step"])) if trained else None
+
+
+MARKERS = "osD^vP<>Xh"  # one shape per arm on the evaluation panels (the star is the best checkpoint)
+
+
+def identical_arms(rows, arms):
+    """{arm: '; Avg@k as ARM'} for an arm whose seed-mean Avg@k curve equals an earlier arm's point
+    for point: drawn on top of it, it would hide it, so the legend says so."""
+    curve = {arm: [(r["step"], r["mean"]) for r in rows if r["arm"] == arm and r["metric"] == "avg"] for arm in arms}
+    return {arm: f"; Avg curve = {other}'s" for i, arm in enumerate(arms)
+            for other in arms[:i][::-1] if curve[arm] == curve[other]}
+
+
+def draw_curves(ax, rows, arms, colours, metric, x, scale, eval_panel, same_as):
+    """One panel: each arm's seed mean (line), its min–max band over seeds, and on the evaluation
+    panels its best checkpoint (a star). On a log rollouts axis step 0 (0 rollouts) has no place:
+    the base is the dashed line. same_as: identical_arms."""
+    for i, arm in enumerate(arms):
+        points = [r for r in rows if r["arm"] == arm and r["metric"] == metric and (x == "step" or r["rollouts"] > 0)]
+        if not points:
+            continue  # e.g. GRPO logs no KL
+        xs, seeds = [p[x] for p in points], max(p["seeds"] for p in points)
+        # a marker shape per arm: arms whose curves coincide stay apart, and colour is not the only cue
+        hollow = i % 2  # hollow and larger on every other arm, so a filled one under it still shows
+        ax.plot(xs, [scale * p["mean"] for p in points], color=colours[arm], linewidth=1.5 if eval_panel else 1,
+                marker=MARKERS[i % len(MARKERS)] if eval_panel else None, markersize=6 if hollow else 4,
+                markerfacecolor="none" if hollow else colours[arm],
+                label=f"{arm} ({seeds} seed{'s' if seeds != 1 else ''}{same_as.get(arm, '')})")
+        if seeds > 1:
+            ax.fill_between(xs, [scale * p["min"] for p in points], [scale * p["max"] for p in points],
+                            color=colours[arm], alpha=0.2, linewidth=0)
+        best = best_point(points) if eval_panel and metric != "length" else None
+        if best:
+            ax.plot([best[x]], [scale * best["mean"]], marker="*", markersize=13, color=colours[arm],
+                    markeredgecolor="black", markeredgewidth=0.6, linestyle="none", zorder=5)
+    if not ax.lines:
+        ax.text(0.5, 0.5, "not logged by these arms", ha="center", va="center", transform=ax.transAxes,
+                fontsize=9, color="0.4")
+
+
+def label_ceilings(ax, ceilings, colours):
+    """Each toy-world teacher ceiling as a dotted line in its arm's colour, named at its right end;
+    names of close ceilings are pushed apart so that each stays legible."""
+    low, high = ax.get_ylim()
+    gap, placed = 0.045 * (high - low), []
+    for r in sorted(ceilings, key=lambda r: r["mean"]):
+        y = 100 * r["mean"]
+        ax.axhline(y, color=colours[r["arm"]], linestyle=":", linewidth=1.3)
+        text_y = max(y, placed[-1] + gap) if placed else y
+        placed.append(text_y)
+        ax.annotate(f"{r['arm']} teacher {y:.1f}", xy=(1, text_y), xycoords=("axes fraction", "data"),
+                    xytext=(-3, 2), textcoords="offset points", ha="right", va="bottom", fontsize=7,
+                    color=colours[r["arm"]], bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.8))
+
+
+def plot_training(run_dirs, out, x="step", names=()):
+    """Write OUT (PNG) and its data as OUT with .csv: Avg@k, Pass@k and Maj@k over training per arm
+    (line: mean over seeds; band: min–max over seeds; star: the best checkpoint; dashed: the base;
+    dotted: a toy world's teacher ceilings, named at their line), then the evaluation's length and the
+    training log's reward, KL, length, invalid critiques and entropy. --x rollouts draws a log axis.
     Without matplotlib only the CSV is written. Returns the paths written."""
-    rows, setting = plot_rows(run_dirs)
+    rows, setting = plot_rows(run_dirs, names)
     csv_path = os.path.splitext(out)[0] + ".csv"
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(csv_path, "w", newline="") as f:
@@ -509,58 +656,47 @@ def plot_training(run_dirs, out, x="step"):
     from matplotlib.ticker import MaxNLocator
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     colours = {arm: plt.get_cmap("tab10")(i % 10) for i, arm in enumerate(arms)}
-    fig = plt.figure(figsize=(11, 7.5))
-    grid = fig.add_gridspec(2, len(TRAIN_CURVES), height_ratios=(1.7, 1))
-    top = fig.add_subplot(grid[0, :])
-    heading = (f"Avg@{setting['k']} (%) on {setting['questions']} test questions × {setting['n']} samples, "
-               f"T = {setting['temperature']}")
-    panels = [(top, "avg", heading, 100)] + [
-        (fig.add_subplot(grid[1, i]), key, title, 1) for i, (key, title) in enumerate(TRAIN_CURVES)]
+    same_as = identical_arms(rows, arms)
+    fig = plt.figure(figsize=(13, 10))
+    grid = fig.add_gridspec(3, 3, height_ratios=(1.5, 1, 1))
+    k = setting["k"]
+    panels = [(fig.add_subplot(grid[0, i]), metric, f"{name}@{k} (%)", 100)
+              for i, (metric, name) in enumerate(EVAL_CURVES)]
+    panels += [(fig.add_subplot(grid[1 + i // 3, i % 3]), key, title, 1) for i, (key, title) in enumerate(SMALL_PANELS)]
     for ax, metric, title, scale in panels:
-        for arm in arms:
-            points = [r for r in rows if r["arm"] == arm and r["metric"] == metric]
-            if not points:
-                continue  # e.g. GRPO logs no KL
-            xs = [p[x] for p in points]
-            seeds = max(p["seeds"] for p in points)
-            ax.plot(xs, [scale * p["mean"] for p in points], color=colours[arm],
-                    label=f"{arm} ({seeds} seed{'s' if seeds != 1 else ''})",
-                    marker="o" if metric == "avg" else None, markersize=4, linewidth=1.5 if metric == "avg" else 1)
-            if seeds > 1:
-                ax.fill_between(xs, [scale * p["min"] for p in points], [scale * p["max"] for p in points],
-                                color=colours[arm], alpha=0.2, linewidth=0)
-        if not ax.lines:
-            ax.text(0.5, 0.5, "not logged by these arms", ha="center", va="center", transform=ax.transAxes,
-                    fontsize=9, color="0.4")
+        draw_curves(ax, rows, arms, colours, metric, x, scale, metric in ("avg", "pass", "maj", "length"), same_as)
+        base = [r["mean"] for r in rows if r["metric"] == metric and r["step"] == 0]
+        if base and metric != "length":
+            ax.axhline(100 * statistics.fmean(base), color="0.4", linestyle="--", linewidth=1,
+                       label=f"base, step 0 ({100 * statistics.fmean(base):.1f})" if metric == "avg" else None)
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-        # steps and rollouts are counts; the small panels get fewer ticks, so rollouts stay legible
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=10 if ax is top else 5))
+        if x == "rollouts":
+            ax.set_xscale("log")  # the arms' rollouts differ by G × questions per step: 8-30x
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
+        ax.set_xlabel("training step" if x == "step" else "rollouts (log)", fontsize=8)
+        ax.tick_params(labelsize=8)
+    top = panels[0][0]
     ceilings = [r for r in rows if r["metric"] == "ceiling"]
-    for r in ceilings:  # dotted, in the arm's colour
-        top.axhline(100 * r["mean"], color=colours[r["arm"]], linestyle=":", linewidth=1.2,
-                    label=f"ceiling: {r['arm']} ({100 * r['mean']:.1f})")
     if ceilings:  # room above the highest ceiling, which would otherwise sit on the frame
-        top.set_ylim(top=max(top.get_ylim()[1], 100 * max(r["mean"] for r in ceilings) + 4))
-    base = [r["mean"] for r in rows if r["metric"] == "avg" and r["step"] == 0]
-    if base:
-        top.axhline(100 * statistics.fmean(base), color="0.4", linestyle="--", linewidth=1,
-                    label=f"base, step 0 ({100 * statistics.fmean(base):.1f})")
+        top.set_ylim(top=max(top.get_ylim()[1], 100 * max(r["mean"] for r in ceilings) + 6))
+        label_ceilings(top, ceilings, colours)
     handles, labels = top.get_legend_handles_labels()  # under the figure: never over a curve
     ncol = 3 if max(map(len, labels)) <= 40 else 2  # long arm labels (settings) get two columns
-    fig.legend(handles, labels, title="line: mean over seeds; band: min–max over seeds" + (
-               "; dotted: the arm's teacher with its own context (build.json), its ceiling" if ceilings else ""),
-               fontsize=8, title_fontsize=8, loc="lower center", ncol=ncol)
     rates = {r["arm"]: r["rollouts"] // r["step"] for r in rows if r["step"]}
-    label = "training step" if x == "step" else "rollouts (steps × questions per step × G)"
-    if x == "step" and len(set(rates.values())) > 1:
-        label += " (rollouts per step: " + ", ".join(f"{a} {n}" for a, n in rates.items()) + ")"
-    top.set_xlabel("\n".join(textwrap.wrap(label, 150)), fontsize=9)
-    for ax, *_ in panels[1:]:
-        ax.set_xlabel("training step" if x == "step" else "rollouts", fontsize=9)
+    per_step = (" Rollouts per step (questions × G): " + ", ".join(f"{a} {n}" for a, n in rates.items()) + "."
+                if x == "step" and len(set(rates.values())) > 1 else "")
+    title = (f"line: mean over seeds; band: min–max over seeds; ★: best checkpoint (seed mean); evaluated on "
+             f"{setting['questions']} test questions × {setting['n']} samples, T = {setting['temperature']}"
+             + ("; dotted: the arm's teacher with its own context (build.json), its ceiling" if ceilings else "")
+             + "." + per_step)
+    fig.legend(handles, labels, title="\n".join(textwrap.wrap(title, 150)), fontsize=8, title_fontsize=8,
+               loc="lower center", ncol=ncol)
     if len(arms) == 1:  # one arm: the figure still says what it shows
         fig.suptitle(f"{arms[0]} on {setting['model']}", fontsize=11)
-    fig.tight_layout(rect=(0, 0.03 * (1 + math.ceil(len(labels) / ncol)), 1, 1))  # room for the legend
+    legend_lines = math.ceil(len(labels) / ncol) + 1 + len(textwrap.wrap(title, 150))
+    fig.tight_layout(rect=(0, 0.02 * legend_lines, 1, 1))  # room for the legend
     fig.savefig(out, dpi=100)
     plt.close(fig)
     print(f"wrote {out} and {csv_path}")
@@ -595,30 +731,50 @@ def main(argv=None):
     parser.add_argument("--per-step", action="store_true", help="Avg@k of each arm at every evaluated "
                         "step instead")
     parser.add_argument("--ci", action="store_true", help="add each run's 95%% bootstrap CIs")
-    parser.add_argument("--reach", type=float, default=50.0, help="the Avg@k (%%) whose rollouts-to-reach "
-                        "the budget table shows (default %(default)s)")
-    parser.add_argument("--plot", action="store_true", help="figure of the runs instead: Avg@k over "
-                        "training per arm, train reward, KL and length (PNG with matplotlib; always a CSV)")
-    parser.add_argument("--x", choices=("step", "rollouts"), default="step", help="--plot: x axis")
+    parser.add_argument("--reach", type=float, help="the Avg@k (%%) whose rollouts-to-reach the budget "
+                        "table shows (default 50)")
+    parser.add_argument("--plot", action="store_true", help="figure of the runs instead: Avg@k, Pass@k and "
+                        "Maj@k over training per arm (best checkpoint starred), eval length, train reward, KL, "
+                        "length, invalid critiques and entropy (PNG with matplotlib; always a CSV)")
+    parser.add_argument("--x", choices=("step", "rollouts"), help="--plot: x axis (default step)")
     parser.add_argument("--out", help="--plot: the PNG (default analysis/training.png)")
+    parser.add_argument("--label", action="append", default=[], metavar="GLOB=NAME", help="call the arm "
+                        "whose run folders GLOB matches NAME (e.g. 'runs/grpo-small-*=grpo, rollout-matched'); "
+                        "repeatable")
     args = parser.parse_intermixed_args(argv)
     common.default_signals()  # Ctrl-C: one line (user_errors)
     with common.user_errors():
-        if (args.per_step or args.ci) and args.plot:
-            raise UserError("--per-step and --ci go with the tables, not with --plot")
-        if not 0 < args.reach <= 100:
-            raise UserError(f"--reach must be a score in (0, 100] (%), got {args.reach}")
-        if args.out and not args.plot:
-            raise UserError("--out goes with --plot (the tables are printed)")
+        check_flags(args)
+        names = [tuple(item.split("=", 1)) for item in args.label]
         if args.plot:
             out = args.out or os.path.join("analysis", "training.png")
             check_figure_path(out)
-            plot_training(args.paths, out, args.x)
+            plot_training(args.paths, out, args.x or "step", names)
         elif args.per_step:
-            print(per_step_table(compare_runs(args.paths)[0], markdown=args.markdown))
+            print(per_step_table(compare_runs(args.paths, names)[0], markdown=args.markdown))
         else:
-            print(comparison_table(*compare_runs(args.paths), markdown=args.markdown, ci=args.ci,
-                                   reach=args.reach / 100))
+            reach = 50.0 if args.reach is None else args.reach
+            print(comparison_table(*compare_runs(args.paths, names), markdown=args.markdown, ci=args.ci,
+                                   reach=reach / 100))
+
+
+def check_flags(args):
+    """An option the chosen output would ignore is an error, not silence."""
+    table_only = {"--per-step": args.per_step, "--ci": args.ci, "--markdown": args.markdown,
+                  "--reach": args.reach is not None}
+    for given, used in ((table_only if args.plot else {"--out": args.out, "--x": args.x},
+                         "the tables, not with --plot" if args.plot else "--plot (the tables are printed)"),
+                        ({"--ci": args.ci, "--reach": args.reach is not None} if args.per_step else {},
+                         "the comparison table, not with --per-step")):
+        given = [flag for flag, value in given.items() if value]
+        if given:
+            raise UserError(f"{' and '.join(given)} go{'es' * (len(given) == 1)} with {used}")
+    if args.reach is not None and not 0 < args.reach <= 100:
+        raise UserError(f"--reach must be a score in (0, 100] (%), got {args.reach}")
+    for item in args.label:
+        pattern, sep, name = item.partition("=")
+        if not (sep and pattern and name.strip()):
+            raise UserError(f"--label wants GLOB=NAME (e.g. 'runs/grpo-s*=grpo'), got '{item}'")
 
 
 if __name__ == "__main__":

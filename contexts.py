@@ -294,3 +294,30 @@ def advantage_stats(tokenizer, responses, advantages, texts, critiques):
         values = torch.cat(parts) if parts else torch.zeros(0)
         out[f"analysis/A_{name}"] = values.mean().item() if values.numel() else None
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# What a response takes from the teacher's prompt and context (train/leak_rate, train/context_overlap).
+
+LEAK_MARKERS = {"toy": ("ref:", "fix:"), "instruct": ("reference solution", "reviewer")}  # PROMPTS' own words
+
+
+def leak_rate(texts, prompts_kind):
+    """Share of responses that mention the teacher's privileged prompt (a context-leakage sign)."""
+    markers = LEAK_MARKERS[prompts_kind]
+    return sum(any(m in t for m in markers) for t in texts) / max(len(texts), 1)
+
+
+def ngram_overlap(response, context, n=4):
+    """Share of the response's token n-grams that also occur in the context (copying the context)."""
+    grams = {tuple(response[i:i + n]) for i in range(len(response) - n + 1)}
+    if not grams:
+        return 0.0
+    seen = {tuple(context[i:i + n]) for i in range(len(context) - n + 1)}
+    return len(grams & seen) / len(grams)
+
+
+def context_overlap(tokenizer, responses, context_texts):
+    """Mean over responses of ngram_overlap with its own teacher context (0 where it has none)."""
+    return sum(ngram_overlap(r, tokenizer(c, add_special_tokens=False)["input_ids"])
+               for r, c in zip(responses, context_texts) if c) / max(len(responses), 1)

@@ -40,10 +40,10 @@ import urllib.request
 import math_verify
 import torch
 
-import common
 import contexts
-import sampler
-from common import UserError
+from plumbing import common
+from plumbing import sampler
+from plumbing.common import UserError
 from contexts import check_chat_template, parse_steps, render_prompt
 
 log = logging.getLogger("critic")
@@ -556,8 +556,6 @@ def check_settings(cfg):
                         "(e.g. OPENAI_API_KEY) that holds the key, not the key itself; it was not saved")
     if not cfg.critic_timeout > 0:
         raise UserError("config key 'critic_timeout' must be positive (seconds)")
-    if cfg.critic_max_new_tokens < 1 or cfg.critic_batch < 1:
-        raise UserError("config keys 'critic_max_new_tokens' and 'critic_batch' must be at least 1")
     if cfg.critic_retries > MAX_CRITIC_RETRIES:
         raise UserError(f"config key 'critic_retries' must lie in 0..{MAX_CRITIC_RETRIES} (a critique gets "
                         f"a few critic_timeouts in all, retries included)")

@@ -14,6 +14,8 @@ Choices the paper leaves open (ours):
     computed once and copied to the other runs of the same out_dir whose `base_key` (digests of the
     base model's files and of the test set, device, samples, temperature, seed, length, sampling
     and thread settings) is equal.
+ 5. A test question whose prompt plus max_new_tokens exceeds the model's context is skipped with a
+    warning that counts it (rows count the questions kept); training refuses such a question.
 
 Outputs: RUN/eval.jsonl, one line per (step, setting): step, n, k, questions, temperature, test (a
 digest of the evaluated file: rows of a file since changed are not reused), avg, pass, maj, length
@@ -23,7 +25,8 @@ reused_from when copied). In the toy world each row has
 `toy`: toy.trace_stats of all samples (per-step arithmetic, chaining, answer = own last result,
 style mix and per-style accuracy), which compare.py shows in a last table. A toy world's transfer
 split (toy_build.build_transfer) is evaluated at step 0 and the last checkpoint; its rows say
-`split: "transfer"` (test rows have no `split`).
+`split: "transfer"` (test rows have no `split`). After evaluating, the rows the run's report_to
+has not had yet (an interrupted evaluation's included) are sent there (tracking.evaluation_rows).
 
 Commands:
     python eval.py runs/critique-s0 [--samples 12] [--questions 30] [--temperature 1.1] [--k 12]
@@ -46,16 +49,17 @@ if __name__ == "__main__":  # Ctrl-C while torch loads (seconds, nothing written
 import torch
 from safetensors import SafetensorError
 
-import common
+from plumbing import common
 import contexts
 import critic
-import options
-import ranks
-import runfolder
-import sampler
+from plumbing import options
+from plumbing import ranks
+from plumbing import runfolder
+from plumbing import sampler
 import selfdistill  # the method: Config, its choices and its rules
-import world
-from common import UserError
+from plumbing import tracking
+from toyworld import world
+from plumbing.common import UserError
 
 METRICS = ("avg", "pass", "maj", "length", "unparseable", "truncated")
 
@@ -294,19 +298,28 @@ def reusable_base_row(run_dir, key):
 
 
 def check_adapter_base(checkpoint, model_path, run_dir):
-    """A checkpoint is evaluated on the base it was trained on, which its adapter_config.json names
-    (an absolute folder: common.load_model). Another folder is fine when it holds the same files
-    (the named one's digest, or if that is gone RUN/inputs.json's); other contents are a one-line
-    error; a base that can no longer be checked (gone, no inputs.json: an older run) a warning."""
+    """A checkpoint is evaluated on the base it was trained on, compared by contents, not by path.
+    Its adapter_config.json names the base folder (absolute: common.load_model). The same folder must
+    still hold the files the run started from (RUN/inputs.json's digest: a base rebuilt or replaced in
+    place is another base); another folder is fine when it holds the same files (the named one's
+    digest, or if that is gone inputs.json's). Other contents are a one-line error; a base that can
+    no longer be checked (gone, no inputs.json: an older run) a warning."""
     try:
         with open(os.path.join(checkpoint, "adapter_config.json")) as f:
             named = json.load(f)["base_model_name_or_path"]
     except (OSError, ValueError, KeyError, TypeError):
         return  # a damaged checkpoint: student_at skips it with a warning
     here = os.path.abspath(model_path) if os.path.isdir(model_path) else model_path
-    if not isinstance(named, str) or named == here:
+    if not isinstance(named, str):
         return
     ours = runfolder.model_digest(model_path)
+    if named == here:
+        started = runfolder.saved_inputs(run_dir).get("model")
+        if started not in (None, ours):
+            raise UserError(f"{checkpoint} was trained on the base in {here}, whose files have changed since "
+                            f"the run started (digest {started}, now {ours}); evaluate with the base it was "
+                            f"trained on")
+        return
     theirs = runfolder.model_digest(named) if os.path.isdir(named) else runfolder.saved_inputs(run_dir).get("model")
     if theirs is None:
         print(f"warning: {checkpoint} was trained on {named}, which is gone; evaluating on {here}, whose "
@@ -324,7 +337,8 @@ def evaluate_run(run_dir, samples=None, questions=None, temperature=None, k=None
     """Evaluate step 0 and every checkpoint not yet in RUN_DIR/eval.jsonl with these settings;
     append one line per step and return all rows of these settings. Pass `model`/`tokenizer` (a
     peft model of this run) to reuse a loaded model; its adapter is overwritten. Holds the run's
-    lock while it writes (a training process on the same run is refused, and vice versa).
+    lock while it writes (a training process on the same run is refused, and vice versa), then
+    sends the rows report_to has not had yet (tracking.evaluation_rows: a missing package warns).
     Under torchrun each process samples its share of the questions and rank 0 writes."""
     cfg = load_run_config(run_dir, trust_remote_code)
     device = next(model.parameters()).device if model is not None else common.pick_device(cfg)
@@ -333,14 +347,19 @@ def evaluate_run(run_dir, samples=None, questions=None, temperature=None, k=None
     # the model is loaded when a step first needs it, and once for both splits
     load = functools.cache(lambda: (model, tokenizer) if model is not None else
                            common.load_model(cfg, world.resolve_paths(cfg)[0], device))
-    try:
-        rows = evaluate_steps(run_dir, cfg, samples, questions, temperature, k, load, device)
-        if world.transfer_path(cfg):  # the toy world's transfer probe: step 0 and the last checkpoint
-            evaluate_steps(run_dir, cfg, samples, questions, temperature, k, load, device, split="transfer")
-        return rows
-    finally:
-        if lock:
-            lock.release()
+    # the tokenizer and the context length, to skip a test question that does not fit (weights not loaded)
+    window = functools.cache(lambda: (tokenizer, getattr(model.config, "max_position_embeddings", None))
+                             if model is not None else common.context_window(cfg, world.resolve_paths(cfg)[0]))
+    with tracking.evaluation_rows(cfg, run_dir):  # report_to: the rows it has not had yet
+        try:
+            rows = evaluate_steps(run_dir, cfg, samples, questions, temperature, k, load, device, window=window)
+            if world.transfer_path(cfg):  # the toy world's transfer probe: step 0 and the last checkpoint
+                evaluate_steps(run_dir, cfg, samples, questions, temperature, k, load, device, split="transfer",
+                               window=window)
+            return rows
+        finally:
+            if lock:
+                lock.release()
 
 
 def in_split(row, split="test"):
@@ -348,10 +367,11 @@ def in_split(row, split="test"):
     return row.get("split", "test") == split
 
 
-def evaluate_steps(run_dir, cfg, samples, questions, temperature, k, load, device, split="test"):
+def evaluate_steps(run_dir, cfg, samples, questions, temperature, k, load, device, split="test", window=None):
     """Evaluate one split's steps not yet in eval.jsonl; load() gives (model, tokenizer), loaded
-    once. split="transfer": the toy world's transfer split (toy_build.build_transfer), at step 0 and
-    the last checkpoint only: whether an arm learned to repair facts it never trained on."""
+    once; window() (tokenizer, context length) picks the questions that fit (fitting_records).
+    split="transfer": the toy world's transfer split (toy_build.build_transfer), at step 0 and the
+    last checkpoint only: whether an arm learned to repair facts it never trained on."""
     n = samples or cfg.eval_samples
     k = k or n
     if not 1 <= k <= n:
@@ -361,6 +381,8 @@ def evaluate_steps(run_dir, cfg, samples, questions, temperature, k, load, devic
     model_path, _, test_path = world.resolve_paths(cfg)
     test_path = test_path if split == "test" else world.transfer_path(cfg)
     records = common.load_jsonl(test_path, normalize=critic.normalize_answer)
+    if window:
+        records = fitting_records(cfg, records, *window(), test_path)
     records = records[:questions or cfg.eval_questions or len(records)]
     setting = {"n": n, "k": k, "questions": len(records), "temperature": temperature}
     path = os.path.join(run_dir, "eval.jsonl")
@@ -419,6 +441,22 @@ def evaluate_steps(run_dir, cfg, samples, questions, temperature, k, load, devic
     return rows
 
 
+def fitting_records(cfg, records, tokenizer, limit, path):
+    """The test questions whose prompt plus max_new_tokens fits the model's context; the others are
+    counted and skipped with a warning (sampled past the context they would be silently wrong;
+    training refuses such a question instead: common.check_fits). Rows count the questions kept."""
+    skipped = common.longer_than(tokenizer, limit, cfg, records)
+    if len(skipped) == len(records):
+        raise UserError(f"no question of {path} fits the model's context of {limit} tokens with "
+                        f"max_new_tokens={cfg.max_new_tokens}")
+    if skipped:
+        print(f"warning: {path}: {len(skipped)} of {len(records)} questions (first: id {skipped[0]['id']}) do not "
+              f"fit the model's context of {limit} tokens with max_new_tokens={cfg.max_new_tokens}; skipped",
+              file=sys.stderr)
+        records = [r for r in records if all(r is not s for s in skipped)]
+    return records
+
+
 MIN_TEMPERATURE = 1e-3  # greedy in all but name below it; 1e-300 is 0 in float32 (logits / 0: NaN samples)
 
 
@@ -464,16 +502,8 @@ def target_config(target, overrides):
 
 # ---------------------------------------------------------------------------------------------
 
-MOVED = {"--compare": "python compare.py RUN ...", "--plot": "python compare.py --plot RUN ...",
-         "--analyze": "python analyze.py RUN|MODEL|toy ...", "--prepare": "python prepare.py INPUT [MODEL] ..."}
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    for flag, command in MOVED.items():  # the programs eval.py used to hold: one line, exit 2
-        if flag in argv:
-            print(f"error: eval.py {flag} is now its own program: {command}", file=sys.stderr)
-            sys.exit(2)
     parser = argparse.ArgumentParser(
         description="Evaluate selfdistill runs: Avg@k, Pass@k, Maj@k and length at every checkpoint.",
         epilog=__doc__[__doc__.index("Commands:"):], formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,24 +1,28 @@
-"""`python selfdistill.py --context ARM --explain [N]`: the first training step of the configured run
-(the toy world by default), shown for N rollouts (default 2): the question, the student's response,
-the critic's critique (or the reference), the teacher's context as the teacher sees it (its decoded
-prompt), the response's tokens marked by A_t = log π_T(ŷ_t) − log π_θ(ŷ_t), the rollout's
-divergence, and the step's loss; for grpo the group's rewards and advantages instead. It runs the
-loop's own named steps (selfdistill.sample_rollouts, judge_rollouts, kept_rollouts, teacher_inputs)
-and losses, one rollout at a time with the step's divisor (so the rollouts' losses sum to the step's
-loss), then stops: no update, no run folder, no checkpoint. A_t is coloured on a terminal (green:
-the teacher likes the token more than the student does) and written `[+0.12]` after each token when
-the output is piped. The loop's module is passed in (`loop`: selfdistill), so this file sits
-below it in the import order.
+"""One training step shown: `python explain.py --context ARM [--explain N] [--config FILE] [key=value ...]`
+takes selfdistill.py's arguments and shows the first step of that run (the toy world by default)
+for N rollouts (default 2): the question, the student's response, the critic's critique (or the
+reference), the teacher's context as the teacher sees it (its decoded prompt), the response's
+tokens marked by A_t = log π_T(ŷ_t) − log π_θ(ŷ_t), the rollout's divergence, and the step's loss;
+for grpo the group's rewards and advantages instead. It runs the loop's own named steps and its
+micro-batch loss (selfdistill.sample_rollouts, judge_rollouts, kept_rollouts, teacher_inputs,
+micro_batch_loss), one rollout at a time with the step's divisor (so the rollouts' losses sum to the
+step's loss), then stops: no update, no run folder, no checkpoint. A_t is coloured on a terminal
+(green: the teacher likes the token more than the student does) and written `[+0.12]` after each
+token when the output is piped.
 """
 import sys
 
+if __name__ == "__main__":  # Ctrl-C while torch loads (seconds, nothing written yet): exit 130, no traceback
+    import os
+    import signal
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))
+
 import torch
 
-import chunked_head
-import common
+from plumbing import common
 import contexts
-import critic
-import world
+import selfdistill as loop
+from toyworld import world
 
 # ---------------------------------------------------------------------------------------------
 # Printing
@@ -45,7 +49,7 @@ def block(title, text):
 # One step, shown
 
 
-def show_step(cfg, n_shown, loop):
+def show_step(cfg, n_shown):
     device = common.pick_device(cfg)
     model_path, train_path, _ = world.resolve_paths(cfg)
     records = world.load_records(cfg, train_path, need_solution=cfg.arm == "reference")
@@ -54,50 +58,26 @@ def show_step(cfg, n_shown, loop):
     weight = model.get_base_model().get_output_embeddings().weight  # (V, d)
     G, step, colour = cfg.samples_per_question, 0, sys.stdout.isatty()
     torch.manual_seed(common.step_seed(cfg, step))
-    per_rollout = [records[i] for i in common.batch_for_step(len(records), cfg.batch_size, step, cfg.seed)
-                   for _ in range(G)]
-    prompt_ids, responses, truncated, texts = loop.sample_rollouts(cfg, model, tokenizer, per_rollout, step, 0)
-    rewards = torch.tensor([critic.reward(t, r["answer"], world.exact_answers(cfg))
-                            for t, r in zip(texts, per_rollout)])
-    critiques, verdicts, context_texts, _ = loop.judge_rollouts(cfg, judge, per_rollout, texts, False)
-    keep, divisor, _, advantages = loop.kept_rollouts(cfg, rewards, responses, verdicts)
-    if cfg.arm != "grpo":
-        teacher_ids, span_ends = loop.teacher_inputs(cfg, tokenizer, per_rollout, responses, critiques,
-                                                     context_texts, keep)
+    batch = [records[i] for i in common.batch_for_step(len(records), cfg.batch_size, step, cfg.seed)]
+    rollouts = loop.sample_rollouts(cfg, model, tokenizer, batch, step, 0, world.exact_answers(cfg))
+    loop.judge_rollouts(cfg, judge, rollouts, False)
+    keep, divisor, _, advantages = loop.kept_rollouts(cfg, rollouts)
+    teacher = loop.teacher_inputs(cfg, tokenizer, rollouts, keep)
     model.eval()  # no dropout: the numbers shown are the step's, without noise
-    step_loss, shown = 0.0, {}
+    step_loss, shown, timer = 0.0, {}, common.Timer(device)
     for i in keep:  # each kept rollout alone, divided by the whole step's divisor: Σ_i = the step's loss
-        rows = contexts.build_rows([prompt_ids[i]], [responses[i]], tokenizer.pad_token_id)
-        mask = rows["response_mask"].to(device)  # (1, T)
-        T = mask.shape[1]
-        sampled_ids = rows["input_ids"][:, -T:].to(device)[mask]  # (N,)
-        with torch.no_grad():
-            student_h = chunked_head.response_hidden(model, rows, T, device)[mask]  # (N, d)
-            if cfg.arm == "grpo":
-                reference_h = None
-                if cfg.grpo_beta:  # π_ref: the base, adapter off
-                    with model.disable_adapter():
-                        reference_h = chunked_head.response_hidden(model, rows, T, device)[mask]
-                loss, _ = loop.grpo_loss(student_h, weight, sampled_ids, advantages[[i]].to(device), mask,
-                                         divisor, cfg, reference_h)
-                A_t = None
-            else:  # the teacher: x with its context c, then the same ŷ; adapter off (teacher=base)
-                _, teacher_rows = contexts.build_pair([prompt_ids[i]], [teacher_ids[i]], [responses[i]],
-                                                      tokenizer.pad_token_id)
-                with loop.teacher_weights(model, cfg.teacher, {}):
-                    teacher_h = chunked_head.response_hidden(model, teacher_rows, T, device)[mask]
-                span = contexts.distilled_span(mask, [span_ends[i]])
-                loss, stats = loop.sd_loss(student_h, teacher_h, weight, sampled_ids, mask, span, divisor,
-                                           cfg, with_advantage=True)
-                A_t = stats["advantage"].tolist()
+        with torch.no_grad():  # the loop's own micro-batch loss, on a micro-batch of one
+            loss, stats = loop.micro_batch_loss(cfg, model, weight, tokenizer.pad_token_id, rollouts, [i], teacher,
+                                                advantages, divisor, {}, timer, analyse=cfg.arm != "grpo")
         step_loss += loss.item()
-        shown[i] = (loss.item() * divisor, A_t)  # SD: the rollout's divergence
+        shown[i] = (loss.item() * divisor, stats["advantage"][0].tolist() if cfg.arm != "grpo" else None)
+    rewards, texts, truncated = rollouts.rewards, rollouts.texts, rollouts.truncated
     with_signal = [i for i in shown if cfg.arm != "grpo" or advantages[i] != 0]  # grpo: A_i ≠ 0 first
     for number, i in enumerate((with_signal or list(shown))[:n_shown], start=1):
         value, A_t = shown[i]
         print(f"\n=== rollout {number} of {len(keep)} kept ({cfg.arm}, step 1, reward {rewards[i]:.0f}"
               f"{', truncated' if truncated[i] else ''})")
-        block("question", per_rollout[i]["question"])
+        block("question", rollouts.records[i]["question"])
         block("student's response ŷ (it saw the question only)", texts[i])
         if cfg.arm == "grpo":
             group = slice(i - i % G, i - i % G + G)
@@ -107,12 +87,23 @@ def show_step(cfg, n_shown, loop):
                   f"{value / divisor:+.5f}")
             continue
         if cfg.arm.startswith("critique"):
-            block("the critic's critique", critiques[i])
+            block("the critic's critique", rollouts.critiques[i])
         block("the teacher's context, as the teacher sees it (decoded prompt; then ŷ follows)",
-              tokenizer.decode(teacher_ids[i], skip_special_tokens=False))
+              tokenizer.decode(teacher[0][i], skip_special_tokens=False))
         block("ŷ's tokens with A_t = log π_T(ŷ_t) − log π_θ(ŷ_t)" + (" (green +, red −)" if colour else ""),
-              marked(contexts.token_pieces(tokenizer, responses[i]), A_t, colour))
+              marked(contexts.token_pieces(tokenizer, rollouts.responses[i]), A_t, colour))
         print(f"--- divergence 1/|ŷ| Σ_t {cfg.divergence} KL: {value:.4f}  (Σ_t A_t = {sum(A_t):+.3f})")
     why = "A_i = 0" if cfg.arm == "grpo" else "an invalid critique" if cfg.arm.startswith("critique") else "-"
-    print(f"\n=== step 1 loss {step_loss:.6g} over {len(keep)} kept rollouts of {len(per_rollout)} "
-          f"({len(per_rollout) - len(keep)} dropped, for {why}); divisor {divisor}. Nothing was updated or written.")
+    n = len(rollouts.records)
+    print(f"\n=== step 1 loss {step_loss:.6g} over {len(keep)} kept rollouts of {n} "
+          f"({n - len(keep)} dropped, for {why}); divisor {divisor}. Nothing was updated or written.")
+
+
+def main(argv=None):
+    with common.user_errors():
+        cfg, n_shown = loop.parse_args(sys.argv[1:] if argv is None else argv)
+        show_step(cfg, n_shown or 2)
+
+
+if __name__ == "__main__":
+    main()

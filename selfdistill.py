@@ -52,33 +52,40 @@ Commands:
     python selfdistill.py --context grpo --config configs/smoke.yaml
     python selfdistill.py --context reference lr=1e-3 epochs=3    # key=value overrides
     python selfdistill.py --help                                  # every config field
-    python selfdistill.py --context critique --explain 2          # one step, shown for 2 rollouts
+    python explain.py --context critique --explain 2              # one step, shown for 2 rollouts
     torchrun --nproc_per_node=4 selfdistill.py --context critique run=NAME   # data-parallel
 """
 import contextlib
 import math
+import os
 import re
+import signal
 import sys
 import time
 from dataclasses import dataclass
+
+if __name__ == "__main__":  # Ctrl-C while torch loads (seconds, nothing written yet): exit 130, no traceback
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))
 
 import torch
 from tqdm import tqdm
 
 import chunked_head
-import common
+from plumbing import common
 import contexts
 import critic
 import ema_teacher
-import explain as explain_step
-import options
-import ranks
-import runfolder
-import sampler
-import tracking
-import world
-from common import UserError
+from plumbing import options
+from plumbing import ranks
+from plumbing import runfolder
+from plumbing import sampler
+from plumbing import tracking
+from toyworld import world
+from plumbing.common import UserError
 from grpo import NORMS, grpo_advantages, grpo_loss, policy_gradient_loss  # noqa: F401 (the baseline)
+
+if __name__ == "__main__":  # imported: Ctrl-C is KeyboardInterrupt again, one line through common.user_errors
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,6 +171,13 @@ class Config:
     report_to: str = "none"  # also send each metrics line and the eval rows to: none | tensorboard (RUN/tensorboard/) | wandb (WANDB_MODE=offline works); pip install -r requirements-logging.txt
 
 
+# Settings that change how a run executes, not what it computes: they may change when a run resumes
+# (RUN/settings.jsonl records each change with the step it came at) and compare.py ignores them when
+# it pools seeds into arms. Every other field is part of the experiment: a resume refuses a change.
+OPERATIONAL = ("device", "threads", "micro_batch", "generation_batch", "chunk_size", "gradient_checkpointing",
+               "critic_url", "critic_api_key_env", "critic_timeout", "critic_retries", "critic_batch",
+               "sample_every", "eval_at_end", "report_to")
+
 ARMS = ("grpo", "reference", "critique", "critique_quoting", "critique_no_prefix")
 CHOICES = {
     "arm": ARMS, "context": ARMS, "dtype": ("float32", "bfloat16", "float16"),
@@ -175,37 +189,38 @@ CHOICES = {
     "distill_span": ("all", "through_first_divergence"), "grpo_norm": NORMS,
     "report_to": ("none", "tensorboard", "wandb"),
 }
+# One key's own range, in interval notation (options.check_numbers; every number is also finite and
+# every integer in 0..INT_LIMIT). Rules between keys are check_consistency's. The upper bounds catch
+# slips that would end in an allocator error or a hang rather than a run.
+RANGES = {
+    "threads": "[0, 1024]",                # 0 = torch's default
+    "lora_r": "[1, 4096]",                 # the paper's 64; ranks beyond a model's width add nothing
+    "lora_alpha": "[1, inf)",              # the update is scaled by lora_alpha / lora_r: 0 never learns
+    "lora_dropout": "[0, 1)",
+    "samples_per_question": "[1, 1024]",   # after resolve (0 = 8 for grpo, 1 otherwise)
+    "max_new_tokens": "[1, 1048576]",      # after resolve (0 = the world's budget, or 512)
+    "temperature": "[0.001, inf)",         # below 1e-3 greedy in all but name, as eval.MIN_TEMPERATURE
+    "logit_temperature": "[0.001, inf)",
+    "top_p": "(0, 1]", "top_k": "[0, inf)",
+    "generation_batch": "[1, inf)", "batch_size": "[1, inf)", "micro_batch": "[1, inf)",
+    "ema_rate": "(0, 1]", "jsd_alpha": "[0, 1]",
+    "grpo_beta": "[0, inf)", "token_clip": "[0, inf)", "chunk_size": "[0, inf)",
+    "epochs": "[0, inf)", "max_steps": "[0, inf)", "lr": "(0, inf)", "weight_decay": "[0, inf)",
+    "warmup_steps": "[0, inf)", "grad_clip": "[0, inf)",
+    "critic_max_new_tokens": "[1, 1048576]", "critic_batch": "[1, 4096]",  # the critic's budget, critiques at once
+    "checkpoint_every": "[1, inf)", "eval_samples": "[1, inf)",
+}
 
 
 def check_consistency(cfg):
-    """Settings that are out of range, or each valid but contradicting one another. Every number
-    finite and in 0..INT_LIMIT (options.check_numbers), the run name a plain folder name
+    """Settings that are out of range (RANGES), or each valid but contradicting one another. Every
+    number finite and in its range (options.check_numbers), the run name a plain folder name
     (runfolder.check_run_name) and the critic's own settings sane (critic.check_settings) first."""
-    options.check_numbers(cfg)
+    options.check_numbers(cfg, RANGES)
     runfolder.check_run_name(cfg.run)
     critic.check_settings(cfg)
-    tracking.check_installed(cfg.report_to)
-    for key in ("token_clip", "epochs", "grpo_beta"):
-        if getattr(cfg, key) < 0:
-            raise UserError(f"config key '{key}' must be at least 0")
-    if cfg.lora_alpha < 1:
-        raise UserError("config key 'lora_alpha' must be at least 1 (the adapter's update is scaled by "
-                        "lora_alpha / lora_r: with 0 the run would never learn)")
-    for key in ("batch_size", "micro_batch", "max_new_tokens", "generation_batch",
-                "lora_r", "eval_samples", "samples_per_question", "checkpoint_every"):
-        if getattr(cfg, key) < 1:
-            raise UserError(f"config key '{key}' must be at least 1")
-    for key in ("max_steps", "weight_decay", "grad_clip", "top_k", "warmup_steps", "chunk_size"):
-        if getattr(cfg, key) < 0:
-            raise UserError(f"config key '{key}' must be at least 0 (0 = off)")
-    if not cfg.lr > 0:
-        raise UserError("config key 'lr' must be positive")
     if cfg.max_steps == 0 and not cfg.epochs > 0:
         raise UserError("config key 'epochs' must be positive (or set max_steps)")
-    if not 0 <= cfg.lora_dropout < 1:
-        raise UserError("config key 'lora_dropout' must lie in [0, 1)")
-    if not 0 < cfg.top_p <= 1:
-        raise UserError("config key 'top_p' must lie in (0, 1] (1 = off)")
     if cfg.support == "topk" and cfg.topk < 1:
         raise UserError("config key 'topk' must be at least 1 with support=topk")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
@@ -219,12 +234,6 @@ def check_consistency(cfg):
     if (cfg.batch_size * G) % min(cfg.micro_batch, cfg.batch_size * G):
         raise UserError(f"batch_size·samples_per_question = {cfg.batch_size * G} is not divisible "
                         f"by micro_batch = {cfg.micro_batch}")
-    if not 0.0 <= cfg.jsd_alpha <= 1.0:
-        raise UserError("jsd_alpha must lie in [0, 1]")
-    if not 0.0 < cfg.ema_rate <= 1.0:
-        raise UserError("ema_rate must lie in (0, 1]")
-    if cfg.temperature <= 0 or cfg.logit_temperature <= 0:
-        raise UserError("temperature and logit_temperature must be positive")
     if cfg.distill_span != "all" and not cfg.arm.startswith("critique"):
         raise UserError("distill_span=through_first_divergence needs a critique arm (the span ends "
                         "where the response leaves the critique's verbatim prefix)")
@@ -236,6 +245,15 @@ def check_consistency(cfg):
         raise UserError("support=sampled estimates reverse KL only; set divergence=reverse")
     if cfg.arm.startswith("critique"):  # the arms that call the critic at every step
         critic.check_reachable(cfg)
+
+
+def check_arm(cfg):
+    """A setting that does nothing for the chosen arm is refused with the reason, when a run starts
+    (and for --explain); a program that reads a finished run does not re-judge what it trained with."""
+    if cfg.arm != "grpo" and (cfg.grpo_beta, cfg.grpo_norm) != (0.0, "token_mean"):
+        key = "grpo_beta" if cfg.grpo_beta else "grpo_norm"
+        raise UserError(f"config key '{key}' shapes GRPO's policy-gradient loss, which the {cfg.arm} arm "
+                        f"does not use (it distils from a teacher); leave it at its default or use --context grpo")
 
 
 def resolve(cfg):
@@ -257,7 +275,11 @@ def parse_args(argv):
     explain = values.pop("explain", 0)
     if "context" in values:  # --context names the arm, as the paper names each by its context
         values["arm"] = values.pop("context")
-    return resolve(Config(**values)), explain
+    cfg = resolve(Config(**values))
+    check_arm(cfg)
+    if not explain:  # training logs; --explain writes nothing (and programs that only read runs never log)
+        tracking.check_ready(cfg)
+    return cfg, explain
 
 
 def load_config(argv):
@@ -384,55 +406,74 @@ def teacher_weights(model, teacher, ema):
 
 
 # ---------------------------------------------------------------------------------------------
-# The loop's named steps. Each is plumbing around the method; what the teacher sees, where the
-# gradient stops and the loss stay in train() below.
+# The loop's named steps, around one record of a step's rollouts. What the teacher sees, where the
+# gradient stops and the loss are in micro_batch_loss; the order of the steps is train()'s.
 
 
-def sample_rollouts(cfg, model, tokenizer, per_rollout, step, rank):
-    """1. One response per rollout from the student, which sees the question only; the step's seed
-    (a resumed run samples the same; under torchrun each chunk of rollouts by its place in the step).
-    Returns (prompt_ids, responses (ids through EOS), truncated, texts)."""
+@dataclass
+class Rollouts:
+    """A step's rollouts, declared once: sampled (1), judged (2), distilled (3-5), logged (7), and
+    gathered across processes under torchrun. Every field holds one entry per rollout."""
+    records: list  # each rollout's data record (question, answer, solution, id): G per question
+    prompt_ids: list  # the student's prompt x, token ids
+    responses: list  # ŷ, token ids through EOS
+    truncated: list  # ŷ was cut at max_new_tokens
+    texts: list  # ŷ decoded
+    rewards: torch.Tensor  # (n,) r(ŷ): 1 if the answer is right
+    critiques: list = None  # the critic's critique of ŷ (a str, or critic.Failure); None when not judged
+    verdicts: list = None  # "ok", or why the rollout is dropped from the loss (critic.validate_critique)
+    contexts: list = None  # the teacher's context c: the arm's form of the critique, or the reference
+
+
+def sample_rollouts(cfg, model, tokenizer, batch, step, rank, exact):
+    """1. G responses per question from the student, which sees the question only, and their reward;
+    the step's seed (a resumed run samples the same; under torchrun each chunk of rollouts by its
+    place in the step)."""
+    records = [r for r in batch for _ in range(cfg.samples_per_question)]
     prompt_ids = [contexts.student_prompt_ids(tokenizer, r["question"], cfg.prompts, cfg.student_thinking)
-                  for r in per_rollout]
+                  for r in records]
     responses, truncated = sampler.generate(model, tokenizer, prompt_ids, cfg.max_new_tokens, cfg.temperature,
                                             cfg.top_p, cfg.top_k, cfg.generation_batch,
                                             seed=common.step_seed(cfg, step), first=rank * len(prompt_ids))
-    return prompt_ids, responses, truncated, [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+    rewards = torch.tensor([critic.reward(t, r["answer"], exact) for t, r in zip(texts, records)])
+    return Rollouts(records, prompt_ids, responses, truncated, texts, rewards)
 
 
-def judge_rollouts(cfg, judge, per_rollout, texts, analyse):
+def judge_rollouts(cfg, judge, rollouts, analyse):
     """2. The teacher's context c for each rollout: the arm's form of its critique, or the reference
     (the record's solution; under the toy world's alignment dial the dial's, world.load_records).
-    Returns (critiques, verdicts, context_texts, stopped). A verdict is "ok" or the reason its
-    rollout is dropped (critic.validate_critique at `critique_validation`: critic_error,
-    critique_truncated, bad_format, wrong_answer, ...); stopped: a signal abandoned the HTTP
-    critic's requests (no critique came back)."""
-    n, is_critique = len(per_rollout), cfg.arm.startswith("critique")
-    critiques, verdicts, context_texts, stopped = [None] * n, ["ok"] * n, [None] * n, False
+    Sets rollouts.critiques, .verdicts ("ok" or why the rollout is dropped: critic.validate_critique
+    at `critique_validation`) and .contexts. Returns True when a signal abandoned the HTTP critic's
+    requests (no critique came back)."""
+    n, is_critique, stopped = len(rollouts.records), cfg.arm.startswith("critique"), False
+    rollouts.critiques, rollouts.verdicts, rollouts.contexts = [None] * n, ["ok"] * n, [None] * n
     if is_critique or analyse:
         try:
-            critiques = judge([r["question"] for r in per_rollout], texts,
-                              [r.get("solution", "") for r in per_rollout], [r["answer"] for r in per_rollout])
+            rollouts.critiques = judge([r["question"] for r in rollouts.records], rollouts.texts,
+                                       [r.get("solution", "") for r in rollouts.records],
+                                       [r["answer"] for r in rollouts.records])
         except critic.Stopped:
             stopped = True
     if is_critique:  # the arm's form of each valid critique (the two controls rewrite it)
         restyle = world.toy_restyle(cfg)
-        verdicts = [critic.validate_critique(t, c, r["answer"], cfg.critique_validation)[1].split(":")[0]
-                    for t, c, r in zip(texts, critiques, per_rollout)]
-        context_texts = [contexts.critique_form(cfg.arm, t, c, restyle) if v == "ok" else c or None
-                         for t, c, v in zip(texts, critiques, verdicts)]
+        rollouts.verdicts = [critic.validate_critique(t, c, r["answer"], cfg.critique_validation)[1].split(":")[0]
+                             for t, c, r in zip(rollouts.texts, rollouts.critiques, rollouts.records)]
+        rollouts.contexts = [contexts.critique_form(cfg.arm, t, c, restyle) if v == "ok" else c or None
+                             for t, c, v in zip(rollouts.texts, rollouts.critiques, rollouts.verdicts)]
     elif cfg.arm == "reference":
-        context_texts = [r["solution"] for r in per_rollout]
-    return critiques, verdicts, context_texts, stopped
+        rollouts.contexts = [r["solution"] for r in rollouts.records]
+    return stopped
 
 
-def kept_rollouts(cfg, rewards, responses, verdicts):
+def kept_rollouts(cfg, rollouts):
     """The rollouts that enter the loss, and the loss's divisor: the whole step's count, summed over
     processes under torchrun: GRPO's kept tokens (of samples with A_i ≠ 0), self-distillation's kept
     sequences (a valid context). GRPO's divisor follows grpo_norm (grpo.policy_gradient_loss).
     Returns (keep, divisor, zero_signal, advantages (None for SD))."""
+    responses = rollouts.responses
     if cfg.arm == "grpo":
-        advantages, flat_groups = grpo_advantages(rewards.view(-1, cfg.samples_per_question))
+        advantages, flat_groups = grpo_advantages(rollouts.rewards.view(-1, cfg.samples_per_question))
         advantages = advantages.view(-1)  # A_i = 0: no signal, dropped, unless β·KL acts on it
         keep = [i for i in range(len(responses)) if advantages[i] != 0 or cfg.grpo_beta]
         n_tokens, n_sequences, flat_groups = ranks.all_sum([sum(len(responses[i]) for i in keep), len(keep),
@@ -440,20 +481,119 @@ def kept_rollouts(cfg, rewards, responses, verdicts):
         constant = cfg.max_new_tokens * cfg.batch_size * cfg.samples_per_question if n_tokens else 0
         divisor = {"token_mean": n_tokens, "sequence_mean": n_sequences, "constant": constant}[cfg.grpo_norm]
         return keep, divisor, flat_groups / cfg.batch_size, advantages
-    keep = [i for i in range(len(responses)) if verdicts[i] == "ok"]
+    keep = [i for i in range(len(responses)) if rollouts.verdicts[i] == "ok"]
     [n_sequences] = ranks.all_sum([len(keep)])
     return keep, n_sequences, 1 - n_sequences / (cfg.batch_size * cfg.samples_per_question), None
 
 
-def teacher_inputs(cfg, tokenizer, per_rollout, responses, critiques, context_texts, keep):
+def teacher_inputs(cfg, tokenizer, rollouts, keep):
     """The kept rollouts' teacher prompts (x with its context c) and where their distilled spans end
-    (None: the whole response): {i: ids}, {i: end}."""
-    prompts = {i: contexts.teacher_prompt_ids(tokenizer, per_rollout[i]["question"], context_texts[i], cfg.arm,
-                                              cfg.prompts, cfg.teacher_thinking, cfg.max_context_tokens)
+    (None: the whole response): ({i: ids}, {i: end}); empty for GRPO, which has no teacher."""
+    if cfg.arm == "grpo":
+        return {}, {}
+    prompts = {i: contexts.teacher_prompt_ids(tokenizer, rollouts.records[i]["question"], rollouts.contexts[i],
+                                              cfg.arm, cfg.prompts, cfg.teacher_thinking, cfg.max_context_tokens)
                for i in keep}
-    ends = {i: None if cfg.distill_span == "all" else contexts.span_end(tokenizer, responses[i], critiques[i])
-            for i in keep}
+    ends = {i: None if cfg.distill_span == "all" else
+            contexts.span_end(tokenizer, rollouts.responses[i], rollouts.critiques[i]) for i in keep}
     return prompts, ends
+
+
+def micro_batch_loss(cfg, model, weight, pad_id, rollouts, part, teacher, advantages, divisor, ema, timer,
+                     analyse=False):
+    """3-5 on the kept rollouts `part`: the loss (the caller runs its backward) and its stats. Each
+    micro-batch is divided by the whole step's `divisor` (GRPO: tokens, SD: sequences), so the summed
+    gradients are the step's. teacher: teacher_inputs' ({i: prompt ids}, {i: span end}). With
+    `analyse`, stats["advantage"] holds each rollout's A_t (a tensor per rollout)."""
+    device = weight.device
+    student_ids, ys = [rollouts.prompt_ids[i] for i in part], [rollouts.responses[i] for i in part]
+    if cfg.arm == "grpo":  # −A_i · log π_θ(ŷ_t) over the kept samples' tokens
+        rows = contexts.build_rows(student_ids, ys, pad_id)
+    else:  # [student prompt ‖ ŷ] and [teacher prompt(c) ‖ ŷ]: the same ŷ ids (asserted)
+        rows, teacher_rows = contexts.build_pair(student_ids, [teacher[0][i] for i in part], ys, pad_id)
+    mask = rows["response_mask"].to(device)  # (B, T): ŷ's tokens, right-aligned
+    T = mask.shape[1]
+    sampled_ids = rows["input_ids"][:, -T:].to(device)[mask]  # (N,) the tokens ŷ_t
+    if cfg.arm == "grpo":
+        reference_h = None  # π_ref(·|x, ŷ<t) for β·KL: the base, adapter off, no gradient
+        if cfg.grpo_beta:
+            with timer("reference"), torch.no_grad(), common.eval_mode(model), model.disable_adapter():
+                reference_h = chunked_head.response_hidden(model, rows, T, device)[mask]  # (N, d)
+        with timer("student"):
+            student_h = chunked_head.response_hidden(model, rows, T, device)[mask]  # (N, d)
+            return grpo_loss(student_h, weight, sampled_ids, advantages[part].to(device), mask, divisor, cfg,
+                             reference_h)
+    # 3. teacher π_T(·|x, c, ŷ<t): no gradient, the adapter switched off (teacher=base)
+    with timer("teacher"), torch.no_grad(), common.eval_mode(model), teacher_weights(model, cfg.teacher, ema):
+        teacher_h = chunked_head.response_hidden(model, teacher_rows, T, device)[mask]  # (N, d)
+    # 4. student π_θ(·|x, ŷ<t): the question only, LoRA on, with gradient; 5. the loss
+    with timer("student"):
+        student_h = chunked_head.response_hidden(model, rows, T, device)[mask]  # (N, d)
+        span = contexts.distilled_span(mask, [teacher[1][i] for i in part])  # ⊆ mask
+        loss, stats = sd_loss(student_h, teacher_h, weight, sampled_ids, mask, span, n_sequences=divisor,
+                              cfg=cfg, with_advantage=analyse)
+    if analyse:
+        stats["advantage"] = list(stats["advantage"].cpu().split(mask.sum(-1).tolist()))
+    return loss, stats
+
+
+@dataclass
+class Trainer:
+    """What the loop updates and checkpoints, in one bundle for the update and the checkpoint."""
+    run_dir: str
+    rank: int
+    model: object  # the peft model: the base with its LoRA adapter
+    tokenizer: object
+    params: list  # the LoRA weights, the only trainable ones
+    optimizer: object
+    scheduler: object
+    state: dict  # resumed: step, ema (the EMA teacher's ΔW), nonfinite (non-finite steps in a row)
+    stop: dict  # signal: set by SIGINT/SIGTERM, checked after each step
+
+
+def optimizer_step(cfg, trainer, totals, divisor):
+    """6. One AdamW step on the LoRA weights, skipped when the loss or the gradient norm is not
+    finite (counted in state["nonfinite"]), and the EMA teacher's update after it (teacher=ema).
+    Under torchrun the processes' gradients and loss totals are summed first, a stop signal on one
+    process stops all, and every process takes the same step. Returns (summed totals, grad_norm,
+    finite)."""
+    state, stop = trainer.state, trainer.stop
+    if divisor:  # the step's loss count, all processes: 0 = no sample entered the loss anywhere
+        ranks.sum_gradients(trainer.params)
+    *sums, asked = ranks.all_sum([*totals.values(), bool(stop["signal"])])
+    totals = dict(zip(totals, sums))
+    stop["signal"] = stop["signal"] or (signal.SIGTERM if asked else None)  # one stops, all stop
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainer.params, cfg.grad_clip or float("inf")))
+    finite = math.isfinite(totals["loss"]) and math.isfinite(grad_norm)
+    if finite:
+        trainer.optimizer.step()
+        if cfg.teacher == "ema":
+            ema_teacher.ema_update(state["ema"], trainer.model, cfg.ema_rate)
+    state["nonfinite"] = 0 if finite else state["nonfinite"] + 1
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.scheduler.step()
+    return totals, grad_norm, finite
+
+
+def metrics_line(cfg, tokenizer, step, totals, rollouts, zero_signal, analysed, grad_norm, lr, finite, times):
+    """7. The step's metrics line (README, Metrics), all but the whole step's time (`time/step`)."""
+    verdicts = rollouts.verdicts
+    record = {"step": step, "train/loss": totals["loss"], "train/reward": rollouts.rewards.mean().item(),
+              "train/response_len": sum(map(len, rollouts.responses)) / len(rollouts.responses),
+              "train/truncated": sum(rollouts.truncated) / len(rollouts.truncated),
+              "train/critique_invalid": len(verdicts) - verdicts.count("ok"), "train/zero_signal": zero_signal,
+              "train/leak_rate": contexts.leak_rate(rollouts.texts, cfg.prompts),
+              "train/context_overlap": contexts.context_overlap(tokenizer, rollouts.responses, rollouts.contexts),
+              "train/grad_norm": grad_norm, "train/lr": lr, "train/nonfinite": int(not finite), **times}
+    for reason in sorted(set(verdicts) - {"ok"}):  # why critiques were dropped (critic.validate_critique)
+        record[f"train/dropped/{reason}"] = verdicts.count(reason)
+    if totals["tokens"]:  # absent, not 0, when no token entered the loss
+        record["train/entropy"] = totals["entropy"] / totals["tokens"]
+        if cfg.arm != "grpo" or cfg.grpo_beta:  # grpo: the k3 KL to π_ref, only when penalised
+            record["train/kl"] = totals["divergence"] / totals["tokens"]
+    if analysed:
+        record.update(contexts.advantage_stats(tokenizer, *map(list, zip(*analysed))))
+    return record
 
 
 def start_run(cfg, device, rank):
@@ -462,14 +602,19 @@ def start_run(cfg, device, rank):
     with ranks.rank0_first(rank):  # under torchrun, rank 0 builds a missing toy world alone
         model_path, train_path, test_path = world.resolve_paths(cfg)  # "toy" = the built toy world
     records = world.load_records(cfg, train_path, need_solution=cfg.arm == "reference")
+    if rank == 0:
+        common.check_data_settings(cfg, train_path)  # filtered by prepare.py at these settings?
     if cfg.eval_at_end:
         common.load_jsonl(test_path, normalize=critic.normalize_answer)  # a typo must not cost the whole run
     lock = runfolder.RunLock(runfolder.run_folder(cfg), "training") if rank == 0 else None  # one writer
-    run_dir = runfolder.prepare_run_dir(cfg, train_path, model_path) if rank == 0 else runfolder.run_folder(cfg)
+    run_dir = runfolder.prepare_run_dir(cfg, train_path, model_path, OPERATIONAL) if rank == 0 \
+        else runfolder.run_folder(cfg)
     judged = cfg.arm.startswith("critique") or cfg.analysis_every
     judge = world.make_judge(cfg, device, records) if judged else None  # frozen
     model, tokenizer = common.load_model(cfg, model_path, device)
     common.check_fits(model, tokenizer, cfg, records)
+    if cfg.arm == "reference" and rank == 0:
+        common.check_reference_lengths(tokenizer, records, cfg.max_context_tokens)
     vocab = model.get_base_model().get_output_embeddings().weight.shape[0]
     if cfg.support == "topk" and cfg.topk >= vocab:
         raise UserError(f"support=topk with topk={cfg.topk} >= the vocabulary size {vocab} is "
@@ -489,9 +634,9 @@ def train(cfg):
     weight = model.get_base_model().get_output_embeddings().weight  # (V, d) the frozen LM head
     with ranks.rank0_first(rank):  # rank 0 moves damaged checkpoints aside and trims the logs
         state = runfolder.resume(run_dir, model, optimizer, scheduler, writer=rank == 0)
+    trainer = Trainer(run_dir, rank, model, tokenizer, params, optimizer, scheduler, state, common.handle_signals())
     tracker = tracking.start(cfg, run_dir, state["step"], rank)  # report_to: the same records, elsewhere too
     model.train()  # LoRA dropout on in the student's forward; generation and the teacher: eval mode
-    ema, stop, G = state["ema"], common.handle_signals(), cfg.samples_per_question
     exact = world.exact_answers(cfg)  # the toy world's integers exactly, decided once
     for step in tqdm(range(state["step"], total_steps), initial=state["step"], total=total_steps,
                      desc=cfg.run, disable=rank > 0 or not common.progress_bars()):
@@ -499,90 +644,44 @@ def train(cfg):
         torch.manual_seed(common.step_seed(cfg, step))  # per step: a resumed run samples the same
         order = common.batch_for_step(len(records), cfg.batch_size, step, cfg.seed)
         batch = ranks.share([records[i] for i in order], rank, world_size)  # this process's share
-        per_rollout = [r for r in batch for _ in range(G)]  # each rollout's record: G per question
-        # 1. sample ŷ ~ π_θ(· | x): the student sees the question only
+        # 1. sample ŷ ~ π_θ(· | x), G per question: the student sees the question only
         with timer("generate"):
-            prompt_ids, responses, truncated, texts = sample_rollouts(cfg, model, tokenizer,
-                                                                      per_rollout, step, rank)
-        rewards = torch.tensor([critic.reward(t, r["answer"], exact)
-                                for t, r in zip(texts, per_rollout)])
+            rollouts = sample_rollouts(cfg, model, tokenizer, batch, step, rank, exact)
         # 2. judge: the teacher's context c for each rollout (an invalid critique drops its rollout)
         analyse = cfg.arm != "grpo" and cfg.analysis_every and (step + 1) % cfg.analysis_every == 0
         with timer("critic"):
-            critiques, verdicts, context_texts, stopped = judge_rollouts(cfg, judge, per_rollout,
-                                                                         texts, analyse)
+            stopped = judge_rollouts(cfg, judge, rollouts, analyse)
         if stopped and world_size == 1:  # the step never happened: save the last one, stop
-            runfolder.drop_step_and_stop(run_dir, step, model, optimizer, scheduler, ema, state,
-                                         stop, tokenizer)
-        # 3-5. teacher and student on the same ŷ; the loss's gradient accumulates over
-        # micro-batches, each divided by the whole step's `divisor` (GRPO: tokens, SD: sequences)
-        keep, divisor, zero_signal, advantages = kept_rollouts(cfg, rewards, responses, verdicts)
-        if cfg.arm != "grpo":
-            teacher_ids, span_ends = teacher_inputs(cfg, tokenizer, per_rollout, responses,
-                                                    critiques, context_texts, keep)
-        totals, A_parts = {"loss": 0.0, "divergence": 0.0, "entropy": 0.0, "tokens": 0}, []
+            runfolder.drop_step_and_stop(trainer, step)
+        # 3-5. teacher (no_grad, adapter off) and student on the same ŷ, the loss per micro-batch,
+        # its gradient accumulated (micro_batch_loss); the divisor is the whole step's
+        keep, divisor, zero_signal, advantages = kept_rollouts(cfg, rollouts)
+        teacher = teacher_inputs(cfg, tokenizer, rollouts, keep)
+        totals, analysed = {"loss": 0.0, "divergence": 0.0, "entropy": 0.0, "tokens": 0}, []
         for start in range(0, len(keep), cfg.micro_batch):
             part = keep[start:start + cfg.micro_batch]
-            student_ids, ys = [prompt_ids[i] for i in part], [responses[i] for i in part]
-            if cfg.arm == "grpo":  # −A_i · log π_θ(ŷ_t), token mean over the batch's kept samples
-                rows = contexts.build_rows(student_ids, ys, tokenizer.pad_token_id)
-            else:  # [student prompt ‖ ŷ] and [teacher prompt(c) ‖ ŷ]: the same ŷ ids (asserted)
-                rows, teacher_rows = contexts.build_pair(
-                    student_ids, [teacher_ids[i] for i in part], ys, tokenizer.pad_token_id)
-            mask = rows["response_mask"].to(device)  # (B, T): ŷ's tokens, right-aligned
-            T = mask.shape[1]
-            sampled_ids = rows["input_ids"][:, -T:].to(device)[mask]  # (N,) the tokens ŷ_t
-            if cfg.arm == "grpo":
-                reference_h = None  # π_ref(·|x, ŷ<t) for β·KL: the base, adapter off, no gradient
-                if cfg.grpo_beta:
-                    with timer("reference"), torch.no_grad(), common.eval_mode(model), model.disable_adapter():
-                        reference_h = chunked_head.response_hidden(model, rows, T, device)[mask]  # (N, d)
-                with timer("student"):
-                    student_h = chunked_head.response_hidden(model, rows, T, device)[mask]  # (N, d)
-                    loss, stats = grpo_loss(student_h, weight, sampled_ids, advantages[part].to(device),
-                                            mask, divisor, cfg, reference_h)
-                    loss.backward()
-            else:
-                # 3. teacher π_T(·|x, c, ŷ<t): no gradient, the adapter switched off (teacher=base)
-                with timer("teacher"), torch.no_grad(), common.eval_mode(model), \
-                        teacher_weights(model, cfg.teacher, ema):
-                    teacher_h = chunked_head.response_hidden(model, teacher_rows, T, device)[mask]
-                # 4. student π_θ(·|x, ŷ<t): the question only, LoRA on, with gradient
-                with timer("student"):
-                    student_h = chunked_head.response_hidden(model, rows, T, device)[mask]  # (N, d)
-                    span = contexts.distilled_span(mask, [span_ends[i] for i in part])  # ⊆ mask
-                    loss, stats = sd_loss(student_h, teacher_h, weight, sampled_ids, mask, span,
-                                          n_sequences=divisor, cfg=cfg, with_advantage=analyse)
-                    loss.backward()
-                if analyse:
-                    A_parts.extend(stats["advantage"].cpu().split(mask.sum(-1).tolist()))
-            totals["loss"] += loss.item()
-            totals["divergence"] += stats["divergence"]  # SD: D(π_T‖π_θ); GRPO: k3 KL(π_θ‖π_ref) (β > 0)
-            totals["entropy"] += stats["entropy"]
-            totals["tokens"] += stats["tokens"]
+            loss, stats = micro_batch_loss(cfg, model, weight, tokenizer.pad_token_id, rollouts, part, teacher,
+                                           advantages, divisor, state["ema"], timer, analyse)
+            with timer("student"):
+                loss.backward()
+            for key in totals:  # SD: D(π_T‖π_θ); GRPO: k3 KL(π_θ‖π_ref) (β > 0)
+                totals[key] += loss.item() if key == "loss" else stats[key]
+            if analyse:  # A_t of each kept rollout, with its tokens, text and critique
+                analysed += [(rollouts.responses[i], A, rollouts.texts[i], rollouts.critiques[i])
+                             for i, A in zip(part, stats["advantage"])]
         # 6. update the LoRA weights (a non-finite loss or gradient skips the update)
         with timer("optimizer"):
-            totals, grad_norm, finite = common.optimizer_step(cfg, model, params, optimizer,
-                                                              scheduler, ema, totals, divisor,
-                                                              state, stop)
+            totals, grad_norm, finite = optimizer_step(cfg, trainer, totals, divisor)
         # 7. log (under torchrun, every process's rollouts in rank order; rank 0 writes)
-        analysed = list(zip(*[[responses[i] for i in keep], A_parts, [texts[i] for i in keep],
-                              [critiques[i] for i in keep]])) if analyse else []
-        rewards, per_rollout, texts, responses, truncated, context_texts, verdicts, analysed = \
-            ranks.gather_rollouts(world_size, rewards, per_rollout, texts, responses, truncated,
-                                  context_texts, verdicts, analysed)
-        record = runfolder.step_record(
-            cfg, tokenizer, step + 1, totals, rewards, responses, truncated, texts, context_texts,
-            verdicts, zero_signal, analysed, grad_norm=grad_norm, lr=scheduler.get_last_lr()[0],
-            finite=finite, times=timer.record())
+        rollouts, analysed = ranks.gather_rollouts(world_size, rollouts, analysed)
+        record = metrics_line(cfg, tokenizer, step + 1, totals, rollouts, zero_signal, analysed, grad_norm,
+                              scheduler.get_last_lr()[0], finite, timer.record())
         record["time/step"] = round(time.perf_counter() - step_start, 3)  # all of it up to here
         if rank == 0:
-            runfolder.log_step(run_dir, record, total_steps, finite, cfg.sample_every,
-                               per_rollout, texts, rewards, context_texts, verdicts, truncated)
+            runfolder.log_step(run_dir, record, total_steps, finite, cfg.sample_every, rollouts)
             tracker.log(record)
         # 8. checkpoint (and stop, on a signal or too many non-finite steps)
-        runfolder.checkpoint_and_stop(cfg, run_dir, rank, step + 1, total_steps, finite, state,
-                                      stop, ema, model, optimizer, scheduler, tokenizer)
+        runfolder.checkpoint_and_stop(cfg, trainer, step + 1, total_steps, finite)
     common.default_signals()
     tracker.finish()
     if lock:
@@ -593,16 +692,14 @@ def train(cfg):
 def main(argv=None):
     with common.user_errors():
         cfg, explain = parse_args(sys.argv[1:] if argv is None else argv)
-        if explain:  # one step of this loop's named steps, printed (explain.py); nothing written
-            return explain_step.show_step(cfg, explain, sys.modules[__name__])
+        if explain:  # one step shown is its own program now, with the same arguments
+            raise UserError(f"--explain is its own program: python explain.py {' '.join(sys.argv[1:] if argv is None else argv)}")
         run_dir, model = train(cfg)
         if cfg.eval_at_end:  # eval.py in its own process: it imports this file, never the reverse
             del model
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            with tracking.evaluation_rows(cfg, run_dir):  # report_to: its new eval.jsonl rows
-                code = common.evaluate_in_child(run_dir, cfg.trust_remote_code)
-            sys.exit(code)
+            sys.exit(common.evaluate_in_child(run_dir, cfg.trust_remote_code))  # it sends its rows to report_to
 
 
 if __name__ == "__main__":

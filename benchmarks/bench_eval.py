@@ -32,11 +32,11 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import common  # noqa: E402
+from plumbing import common  # noqa: E402
 import contexts  # noqa: E402
 import critic  # noqa: E402
 import eval as evaluation  # noqa: E402
-import world  # noqa: E402
+from toyworld import world  # noqa: E402
 
 PARTS = ("prompts", "generate", "decode", "answers", "summarize", "toy")
 

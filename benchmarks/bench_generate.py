@@ -24,11 +24,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
+from plumbing import common  # noqa: E402
 import contexts  # noqa: E402
-import sampler  # noqa: E402
+from plumbing import sampler  # noqa: E402
 import selfdistill  # noqa: E402
-import toy_build  # noqa: E402
+from toyworld import toy_build  # noqa: E402
 
 
 def hand_loop(model, rows, new_tokens):

@@ -216,7 +216,7 @@ def parity_reward(response, gold, *settings):
 def reward_function(kind, cfg):
     """The reward of one decoded response, as ours computes it in selfdistill.train (the same call)."""
     import critic
-    import world
+    from toyworld import world
     if kind == "parity":
         return parity_reward
     exact = world.exact_answers(cfg)  # the toy world: integers compared exactly
@@ -258,9 +258,9 @@ def run_trl(args, out_dir):
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
-    import common
+    from plumbing import common
     import contexts
-    import world
+    from toyworld import world
     cfg = our_config(args, out_dir)
     torch.set_num_threads(cfg.threads)
     model_dir, train_path, _ = world.resolve_paths(cfg)

@@ -39,12 +39,12 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
+from plumbing import common  # noqa: E402
 import contexts  # noqa: E402
-import sampler  # noqa: E402
+from plumbing import sampler  # noqa: E402
 import selfdistill  # noqa: E402
-import toy  # noqa: E402
-import toy_build  # noqa: E402
+from toyworld import toy  # noqa: E402
+from toyworld import toy_build  # noqa: E402
 
 # Shapes of the random models (Qwen3-1.7B's from its published config.json).
 SHAPES = {

@@ -1,6 +1,6 @@
 """What a weaker critic costs, as one figure (issue 28; docs/critic.md): each critique arm's Avg@k
 at its final checkpoint (seed mean, min-max bar) against its critic's exact agreement with the rule
-critique on held-out attempts (toy_world/critics/build.json; the rule critic is 100 %), one marker
+critique on held-out attempts (toyworld/toy_world/critics/build.json; the rule critic is 100 %), one marker
 per critique_validation setting; the rule critic's arm and, when given, GRPO's as horizontal lines.
 It reads run folders (compare.compare_runs groups their seeds into arms) and loads no model.
 
@@ -13,10 +13,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import common  # noqa: E402
 import compare  # noqa: E402
-import toy_build  # noqa: E402
-import toy_critic  # noqa: E402
+from plumbing import common  # noqa: E402
+from toyworld import toy_build  # noqa: E402
+from toyworld import toy_critic  # noqa: E402
 from eval import load_run_config  # noqa: E402
 
 MARKERS = {"full": "o", "format": "s", "off": "x"}

@@ -16,11 +16,11 @@ import torch
 import yaml
 
 import analyze
-import common
+from plumbing import common
 import contexts
-import sampler
+from plumbing import sampler
 import selfdistill
-from common import UserError
+from plumbing.common import UserError
 
 
 # ---------------------------------------------------------------------------------------------

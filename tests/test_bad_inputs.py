@@ -72,14 +72,14 @@ import torch
 import yaml
 
 import analyze
-import common
+from plumbing import common
 import compare
 import critic
 import eval as ev
 import prepare
-import sampler
+from plumbing import sampler
 import selfdistill
-from common import UserError
+from plumbing.common import UserError
 from conftest import run_main, run_settings
 from selfdistill import load_config
 

@@ -34,14 +34,14 @@ import torch
 import yaml
 
 import analyze
-import common
+from plumbing import common
 import compare
 import eval as ev
 import prepare
-import ranks
-import runfolder
+from plumbing import ranks
+from plumbing import runfolder
 import selfdistill
-from common import UserError
+from plumbing.common import UserError
 from conftest import run_main
 from test_compare import train_log, write_run
 
@@ -447,13 +447,13 @@ def test_prepare_counts_problems_longer_than_the_context(tiny_model_dir, tmp_pat
     seen = {}
 
     def all_right(model, tokenizer, cfg, device, records, n, *args):  # every problem too easy: nothing sampled
-        seen["records"] = len(records)
-        return [(["x"] * n, [True] * n) for _ in records]
+        seen["records"] = seen.get("records", 0) + len(records)
+        return [(["x"] * n, [True] * n, [1] * n, [False] * n, r["answer"], ["x"] * n) for r in records]
     monkeypatch.setattr(prepare, "sample_answers", all_right)
-    counts = prepare.prepare(str(path), [tiny_model_dir, "prompts=instruct", "max_new_tokens=8", "critic=hf",
-                                         f"critic_model={tiny_model_dir}"], out=str(tmp_path / "out"))
-    assert counts["too_long"] == 1 and seen["records"] == 2 and counts["too_easy"] == 2
-    assert "1 problems do not fit" in capsys.readouterr().err
+    code, _, _ = run_main([str(path), tiny_model_dir, "prompts=instruct", "max_new_tokens=8", "critic=hf",
+                           f"critic_model={tiny_model_dir}", "--out", str(tmp_path / "out")], capsys, prepare)
+    counts = json.loads((tmp_path / "out" / "prepare.json").read_text())["counts"]
+    assert code == 0 and counts["too_long"] == 1 and seen["records"] == 2 and counts["too_easy"] == 2
 
 
 @pytest.fixture
@@ -507,7 +507,7 @@ def test_a_config_temperature_below_the_floor_is_never_written(tiny_model_dir, d
     config = yaml.safe_load(open(os.path.join(run, "config.yaml")))
     yaml.safe_dump({**config, "temperature": 1e-300}, open(os.path.join(run, "config.yaml"), "w"))
     code, _, err = run_main([run], capsys, ev)
-    one_line_error(code, err, "finite number >= 0.001")
+    one_line_error(code, err, "'temperature' must be at least 0.001")  # the config check, as training
     assert not os.path.exists(os.path.join(run, "eval.jsonl"))
 
 

@@ -1,7 +1,8 @@
 """Protects the benchmark scripts from rotting (they are not run by CI otherwise): bench_step runs
 one tiny repeat on the toy model, its bare generate reproduces the step's tokens, and it prints
 the ratio line; bench_divergence's --quick run gives the same loss both ways and times the entropy
-metric; gpu_check.sh refuses a machine without CUDA in one line, before it builds anything.
+metric; gpu_check.sh refuses a machine without CUDA in one line, before it builds anything, and its
+CPU twin (paper_check.py --twin) runs every phase of the paper's pipeline.
 bench_peer's pieces that need no TRL: its qwen3-shape world (Qwen3's 151,936-entry vocabulary, a
 tied head, a chat template, prompts of the asked length, generation forced to full length), our
 side of both arms running on it, its argument checks, its memory cap and its summary."""
@@ -46,6 +47,22 @@ def test_gpu_check_needs_cuda():
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         "error: device=cuda but no CUDA device is available; use device=cpu")
+
+
+def test_the_gpu_checks_cpu_twin_runs_every_phase(tmp_path):
+    """benchmarks/paper_check.py --twin: the GPU check's script at tiny shapes (Qwen3's vocabulary),
+    every phase of the paper's pipeline, a report with seconds and memory for each."""
+    result = run([sys.executable, "benchmarks/paper_check.py", "--twin", "--out", str(tmp_path / "check")],
+                 env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "check" / "report.json").read_text())
+    phases = {row["phase"]: row for row in report["phases"]}
+    assert list(phases) == ["build", "prepare", "critic", "grpo", "reference", "critique", "eval"]
+    assert all(row["seconds"] > 0 and row["peak_gib"] > 0 for row in phases.values())
+    assert phases["prepare"]["problems"] == 1 and phases["critic"]["critiques"] == 4
+    for arm in ("grpo", "reference", "critique"):  # each arm's loss ran on both steps
+        metrics = [json.loads(line) for line in open(tmp_path / "check" / "runs" / f"{arm}-s0" / "metrics.jsonl")]
+        assert [m["step"] for m in metrics] == [1, 2] and all("train/kl" in m for m in metrics), arm
 
 
 # ---------------------------------------------------------------------------------------------

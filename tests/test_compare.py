@@ -1,7 +1,9 @@
 """compare.py: the tables and the figure a researcher reads, on run folders written by hand (no
 training).
 
-Protects: --plot writes its data as CSV (seed mean, min, max per arm and step, from eval.jsonl and
+Protects: --plot draws Avg, Pass and Maj@k with each arm's best checkpoint starred (never step 0),
+a log rollouts axis, each ceiling named at its line and an arm drawn over an identical one named
+in the legend, and writes its data as CSV (seed mean, min, max per arm and step, from eval.jsonl and
 metrics.jsonl) and, without matplotlib, only the CSV plus a one-line install hint; with matplotlib a
 PNG; the per-step table's numbers against hand-computed means and stds; the table's base row (a
 base shared by two arms counts once) and unparseable column; plain-text tables at most 100 columns
@@ -16,12 +18,12 @@ import sys
 import pytest
 import yaml
 
-import common
+from plumbing import common
 import compare
 import eval as ev
 import selfdistill
-import toy_build
-from common import UserError
+from toyworld import toy_build
+from plumbing.common import UserError
 
 
 def write_run(root, name, arm, seed, evals, metrics=(), **config):
@@ -118,6 +120,33 @@ def test_one_arm_plot_names_the_arm_and_the_model_and_says_one_seed(runs, tmp_pa
     assert seen["title"] is None  # several arms: the legend names them
 
 
+def test_plot_shows_the_papers_three_metrics_the_best_checkpoint_and_named_ceilings(runs, tmp_path, monkeypatch,
+                                                                                     capsys):
+    """Avg, Pass and Maj panels; a star on each arm's best checkpoint (never step 0, even where the
+    base scores highest); a log rollouts axis; each ceiling named at its dotted line."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    seen = {}
+    monkeypatch.setattr(plt.Figure, "savefig", lambda fig, *a, **k: seen.update(axes=fig.axes))
+    compare_main(["--plot", *runs, "--out", str(tmp_path / "r.png"), "--x", "rollouts"], capsys)
+    avg = seen["axes"][0]
+    assert [ax.get_title() for ax in seen["axes"][:3]] == ["Avg@4 (%)", "Pass@4 (%)", "Maj@4 (%)"]
+    assert {ax.get_xscale() for ax in seen["axes"]} == {"log"}
+    stars = sorted((line.get_xdata()[0], round(line.get_ydata()[0], 6)) for line in avg.lines if line.get_marker() == "*")
+    assert stars == [(64, 40.0), (512, 40.0)]  # critique, grpo: step 2
+    ceilings = json.load(open(os.path.join(toy_build.WORLD, "build.json")))["ceilings"]
+    assert f"critique teacher {100 * ceilings['critique']:.1f}" in [t.get_text() for t in avg.texts]
+    falling = write_run(tmp_path, "falling", "critique", 0, {0: (0.9, 0.0), 10: (0.3, 0.0), 20: (0.2, 0.0)})
+    compare_main(["--plot", falling, "--out", str(tmp_path / "f.png")], capsys)
+    avg = seen["axes"][0]
+    assert [(line.get_xdata()[0], round(line.get_ydata()[0], 6)) for line in avg.lines
+            if line.get_marker() == "*"] == [(10, 30.0)]
+    assert avg.get_xscale() == "linear"
+    # an arm drawn exactly over another says so in the legend (its markers are hollow and larger)
+    rows = [{"arm": arm, "metric": "avg", "step": s, "mean": m} for arm in ("a", "b", "c")
+            for s, m in ((0, 0.1), (10, 0.5 if arm != "c" else 0.6))]
+    assert compare.identical_arms(rows, ["a", "b", "c"]) == {"b": "; Avg curve = a's"}
+
+
 def compare_main(argv, capsys):
     """compare.main(argv) in-process: (exit code, stdout, stderr)."""
     code = 0
@@ -197,7 +226,7 @@ def test_plain_tables_fit_100_columns(tmp_path):
 
 def test_table_options_are_refused_with_plot(runs, capsys):
     code, _, err = compare_main(["--plot", "--per-step", runs[0]], capsys)  # a table's option
-    assert code == 2 and err.startswith("error: --per-step and --ci go with the tables, not with --plot")
+    assert code == 2 and err.startswith("error: --per-step goes with the tables, not with --plot")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,7 +281,7 @@ def test_compare_pools_seeds(tmp_path):
 def test_compare_labels_runs_that_differ_in_length_budget_apart(tmp_path, capsys):
     """A toy run at its world's budget is the default; one at another budget says so (quietly)."""
     runs = [fake_run(tmp_path, "a", 0, {0: 0.1, 10: 0.3}),
-            fake_run(tmp_path, "b", 0, {0: 0.1, 10: 0.3}, max_new_tokens=toy_build.budget() + 8)]
+            fake_run(tmp_path, "b", 0, {0: 0.1, 10: 0.35}, max_new_tokens=toy_build.budget() + 8)]
     capsys.readouterr()
     labels = [arm["label"] for arm in compare.compare_runs(runs)[0]]
     assert labels == ["critique", f"critique max_new_tokens={toy_build.budget() + 8}"]

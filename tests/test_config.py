@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-import options
+from plumbing import options
 import selfdistill
-import toy_build
-from common import UserError
+from toyworld import toy_build
+from plumbing.common import UserError
 from selfdistill import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +44,7 @@ def test_prompts_follow_the_model(tiny_model_dir, tmp_path):
     assert "prompts=toy" in error_of([f"model={tiny_model_dir}", "prompts=toy"])
     world = tmp_path / "world"  # any built toy world: build.json beside its model folder
     os.makedirs(world / "model")
-    (world / "build.json").write_text("{}")
+    (world / "build.json").write_text('{"settings": {"max_new_tokens": 40}}')
     assert load_config([f"model={world / 'model'}"]).prompts == "toy"
     assert load_config(["model=toy", "prompts=instruct"]).prompts == "instruct"  # allowed: an ablation
 
@@ -119,7 +119,7 @@ def test_missing_and_malformed_files(tmp_path):
     (["support=sampled"], "divergence=reverse"),
     (["critic=http"], "critic_url"),
     (["jsd_alpha=2"], "jsd_alpha"),
-    (["temperature=0"], "positive"),
+    (["temperature=0"], "at least 0.001"),  # as evaluation refuses (eval.MIN_TEMPERATURE)
     (["micro_batch=0"], "at least 1"),
 ])
 def test_contradictory_settings(argv, fragment):

@@ -15,12 +15,12 @@ import time
 import pytest
 
 import selfdistill
-import toy
-from common import UserError
+from toyworld import toy
+from plumbing.common import UserError
 from critic import (Failure, HFCritic, HTTPCritic, answers_match, clean_critique, critic_prompt, extract_answer,
                     from_config, make_critic, reward, validate_critique)
-from toy import RuleCritic
-import world
+from toyworld.toy import RuleCritic
+from toyworld import world
 
 # ---------------------------------------------------------------------------------------------
 # Answers

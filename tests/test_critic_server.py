@@ -21,10 +21,10 @@ import pytest
 
 from conftest import ROOT, run_main
 
-import toy_critic
+from toyworld import toy_critic
 
 SERVER_START = 120  # seconds: `transformers serve` answered /health within ~25 s on our 2 cores
-STRONG = os.path.join(ROOT, "toy_world", "critics", "strong")
+STRONG = os.path.join(ROOT, "toyworld", "toy_world", "critics", "strong")
 
 
 def serving_installed():
@@ -95,7 +95,7 @@ def test_training_through_transformers_serve_writes_the_hf_critics_critiques(tmp
     samples = [json.loads(line) for line in open(tmp_path / "served" / "samples.jsonl")]
     assert len(samples) == 16 and {s["step"] for s in samples} == {1, 2}
     answers = {json.loads(line)["question"]: json.loads(line)["answer"]
-               for line in open(os.path.join(ROOT, "toy_world", "train.jsonl"))}
+               for line in open(os.path.join(ROOT, "toyworld", "toy_world", "train.jsonl"))}
     local = critic.HFCritic(STRONG, max_new_tokens=128, prompts="toy")
     expected = local([s["question"] for s in samples], [s["response"] for s in samples],
                      [""] * len(samples), [answers[s["question"]] for s in samples])
@@ -107,9 +107,9 @@ def test_training_through_transformers_serve_writes_the_hf_critics_critiques(tmp
 
 
 def test_without_the_serving_extra_serving_is_one_line(monkeypatch, capsys):
-    """`python toy_critic.py serve strong` without FastAPI/uvicorn names the pip command."""
+    """`python -m toyworld.toy_critic serve strong` without FastAPI/uvicorn names the pip command."""
     monkeypatch.setitem(__import__("sys").modules, "fastapi", None)  # import fastapi now fails
-    import common
+    from plumbing import common
     with pytest.raises(SystemExit) as stop, common.user_errors():
         toy_critic.command_line(["serve", "strong"])
     err = capsys.readouterr().err

@@ -118,7 +118,7 @@ def test_sharded_evaluation_writes_one_file(tmp_path):
 
 def test_batch_must_divide_across_processes(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
-    from common import UserError
+    from plumbing.common import UserError
     with pytest.raises(UserError, match="does not divide across 3 processes"):
         load_config(["batch_size=8"])
     monkeypatch.setenv("WORLD_SIZE", "2")

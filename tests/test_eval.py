@@ -17,11 +17,11 @@ import pytest
 import torch
 import yaml
 
-import common
+from plumbing import common
 import eval as ev
 import selfdistill
-import toy_build
-from common import UserError
+from toyworld import toy_build
+from plumbing.common import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -28,8 +28,8 @@ import time
 import pytest
 import torch
 
-import runfolder
-import sampler
+from plumbing import runfolder
+from plumbing import sampler
 import selfdistill
 from conftest import run_main, run_settings
 

@@ -1,29 +1,45 @@
-"""The project's imports flow one way: no cycle among its top-level files.
+"""The project's imports flow one way: no cycle among its modules, across the folders.
 
-Protects: every `import X` / `from X import ...` of a project module (a top-level .py file), at any
-depth of any top-level file (function-level imports included, as `ast.walk` sees them), forms an
+Protects: every `import X` / `from X import ...` of a project module (a top-level .py file, or one
+of the plumbing/ and toyworld/ folders), at any depth of any module (function-level imports included, as `ast.walk` sees them), forms an
 acyclic graph; a failure prints the whole graph and the cycle it found. Also: the trainer never
-imports the programs that read runs, and the method reads the toy world through world.py only."""
+imports the programs that read runs, the method reads the toy world through world.py only, and
+the plumbing imports neither the programs nor the toy world."""
 import ast
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODULES = {name[:-3] for name in os.listdir(ROOT) if name.endswith(".py")}
+WINGS = ("plumbing", "toyworld")  # the two folders beside the method and the programs
+
+
+def project_modules():
+    """{dotted module name: its file}: the top-level .py files and the two wings' modules."""
+    modules = {name[:-3]: os.path.join(ROOT, name) for name in os.listdir(ROOT) if name.endswith(".py")}
+    for wing in WINGS:
+        for name in os.listdir(os.path.join(ROOT, wing)):
+            if name.endswith(".py") and name != "__init__.py":
+                modules[f"{wing}.{name[:-3]}"] = os.path.join(ROOT, wing, name)
+    return modules
+
+
+MODULES = project_modules()
 
 
 def import_graph():
-    """{module: set of project modules it imports}, read with ast from every top-level .py file."""
+    """{module: set of project modules it imports}, read with ast from every project module;
+    `from plumbing import common` and `from plumbing.common import X` both name plumbing.common."""
     graph = {}
-    for module in sorted(MODULES):
-        with open(os.path.join(ROOT, module + ".py"), encoding="utf-8") as f:
+    for module, path in sorted(MODULES.items()):
+        with open(path, encoding="utf-8") as f:
             tree = ast.parse(f.read())
         names = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
-                names.update(alias.name.split(".")[0] for alias in node.names)
+                names.update(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names.add(node.module.split(".")[0])
-        graph[module] = (names & MODULES) - {module}
+                names.add(node.module)
+                names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        graph[module] = (names & set(MODULES)) - {module}
     return graph
 
 
@@ -62,9 +78,17 @@ def test_project_imports_are_acyclic():
 
 def test_the_trainer_imports_no_program_that_reads_runs_and_the_world_through_one_seam():
     graph = import_graph()
-    assert not graph["selfdistill"] & {"eval", "compare", "analyze", "prepare"}, describe(graph)
-    assert not graph["selfdistill"] & {"toy", "toy_build"}, describe(graph)  # through world.py
-    assert not graph["eval"] & {"toy", "toy_build"}, describe(graph)
+    assert not graph["selfdistill"] & {"eval", "compare", "analyze", "prepare", "explain"}, describe(graph)
+    toy_inside = {m for m in MODULES if m.startswith("toyworld.") and m != "toyworld.world"}
+    assert not graph["selfdistill"] & toy_inside, describe(graph)  # through world.py
+    assert not graph["eval"] & toy_inside, describe(graph)
+
+
+def test_the_plumbing_imports_no_program_and_no_toy_world():
+    graph = import_graph()
+    for module in (m for m in MODULES if m.startswith("plumbing.")):
+        assert not graph[module] & {"selfdistill", "eval", "compare", "analyze", "prepare", "explain"}, module
+        assert not any(m.startswith("toyworld.") for m in graph[module]), (module, describe(graph))
 
 
 def test_find_cycle_finds_one():

@@ -12,7 +12,7 @@ import os
 import pytest
 
 import prepare
-from common import UserError
+from plumbing.common import UserError
 
 pyarrow = pytest.importorskip("pyarrow")
 pytest.importorskip("datasets")
@@ -27,21 +27,21 @@ def records(start, n, **names):
              fields["expected_answer"]: str(i + 1)} for i in range(start, start + n)]
 
 
-def parquet_shards(folder, parts, **names):
+def parquet_shards(folder, parts, prefix="train", **names):
     os.makedirs(folder, exist_ok=True)
     start = 0
     for k, n in enumerate(parts):
         pyarrow.parquet.write_table(pyarrow.Table.from_pylist(records(start, n, **names)),
-                                    os.path.join(folder, f"train-{k:05d}-of-{len(parts):05d}.parquet"))
+                                    os.path.join(folder, f"{prefix}-{k:05d}-of-{len(parts):05d}.parquet"))
         start += n
     return str(folder)
 
 
-def jsonl_shards(folder, parts):
+def jsonl_shards(folder, parts, prefix="part"):
     os.makedirs(folder, exist_ok=True)
     start = 0
     for k, n in enumerate(parts):
-        with open(os.path.join(folder, f"part-{k}.jsonl"), "w") as f:
+        with open(os.path.join(folder, f"{prefix}-{k}.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records(start, n))
         start += n
     return str(folder)
@@ -86,7 +86,7 @@ def test_records_that_are_not_text_are_counted_on_this_path_too(tmp_path):
 
 @pytest.mark.parametrize("setup, kwargs, match", [
     (lambda d: None, {}, "holds no .parquet or .jsonl shards"),
-    (lambda d: (parquet_shards(d, [2]), jsonl_shards(d, [2])), {}, "mixes parquet and JSONL"),
+    (lambda d: (parquet_shards(d, [2], "cot"), jsonl_shards(d, [2], "cot")), {"split": "cot"}, "mixes parquet"),
     (lambda d: parquet_shards(d, [2]), {"split": "nope"}, "nope"),
 ])
 def test_folder_errors_are_one_line(tmp_path, setup, kwargs, match):

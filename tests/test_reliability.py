@@ -1,5 +1,5 @@
 """Protects against careless or hostile input (issue "Reliability II"): every number finite and in
-range; one writer per run folder (a lock with the writer's pid, stale locks taken over); a run
+range; one writer per run folder (an OS lock; the file holds the writer's pid for the error others get); a run
 folder read as data, never code (trust_remote_code only from the command line); damaged state that
 recovers or explains itself (a truncated JSONL line, a damaged newest checkpoint, stray names under
 checkpoints/); and one-line errors, never a traceback, for the user mistakes listed in the issue.
@@ -18,13 +18,13 @@ import pytest
 import torch
 import yaml
 
-import common
+from plumbing import common
 import compare
 import eval as ev
-import runfolder
+from plumbing import runfolder
 import selfdistill
-import toy_build
-from common import UserError
+from toyworld import toy_build
+from plumbing.common import UserError
 from conftest import run_main, run_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,7 +52,8 @@ def one_line_error(code, err, fragment):
     ("critic_timeout=0", "'critic_timeout' must be positive"),
 ])
 def test_non_finite_and_out_of_range_numbers_are_refused(override, fragment, tiny_model_dir, data, tmp_path, capsys):
-    code, _, err = run_main(settings(tiny_model_dir, data, tmp_path) + [override], capsys)
+    key, value = override.split("=", 1)  # in place of the setting's default (a key twice is an error)
+    code, _, err = run_main(settings(tiny_model_dir, data, tmp_path, **{key: value}), capsys)
     one_line_error(code, err, fragment)
     assert not any(tmp_path.iterdir())  # refused before anything was written
 
@@ -81,12 +82,22 @@ def test_no_checkpoint_with_non_finite_weights(tiny_model_dir, data, tmp_path):
 # 2. One writer per run folder
 
 
+HOLDER = """import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)  # the OS lock RunLock takes (filelock: flock)
+os.write(fd, f"{os.getpid()}\\n".encode())
+open(sys.argv[2], "w").close()
+time.sleep(60)"""
+
+
 def test_a_live_lock_refuses_a_second_writer(tmp_path, tiny_model_dir, data, capsys):
     run_dir = tmp_path / "busy"
     run_dir.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir / ".lock"), str(tmp_path / "ready")])
     try:
-        (run_dir / ".lock").write_text(f"{holder.pid}\n")
+        while not (tmp_path / "ready").exists():
+            assert holder.poll() is None
+            time.sleep(0.01)
         with pytest.raises(UserError, match=f"in use by process {holder.pid}"):
             runfolder.RunLock(str(run_dir), "training")
         code, _, err = run_main(settings(tiny_model_dir, data, tmp_path) + ["--run", "busy"], capsys)
@@ -104,7 +115,20 @@ def test_a_stale_lock_is_taken_over_and_released(tmp_path):
     lock = runfolder.RunLock(str(tmp_path), "training")
     assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
     lock.release()
-    assert not (tmp_path / ".lock").exists()
+    assert str(tmp_path / ".lock") not in runfolder.HELD and not os_lock_held(tmp_path / ".lock")
+
+
+def os_lock_held(path):
+    """True when some process holds the OS lock on `path` (flock, as filelock takes it)."""
+    import fcntl
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def test_evaluation_takes_the_lock(tmp_path, monkeypatch):
@@ -115,7 +139,7 @@ def test_evaluation_takes_the_lock(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(ev, "evaluate_steps", lambda *a, **k: seen.setdefault("lock", (run_dir / ".lock").read_text()))
     ev.evaluate_run(str(run_dir))
-    assert seen["lock"].strip() == str(os.getpid()) and not (run_dir / ".lock").exists()
+    assert seen["lock"].strip() == str(os.getpid()) and not os_lock_held(run_dir / ".lock")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,7 +276,7 @@ def test_a_full_or_read_only_disk_is_one_line(code_, text, tiny_model_dir, data,
 def test_a_missing_toy_world_says_it_is_built_and_how_long(tmp_path, capsys):
     settings_ = toy_build.BuildSettings(steps=2, n_train=2, n_test=1, n_transfer=1, samples=2, max_correct=2, score_batch=8)
     toy_build.ensure_built(str(tmp_path / "world"), progress=True, settings=settings_)
-    assert "toy world is missing or incomplete" in capsys.readouterr().err
+    assert "toy world is missing" in capsys.readouterr().err
     toy_build.ensure_built(str(tmp_path / "world"), progress=True, settings=settings_)
     assert "missing" not in capsys.readouterr().err  # complete now: said once, built once
 
@@ -260,9 +284,10 @@ def test_a_missing_toy_world_says_it_is_built_and_how_long(tmp_path, capsys):
 def test_compare_refuses_runs_evaluated_differently(tmp_path, capsys):
     for name, n in (("a", 12), ("b", 4)):
         run_dir = write_config(tmp_path / name)
-        row = {"step": 0, "n": n, "k": n, "questions": 10, "temperature": 1.0, **{m: 0.5 for m in ev.METRICS},
-               "ci": {m: [0.4, 0.6] for m in ev.METRICS}}
-        runfolder.append_jsonl(os.path.join(run_dir, "eval.jsonl"), row)
+        for step in (0, 1):  # the base and a checkpoint (a run at step 0 only is refused for that)
+            row = {"step": step, "n": n, "k": n, "questions": 10, "temperature": 1.0,
+                   **{m: 0.5 for m in ev.METRICS}, "ci": {m: [0.4, 0.6] for m in ev.METRICS}}
+            runfolder.append_jsonl(os.path.join(run_dir, "eval.jsonl"), row)
     code, _, err = run_main([str(tmp_path / "a"), str(tmp_path / "b")], capsys, script=compare)
     one_line_error(code, err, "evaluated with other settings")
 
@@ -317,4 +342,4 @@ def test_kills_during_an_append_and_during_evaluation_resume_to_the_same_results
         ours = runfolder.read_jsonl(str(run_dir / name))
         theirs = runfolder.read_jsonl(str(tmp_path / "a" / "r" / name))
         assert without_times(ours) == without_times(theirs), name
-    assert not (run_dir / ".lock").exists()
+    assert not os_lock_held(run_dir / ".lock")  # released (the file stays: waiters share its inode)

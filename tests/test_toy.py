@@ -14,8 +14,8 @@ from collections import Counter
 
 import pytest
 
-import toy
-import toy_build
+from toyworld import toy
+from toyworld import toy_build
 from contexts import PROMPTS, parse_steps, student_prompt_ids, teacher_prompt_ids
 
 ALL_STYLES = toy.STYLES + (toy.REFERENCE_STYLE,)

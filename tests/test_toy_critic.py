@@ -14,12 +14,10 @@ import pytest
 from conftest import ROOT, run_main
 
 import critic
-import toy
-import toy_build
-import toy_critic
+from toyworld import toy, toy_build, toy_critic
 from contexts import PROMPTS, render_steps
 
-SHIPPED = os.path.join(ROOT, "toy_world")
+SHIPPED = os.path.join(ROOT, "toyworld", "toy_world")
 TINY = toy_critic.CriticSettings(steps=3, batch_size=4, n_attempts=24, n_probe=6, heldout_samples=1)
 
 
@@ -78,7 +76,7 @@ def test_a_missing_or_unknown_critic_is_one_line(world_copy, tmp_path, capsys):
     base = ["--context", "critique", "critic=hf", "max_steps=1", "eval_at_end=false", "threads=1",
             f"out_dir={tmp_path}"]
     code, _, err = run_main(base + [f"model={bare}", "critic_model=strong"], capsys)
-    assert code == 2 and "python toy_critic.py build --root" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "python -m toyworld.toy_critic build --root" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_main(base + ["model=toy", "critic_model=strongest"], capsys)
     assert code == 2 and "weak, medium, strong" in err and len(err.strip().splitlines()) == 1
 
@@ -117,7 +115,7 @@ def test_compare_shows_what_each_critic_dropped_and_cost(tmp_path):
     by reason, critic seconds per step, training seconds) from hand-written metrics, and each arm's
     teacher ceiling: the rule critic's from build.json, the learned critic's from critics/build.json."""
     import compare
-    import world
+    from toyworld import world
     from test_compare import write_run
 
     def log(invalid, reasons, critic_s):

@@ -11,9 +11,9 @@ import pytest
 import eval as ev
 import prepare
 import selfdistill
-import toy
-import toy_build
-import world
+from toyworld import toy
+from toyworld import toy_build
+from toyworld import world
 
 ANALYSIS = ("analysis/A_mean", "analysis/rollouts", "analysis/A_prefix", "analysis/A_wrong", "analysis/A_after")
 
@@ -77,12 +77,13 @@ def test_prepare_converts_and_filters_openmath_records(micro_world, tmp_path):
     # max_new_tokens is given: eval.target_config leaves it at 0 (unresolved), which generate
     # refuses (see test_eval.py::test_target_config_of_a_model_is_resolved, an expected failure)
     budget = toy_build.budget(os.path.dirname(micro_world["model_dir"]))
-    counts = prepare.prepare(str(source), [micro_world["model_dir"], "prompts=toy", "critic=rule", "threads=1",
-                                      f"max_new_tokens={budget}",
-                                      f"train_file={micro_world['train']}", f"test_file={micro_world['test']}"],
-                        out=str(tmp_path / "out"), test_size=1, samples=2, max_correct=1)
-    assert counts["input"] == 7 and counts["missing_fields"] == 1
-    dropped = counts.get("too_easy", 0) + counts.get("no_wrong_stepped_rollout", 0) + counts.get("critic_failed", 0)
+    prepare.main([str(source), micro_world["model_dir"], "prompts=toy", "critic=rule", "threads=1",
+                  f"max_new_tokens={budget}", "--out", str(tmp_path / "out"), "--test-size", "1",
+                  "--samples", "2", "--max-correct", "1"])
+    counts = json.loads((tmp_path / "out" / "prepare.json").read_text())["counts"]
+    assert counts["input"] == 7 and counts["missing_fields"] == 1 and counts["problems"] == 6
+    dropped = sum(v for k, v in counts.items() if k in ("too_easy", "no_wrong_stepped_rollout")
+                  or k.startswith("critic/"))
     assert counts["kept"] + dropped == 6 and counts["train"] + counts["test"] == counts["kept"]
     rows = [json.loads(l) for l in (tmp_path / "out" / "train.jsonl").read_text().splitlines()]
     assert all(set(r) >= {"question", "answer", "solution"} for r in rows)

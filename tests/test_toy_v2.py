@@ -11,10 +11,10 @@ import torch
 import contexts
 import critic
 import selfdistill
-import toy
-import toy_build
-import world
-from common import UserError
+from toyworld import toy
+from toyworld import toy_build
+from toyworld import world
+from plumbing.common import UserError
 from contexts import parse_steps
 
 

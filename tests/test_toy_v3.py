@@ -1,7 +1,7 @@
 """The toy world v3: named worlds, checked build flags, a world's folder used as model=, the
 transfer split, and the rollout-matched GRPO arm's step accounting.
 
-Protects: every BuildSettings field is a range-checked `toy_build.py build` flag and a bad value is a
+Protects: every BuildSettings field is a range-checked `python -m toyworld.toy_build build` flag and a bad value is a
 one-line error before a build starts; asking a built world for other settings is an error that
 says to rebuild (never silently ignored); the named worlds' shipped folders hold exactly their
 names' settings; model=<a world folder> (or its model/ folder, or a world's name) gets that world's
@@ -13,12 +13,12 @@ import os
 
 import pytest
 
-import sampler
+from plumbing import sampler
 import selfdistill
-import toy
-import toy_build
-import world
-from common import UserError
+from toyworld import toy
+from toyworld import toy_build
+from toyworld import world
+from plumbing.common import UserError
 
 
 def tiny(**changes):

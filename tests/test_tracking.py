@@ -1,7 +1,9 @@
 """Protects report_to (tracking.py): TensorBoard's event files and an offline wandb run hold the
 same numbers as metrics.jsonl under the same keys, and the evaluation rows as eval/<key>; a resumed
 run continues the same TensorBoard folder (the redone steps replace the old ones) and the same wandb
-run id; a missing package is a one-line error naming the install; ranks > 0 and report_to=none get
+run id; the toy world's transfer split is logged apart (eval/transfer/*, never under the test's
+eval/avg) and the evaluation's constants (n, k, questions, temperature) go to the run's config, not
+to curves; a missing package is a one-line error naming the install; ranks > 0 and report_to=none get
 a tracker that does nothing. Both packages come from requirements-logging.txt (installed in CI);
 nothing here touches the network (WANDB_MODE=offline)."""
 import glob
@@ -14,9 +16,10 @@ import sys
 
 import pytest
 
+from plumbing import runfolder
 import selfdistill
-import tracking
-from common import UserError
+from plumbing import tracking
+from plumbing.common import UserError
 from conftest import run_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,3 +147,30 @@ def test_other_ranks_and_none_get_a_tracker_that_does_nothing(tmp_path):
 def test_scalars_flatten_nested_numbers_and_drop_text():
     assert tracking.scalars({"step": 3, "avg": 0.5, "toy": {"step_arith": 0.25}, "ok": True, "name": "x"}) == \
         {"step": 3.0, "avg": 0.5, "toy/step_arith": 0.25, "ok": 1.0}
+
+
+def test_transfer_rows_get_their_own_tags_and_constants_go_to_the_config(tmp_path):
+    """Read back from TensorBoard's event files: eval/avg holds the test split only, each step once;
+    eval/transfer/avg the transfer split; no constant is a curve; the setting is the "config" text."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    cfg = selfdistill.Config(report_to="tensorboard", run="r")
+    path = tmp_path / "eval.jsonl"
+    test = {"n": 4, "k": 4, "questions": 10, "temperature": 1.0, "pass": 0.5, "maj": 0.25, "ci": {"avg": [0, 1]}}
+    with tracking.evaluation_rows(cfg, str(tmp_path)):  # what eval.py's child process writes
+        for step, avg in ((0, 0.1), (1, 0.2), (3, 0.4)):
+            runfolder.append_jsonl(str(path), {"step": step, **test, "avg": avg, "toy": {"step_arith": avg}})
+        for step, avg in ((0, 0.05), (3, 0.5)):
+            runfolder.append_jsonl(str(path), {"step": step, **test, "questions": 7, "avg": avg, "split": "transfer"})
+    accumulator = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    tags = accumulator.Tags()
+    curves = {tag: {e.step: e.value for e in accumulator.Scalars(tag)} for tag in tags["scalars"]}
+    assert curves["eval/avg"] == {0: pytest.approx(0.1), 1: pytest.approx(0.2), 3: pytest.approx(0.4)}
+    assert curves["eval/transfer/avg"] == {0: pytest.approx(0.05), 3: pytest.approx(0.5)}
+    assert curves["eval/toy/step_arith"][3] == pytest.approx(0.4)
+    assert not {"eval/n", "eval/k", "eval/questions", "eval/temperature", "eval/transfer/questions"} & set(curves)
+    [text] = [tag for tag in tags["tensors"] if tag.startswith("config")]
+    config = accumulator.Tensors(text)[0].tensor_proto.string_val[0].decode()
+    assert {line.strip() for line in config.splitlines()} == {
+        "eval/n: 4", "eval/k: 4", "eval/questions: 10", "eval/temperature: 1.0", "eval/transfer/questions: 7"}

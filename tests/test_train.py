@@ -18,12 +18,12 @@ import torch
 import yaml
 
 import chunked_head
-import common
+from plumbing import common
 import contexts
 import ema_teacher
-import sampler
+from plumbing import sampler
 import selfdistill
-from common import UserError
+from plumbing.common import UserError
 from conftest import run_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -422,13 +422,16 @@ def test_a_checkpoint_loads_with_auto_peft_from_any_folder(tiny_model_dir, data,
 @pytest.mark.parametrize("context", ["critique", "grpo"])
 def test_explain_shows_the_first_step_and_its_loss_and_writes_nothing(context, tiny_model_dir, data, tmp_path,
                                                                       capsys):
-    """--explain N prints N rollouts of step 1 (A_t marks when piped; grpo: rewards and advantages)
+    """explain.py --explain N prints N rollouts of step 1 (A_t marks when piped; grpo: rewards and advantages)
     and the step's loss, which is the loss the trainer's step 1 reports on the same seed; no run
     folder appears."""
     from conftest import run_main
+    import explain
     extra = {"grpo_beta": 0.1} if context == "grpo" else {}  # β > 0 keeps every rollout (the tiny model scores 0)
     args = ["--context", context, *overrides(tiny_model_dir, data, tmp_path / "explain", max_steps=1, **extra)]
-    code, out, err = run_main([*args, "--explain", "1"], capsys)
+    code, _, err = run_main([*args, "--explain", "1"], capsys)  # selfdistill.py names the program
+    assert code == 2 and err.strip() == f"error: --explain is its own program: python explain.py {' '.join(args)} --explain 1"
+    code, out, err = run_main([*args, "--explain", "1"], capsys, explain)
     assert code in (0, None), err
     assert not (tmp_path / "explain").exists()
     assert out.count("=== rollout ") == 1 and "--- question" in out

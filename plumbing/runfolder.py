@@ -3,9 +3,7 @@ from them. Every file is written to a temporary name and renamed, so a kill neve
 one; a log line is one write, and a half-written last line is dropped with a warning.
 """
 import atexit
-import contextlib
 import dataclasses
-import errno
 import hashlib
 import json
 import os
@@ -20,11 +18,9 @@ import time
 import torch
 import yaml
 
-import common
-import contexts
-import options
-import ranks
-from common import UserError
+from plumbing import options
+from plumbing import ranks
+from plumbing.common import UserError
 
 # ---------------------------------------------------------------------------------------------
 # Atomic writes and JSONL logs.
@@ -115,163 +111,125 @@ def run_folder(cfg):
     return run_dir
 
 
-class RunLock:
-    """One writer per run folder: RUN/.lock holds the writer's pid. It appears atomically with the
-    pid in it (create_with_pid), so a reader never sees it empty. One held by a live process is a
-    one-line error; one whose process is gone is stale and taken over (take_over: by one starter
-    only, however many race). A lock that is not one plausible pid (a folder, a link, garbage, 0, -1,
-    a pid beyond pid_max) is a one-line error, never removed nor waited on: we cannot tell it is
-    stale. Released on release() or at exit; a process may take its own lock again (an in-process
-    rerun after an error)."""
+HELD = {}  # lock path -> this process's FileLock on it: an in-process rerun after an error takes it again
 
-    def __init__(self, run_dir, what):
-        self.path = os.path.join(run_dir, ".lock")
-        for _ in range(50):  # each retry means another starter moved the lock meanwhile
-            if create_with_pid(self.path):
-                break
-            holder = read_pid(self.path)
-            if holder is None:
-                continue  # released between our two looks
-            if holder != os.getpid() and alive(holder):
-                raise UserError(f"run folder {run_dir} is in use by process {holder}; wait for it to "
-                                f"finish (or stop it) before {what} there")
-            if holder == os.getpid() or self.take_over(holder):
-                break
-            time.sleep(0.02)  # another starter is taking the stale lock over: look again
-        else:
-            raise UserError(f"cannot take the lock {self.path}; remove it (and {self.path}.takeover) if "
-                            f"no process uses the run")
+
+class RunLock:
+    """One writer per run folder: an OS lock (flock, through filelock) on RUN/.lock. The OS drops it
+    when its process ends, however it ends, so no lock is ever stale and none is taken over. The
+    holder writes its pid into the file, for the one-line error a second writer gets; the file stays
+    after release (waiters must share its inode), and its pid then means nothing. A RUN/.lock that
+    is not a plain file (a folder, a link, a pipe) is a one-line error and is left in place."""
+
+    def __init__(self, run_dir, what, noun="run folder"):
+        import filelock
+        self.path = os.path.abspath(os.path.join(run_dir, ".lock"))
+        check_lock_file(self.path)
+        if self.path not in HELD:
+            lock = filelock.FileLock(self.path, timeout=0, thread_local=False, on_acquired=write_pid)
+            try:
+                lock.acquire()
+            except filelock.Timeout:
+                raise UserError(f"{noun} {run_dir} is in use by {lock_holder(self.path)}; wait for it to "
+                                f"finish (or stop it) before {what} there") from None
+            except OSError as e:  # no flock on this file system, no permission, ...
+                raise UserError(f"cannot lock {self.path}: {e.strerror or e}") from None
+            HELD[self.path] = lock
         atexit.register(self.release)
 
-    def take_over(self, stale):
-        """Replace the stale lock of dead process `stale` by ours in one rename, while holding
-        RUN/.lock.takeover: the lock is never absent (no third starter can create it) and only the
-        takeover's holder replaces it, after checking it still names `stale`. False when another
-        starter holds the takeover or the lock changed: the caller looks again."""
-        marker = self.path + ".takeover"
-        if not create_with_pid(marker):
-            return False
-        try:
-            if read_pid(self.path) != stale or alive(stale):
-                return False
-            tmp = write_pid_file(self.path)
-            os.replace(tmp, self.path)
-            return True
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(marker)
-
     def release(self):
-        try:
-            mine = read_pid(self.path) == os.getpid()
-        except UserError:  # replaced by something else meanwhile: not ours to remove
-            return
-        if mine:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.path)
+        lock = HELD.pop(self.path, None)
+        if lock is not None:
+            lock.release(force=True)
 
 
-def write_pid_file(path):
-    """A private file next to `path` that holds this process's pid; returns its name."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    return tmp
+def write_pid(fd):
+    """filelock's on_acquired: the holder's pid, in place of the last holder's."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
 
 
-def create_with_pid(path):
-    """Create `path` holding this process's pid, atomically; False when it exists. The pid is
-    written to a private file first and hard-linked into place (link fails if `path` exists, even
-    as a dangling link). A file system without hard links gets O_EXCL, where a reader may catch the
-    file empty for a moment: it then reports the lock as unreadable, while its writer is alive."""
-    tmp = write_pid_file(path)
-    try:
-        os.link(tmp, path)
-        return True
-    except FileExistsError:
-        return False
-    except OSError as e:
-        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
-            raise
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return False
-        os.write(fd, f"{os.getpid()}\n".encode())
-        os.close(fd)
-        return True
-    finally:
-        os.remove(tmp)
-
-
-def pid_max():
-    try:
-        with open("/proc/sys/kernel/pid_max") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return 2 ** 22  # Linux's ceiling; macOS's pids stay below 100000
-
-
-def read_pid(path):
-    """The pid in a lock file, or None when there is no file. Anything but a plain file holding
-    one pid in 1..pid_max is a one-line error: such a lock was not written by us, and is never
-    guessed to be stale."""
-    unusable = f"{path} is not a lock file this program wrote"
+def check_lock_file(path):
+    """RUN/.lock must be a plain file or absent: anything else was not made by this program."""
     try:
         kind = os.lstat(path).st_mode
-        if not stat.S_ISREG(kind):  # a folder, a link, a pipe (reading a pipe would hang)
-            what = "a folder" if stat.S_ISDIR(kind) else "a link" if stat.S_ISLNK(kind) else "not a file"
-            raise UserError(f"{unusable} ({what}); remove it if no process uses the run")
-        with open(path, "rb") as f:
-            text = f.read(32)
     except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise UserError(f"{unusable} (unreadable: {e.strerror}); remove it if no process uses the run") from None
-    if not re.fullmatch(rb"[0-9]{1,12}\n?", text) or not 0 < int(text) <= pid_max():
-        raise UserError(f"{unusable} (it holds {text[:20]!r}, not a process id); remove it if no process "
-                        f"uses the run")
-    return int(text)
+        return
+    if not stat.S_ISREG(kind):
+        what = "a folder" if stat.S_ISDIR(kind) else "a link" if stat.S_ISLNK(kind) else "not a file"
+        raise UserError(f"{path} is not a lock file this program wrote ({what}); remove it if no process uses the run")
+
+
+def lock_holder(path):
+    """'process PID' from the lock file, read again for up to a second while the holder (which has
+    just taken the lock) has not yet written its pid; 'another process' if it never does."""
+    for _ in range(20):
+        try:
+            with open(path, "rb") as f:
+                text = f.read(32)
+        except OSError:
+            text = b""
+        if re.fullmatch(rb"[0-9]{1,12}\n", text) and alive(int(text)):
+            return f"process {int(text)}"
+        time.sleep(0.05)
+    return "another process"
 
 
 def alive(pid):
-    """True when process `pid` runs (a zombie, dead but not yet reaped, does not)."""
+    """True when process `pid` exists (another user's too); 0 names no process (kill's own group)."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
-    except PermissionError:  # another user's live process
+    except PermissionError:
         return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True  # no /proc (macOS): trust kill(pid, 0)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
 # The saved config, checkpoints and resume.
 
-def prepare_run_dir(cfg, train_path=None, model_path=None):
-    """Save the resolved config in runs/NAME (and print it); a rerun must use the same settings, and
-    the same train file and base model contents (RUN/inputs.json: their digests at the first start)."""
+def prepare_run_dir(cfg, train_path=None, model_path=None, may_change=()):
+    """Save the resolved config in runs/NAME and print a short echo of it. A rerun must use the
+    same settings, except the fields in `may_change` (how the run executes, not what it computes:
+    selfdistill.OPERATIONAL), whose changes are appended to RUN/settings.jsonl with the step the run
+    resumes after; and the same train file and base model contents (RUN/inputs.json: their digests
+    at the first start)."""
     run_dir = run_folder(cfg)
     path = os.path.join(run_dir, "config.yaml")
     resolved = dataclasses.asdict(cfg)
     inputs = {"train": file_digest(train_path) if train_path else None,
               "model": model_digest(model_path) if model_path else None}
+    changes = {}
     if os.path.isfile(path) and checkpoint_dirs(run_dir):  # nothing to resume: nothing to refuse
         saved = options.read_yaml_config(path)
-        changed = [k for k in resolved if k != "eval_at_end" and saved.get(k) != resolved[k]]
-        if changed:
-            k = changed[0]
+        changed = [k for k in resolved if saved.get(k) != resolved[k]]
+        refused = [k for k in changed if k not in may_change]
+        if refused:
+            k = refused[0]
             raise UserError(f"run '{cfg.run}' exists with {k}={saved.get(k)!r} (now {resolved[k]!r}); "
                             f"resume with the same settings or choose another --run")
         check_inputs(run_dir, cfg.run, inputs, {"train": train_path, "model": model_path})
+        changes = {k: [saved.get(k), resolved[k]] for k in changed}
+    if changes:  # the step is the newest checkpoint's: the one a resume starts from unless it is damaged
+        step = int(os.path.basename(checkpoint_dirs(run_dir)[-1])[len("step_"):])
+        append_jsonl(os.path.join(run_dir, "settings.jsonl"), {"step": step, "changed": changes})
+        print("resuming with other settings (how it runs, not what it computes): "
+              + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
     write_atomic(os.path.join(run_dir, "inputs.json"), json.dumps(inputs) + "\n")
     write_atomic(path, yaml.safe_dump(resolved, sort_keys=False))
-    print(f"config ({path}): " + ", ".join(f"{k}={v}" for k, v in resolved.items()))
+    print(config_echo(cfg, path))
     return run_dir
+
+
+def config_echo(cfg, path):
+    """One short line: the arm, the fields that differ from the Config's defaults (derived values
+    included) and where the whole config is."""
+    differ = [f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
+              if f.name != "arm" and getattr(cfg, f.name) != f.default]
+    return f"config: {cfg.arm}" + (" " + " ".join(differ) if differ else "") + f" (the rest at defaults; all in {path})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,8 +385,7 @@ def resume(run_dir, model, optimizer, scheduler, writer=True):
 # ---------------------------------------------------------------------------------------------
 # The step's log line, and stopping after a checkpoint.
 
-def log_step(run_dir, record, total_steps, finite, sample_every, sample_records, texts, rewards,
-             context_texts, verdicts, truncated):
+def log_step(run_dir, record, total_steps, finite, sample_every, rollouts):
     """One metrics line, one printed line, and every `sample_every` steps the samples with their
     teacher contexts (reading them is how self-distillation is debugged)."""
     from tqdm import tqdm
@@ -440,11 +397,12 @@ def log_step(run_dir, record, total_steps, finite, sample_every, sample_records,
                f" | invalid {record['train/critique_invalid']} | {record['time/step']:.1f}s"
                + ("" if finite else " | update skipped (non-finite)"))
     if sample_every and step % sample_every == 0 or step == 1:
-        for i, r in enumerate(sample_records):
+        for i, r in enumerate(rollouts.records):
             append_jsonl(os.path.join(run_dir, "samples.jsonl"),
-                         {"step": step, "id": r["id"], "question": r["question"], "response": texts[i],
-                          "reward": rewards[i].item(), "context": context_texts[i],
-                          "valid": verdicts[i] == "ok", "verdict": verdicts[i], "truncated": truncated[i]})
+                         {"step": step, "id": r["id"], "question": r["question"], "response": rollouts.texts[i],
+                          "reward": rollouts.rewards[i].item(), "context": rollouts.contexts[i],
+                          "valid": rollouts.verdicts[i] == "ok", "verdict": rollouts.verdicts[i],
+                          "truncated": rollouts.truncated[i]})
 
 
 def stop_if_asked(stop, give_up, nonfinite, step):
@@ -458,47 +416,28 @@ def stop_if_asked(stop, give_up, nonfinite, step):
         sys.exit(128 + stop["signal"])
 
 
-def drop_step_and_stop(run_dir, step, model, optimizer, scheduler, ema, state, stop, tokenizer):
+def drop_step_and_stop(trainer, step):
     """A stop signal came while the HTTP critic was waiting: nothing of this step is applied yet, so
     the checkpoint of the `step` finished steps is written (if not already) and we stop; a resume
-    repeats this step in full, as if never begun."""
+    repeats this step in full, as if never begun. trainer: selfdistill.Trainer."""
+    stop, state = trainer.stop, trainer.state
     if step == 0:
         print(f"stopped by signal {stop['signal']} during the first step; nothing to save yet")
         sys.exit(128 + stop["signal"])
-    save_checkpoint(run_dir, step, model, optimizer, scheduler,
-                    {"step": step, "ema": ema, "nonfinite": state["nonfinite"]}, tokenizer)
+    save_checkpoint(trainer.run_dir, step, trainer.model, trainer.optimizer, trainer.scheduler,
+                    {"step": step, "ema": state["ema"], "nonfinite": state["nonfinite"]}, trainer.tokenizer)
     stop_if_asked(stop, False, state["nonfinite"], step)
 
 
-def step_record(cfg, tokenizer, step, totals, rewards, responses, truncated, texts, context_texts, verdicts,
-                zero_signal, analysed, grad_norm, lr, finite, times):
-    """The step's metrics line (README, Metrics), all but the whole step's time (`time/step`)."""
-    record = {"step": step, "train/loss": totals["loss"], "train/reward": rewards.mean().item(),
-              "train/response_len": sum(map(len, responses)) / len(responses),
-              "train/truncated": sum(truncated) / len(truncated),
-              "train/critique_invalid": len(verdicts) - verdicts.count("ok"), "train/zero_signal": zero_signal,
-              "train/leak_rate": common.leak_rate(texts, cfg.prompts),
-              "train/context_overlap": common.context_overlap(tokenizer, responses, context_texts),
-              "train/grad_norm": grad_norm, "train/lr": lr, "train/nonfinite": int(not finite), **times}
-    for reason in sorted(set(verdicts) - {"ok"}):  # why critiques were dropped (critic.validate_critique)
-        record[f"train/dropped/{reason}"] = verdicts.count(reason)
-    if totals["tokens"]:  # absent, not 0, when no token entered the loss
-        record["train/entropy"] = totals["entropy"] / totals["tokens"]
-        if cfg.arm != "grpo" or cfg.grpo_beta:  # grpo: the k3 KL to π_ref, only when penalised
-            record["train/kl"] = totals["divergence"] / totals["tokens"]
-    if analysed:
-        record.update(contexts.advantage_stats(tokenizer, *map(list, zip(*analysed))))
-    return record
-
-
-def checkpoint_and_stop(cfg, run_dir, rank, step, total_steps, finite, state, stop, ema, model, optimizer,
-                        scheduler, tokenizer):
+def checkpoint_and_stop(cfg, trainer, step, total_steps, finite):
     """8. After `step` finished steps: a checkpoint every checkpoint_every steps, at the end, on a stop
-    signal, and before giving up after max_nonfinite non-finite steps in a row; then stop if asked."""
+    signal, and before giving up after max_nonfinite non-finite steps in a row; then stop if asked.
+    trainer: selfdistill.Trainer."""
+    stop, state = trainer.stop, trainer.state
     give_up = not finite and state["nonfinite"] >= cfg.max_nonfinite
-    if rank == 0 and (step == total_steps or step % cfg.checkpoint_every == 0 or stop["signal"] or give_up):
-        save_checkpoint(run_dir, step, model, optimizer, scheduler,
-                        {"step": step, "ema": ema, "nonfinite": state["nonfinite"]}, tokenizer)
+    if trainer.rank == 0 and (step == total_steps or step % cfg.checkpoint_every == 0 or stop["signal"] or give_up):
+        save_checkpoint(trainer.run_dir, step, trainer.model, trainer.optimizer, trainer.scheduler,
+                        {"step": step, "ema": state["ema"], "nonfinite": state["nonfinite"]}, trainer.tokenizer)
     if stop["signal"] or give_up:
         ranks.barrier()  # under torchrun the others wait for rank 0's checkpoint before leaving
     stop_if_asked(stop, give_up, state["nonfinite"], step)

@@ -4,6 +4,7 @@ the whole step's counts, so the SUM of the processes' gradients is the one-proce
 Alone (no torchrun), every helper here returns its input and calls nothing.
 """
 import contextlib
+import dataclasses
 import os
 
 import torch
@@ -118,8 +119,11 @@ def leave_group():
         dist.destroy_process_group()
 
 
-def gather_rollouts(world_size, rewards, *per_rollout_lists):
-    """7. Under torchrun, every process's rollouts in rank order, for rank 0's log (alone: as they are)."""
+def gather_rollouts(world_size, rollouts, analysed):
+    """7. Under torchrun, every process's rollouts (a selfdistill.Rollouts) and analysed rollouts in
+    rank order, for rank 0's log; alone, as they are."""
     if world_size == 1:
-        return (rewards, *per_rollout_lists)
-    return (torch.tensor(gather(rewards.tolist())), *(gather(x) for x in per_rollout_lists))
+        return rollouts, analysed
+    lists = {f.name: gather(getattr(rollouts, f.name)) for f in dataclasses.fields(rollouts) if f.name != "rewards"}
+    return (dataclasses.replace(rollouts, rewards=torch.tensor(gather(rollouts.rewards.tolist())), **lists),
+            gather(analysed))

@@ -10,12 +10,12 @@ import math
 import os
 import sys
 
-import common
+from plumbing import common
 import critic
-import toy
-import toy_build
-import toy_critic
-from common import UserError
+from toyworld import toy
+from toyworld import toy_build
+from toyworld import toy_critic
+from plumbing.common import UserError
 
 
 def is_world_model(model):
@@ -64,15 +64,26 @@ def resolve_paths(cfg):
     return model, train, test
 
 
+TRANSFER_WARNED = set()  # worlds whose lost transfer split was reported (once per process)
+
+
 def transfer_path(cfg):
     """The toy world's transfer split (toy_build.build_transfer) for a run on a toy world with the
     world's own test set; None otherwise, or when the world has none (built before v3, or
-    n_transfer=0)."""
+    n_transfer=0). A world whose build.json records a transfer split that is gone says so, once."""
     root = toy_build.world_root(cfg.model)
     if not root or cfg.test_file:
         return None
     path = toy_build.paths(root)["transfer"]
-    return path if os.path.isfile(path) and os.path.getsize(path) else None
+    if os.path.isfile(path) and os.path.getsize(path):
+        return path
+    recorded = toy_build.read_build_info(root).get("n_transfer")
+    if recorded and root not in TRANSFER_WARNED:
+        TRANSFER_WARNED.add(root)
+        print(f"warning: the toy world in {root} built a transfer split of {recorded} problems (build.json), "
+              f"but {path} is gone or empty: no transfer rows are evaluated; rebuild the world to get it back: "
+              f"{toy_build.rebuild_command(root)}", file=sys.stderr)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,7 +128,7 @@ def critic_folder(cfg):
     if not os.path.isfile(os.path.join(toy_critic.folder(root), "build.json")):
         where = f"--world {toy_build.world_name(root)}" if toy_build.world_name(root) else f"--root {root}"
         raise UserError(f"the toy world in {root} has no learned critics yet; build them (about 10 CPU "
-                        f"minutes): python toy_critic.py build {where}")
+                        f"minutes): python -m toyworld.toy_critic build {where}")
     return path
 
 

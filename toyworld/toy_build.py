@@ -13,13 +13,16 @@ the quickstart starts at once (`model=NAME`; any built folder works as `model=DI
     toy-v2  toy_world_v2/  the contrast: fault_rate 0.8, it writes them right a fifth of the time,
                            which a binary reward finds
 
-    python toy_build.py build --world toy --force          # rebuild a named world (bit-identical)
-    python toy_build.py build --root DIR --fault-rate 0.9  # any BuildSettings field is a checked flag
-    python toy_build.py build --root DIR --recovery 0      # v1's teacher (see 2 below)
-    python toy_build.py probe [--world toy-v2]             # trace stats and the teacher's after-error mass
-    python toy_critic.py build --world toy [--force]       # its learned critics, beside it (toy_critic.py)
+    python -m toyworld.toy_build build --world toy --force          # rebuild a named world (bit-identical)
+    python -m toyworld.toy_build build --root DIR --fault-rate 0.9  # any BuildSettings field is a checked flag
+    python -m toyworld.toy_build build --root DIR --recovery 0      # v1's teacher (see 2 below)
+    python -m toyworld.toy_build probe [--world toy-v2]             # trace stats and the teacher's after-error mass
+    python -m toyworld.toy_critic build --world toy [--force]       # its learned critics, beside it (toy_critic.py)
 
-A built world asked for other settings than its build.json's is an error that says to rebuild.
+A built world asked for other settings than its build.json's is an error that says to rebuild; so
+is a damaged one (a missing or cut file, a build.json that is not a world's record): it is never
+rebuilt silently. A build goes into ROOT/.building under ROOT/.lock and replaces the old world only
+once it has succeeded; `build --force` with no flags keeps the settings its build.json records.
 Besides train/test, a world has a transfer split (build_transfer): filtered problems none of whose
 faulty facts lies on any train question's chain, evaluated at step 0 and at a run's last checkpoint.
 
@@ -51,6 +54,7 @@ Choices built into the base model (they shape the comparison; say so next to any
      chains, and copying a long critique is what the model learns last.
 """
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -59,24 +63,31 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 
+if __name__ == "__main__":  # Ctrl-C while torch loads (seconds, nothing written yet): exit 130, no traceback
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))
+
 import torch
 
-import common
+from plumbing import common
 import critic
-import options
-import runfolder
-import sampler
+from plumbing import options
+from plumbing import runfolder
+from plumbing import sampler
 from contexts import student_prompt_ids, teacher_prompt_ids
 from contexts import ANSWER_TAG as ANSWER, build_rows, critique_form, parse_steps, render_steps
-from toy import (MAX_OPS, after_error_mass, MIN_OPS, MIN_VALUE, MAX_VALUE, OPERANDS, STEP_PATTERNS, STYLES, apply,
+from toyworld.toy import (MAX_OPS, after_error_mass, MIN_OPS, MIN_VALUE, MAX_VALUE, OPERANDS, STEP_PATTERNS, STYLES, apply,
                  chain_steps, format_step, iter_problems, generate_problems, make_model, make_tokenizer,
                  parse_question, parse_step, random_question, reference_solution, response_style,
                  restyle_step, rule_critique, solve, trace_stats)
+
+if __name__ == "__main__":  # imported: Ctrl-C is KeyboardInterrupt again, one line through common.user_errors
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,6 +135,9 @@ class BuildSettings:
     score_batch: int = 1024       # rows per generate() call when scoring
 
 
+MAX_PROBLEMS = 5000  # train + test + transfer problems a world can hold (see check_settings)
+
+
 def check_settings(settings):
     """A one-line UserError for the first setting out of its range, before a build starts (a NaN
     or a share above 1 would otherwise cost a 6-minute build and give a world of nonsense)."""
@@ -132,10 +146,16 @@ def check_settings(settings):
     for name in ("lr", *shares):
         if not finite(getattr(s, name)):
             raise common.UserError(f"build setting {name} must be a finite number, got {getattr(s, name)}")
+    for name in ("seed", "steps", "batch_size", "warmup", "critique_min_ops", "n_train", "n_test", "n_transfer",
+                 "samples", "max_correct", "max_new_tokens", "score_batch"):
+        if type(getattr(s, name)) is not int:
+            raise common.UserError(f"build setting {name} must be a whole number, got {getattr(s, name)!r}")
+    problems = s.n_train + s.n_test + s.n_transfer
     rules = [
-        ("seed", s.seed >= 0, "must be >= 0"), ("steps", s.steps >= 1, "must be >= 1"),
-        ("batch_size", s.batch_size >= 1, "must be >= 1"), ("lr", 0 < s.lr <= 1, "must lie in (0, 1]"),
-        ("warmup", s.warmup >= 1, "must be >= 1 (steps of linear warm-up)"),
+        ("seed", 0 <= s.seed <= options.INT_LIMIT, f"must lie in 0..{options.INT_LIMIT}"),
+        ("steps", 1 <= s.steps <= 10 ** 7, "must lie in 1..10000000"),
+        ("batch_size", 1 <= s.batch_size <= 65536, "must lie in 1..65536"), ("lr", 0 < s.lr <= 1, "must lie in (0, 1]"),
+        ("warmup", 1 <= s.warmup <= 10 ** 7, "must lie in 1..10000000 (steps of linear warm-up)"),
         ("decay", 0 < s.decay <= 1, "must lie in (0, 1] (the share of steps whose lr decays)"),
         *[(name, 0 <= getattr(s, name) <= 1, "must lie in [0, 1]") for name in shares[1:]],
         ("mix", len(s.mix) == 3 and all(finite(x) and x >= 0 for x in s.mix) and sum(s.mix) > 0,
@@ -144,10 +164,12 @@ def check_settings(settings):
         ("critique_min_ops", MIN_OPS <= s.critique_min_ops <= MAX_OPS, f"must lie in {MIN_OPS}..{MAX_OPS}"),
         ("n_train", s.n_train >= 1, "must be >= 1"), ("n_test", s.n_test >= 1, "must be >= 1"),
         ("n_transfer", s.n_transfer >= 0, "must be >= 0 (0 = no transfer split)"),
-        ("samples", s.samples >= 1, "must be >= 1"),
+        # the filter draws 40-100 distinct chains per kept problem, and the world has ~500,000
+        ("n_train", problems <= MAX_PROBLEMS, f"+ n_test + n_transfer = {problems} must be at most {MAX_PROBLEMS}"),
+        ("samples", 1 <= s.samples <= 1024, "must lie in 1..1024"),
         ("max_correct", 0 <= s.max_correct <= s.samples, f"must lie in 0..samples ({s.samples})"),
         ("max_new_tokens", 1 <= s.max_new_tokens <= 512, "must lie in 1..512 (a 4-step trace is ~46 tokens)"),
-        ("score_batch", s.score_batch >= s.samples, f"must be >= samples ({s.samples})"),
+        ("score_batch", s.samples <= s.score_batch <= 2 ** 20, f"must lie in samples ({s.samples})..{2 ** 20}"),
     ]
     for name, ok, rule in rules:
         if not ok:
@@ -343,13 +365,13 @@ def score(model, tok, problems, settings):
 
 
 def budget(root=None):
-    """The toy world's one length budget: build.json's max_new_tokens (the default if unbuilt)."""
+    """The toy world's one length budget: build.json's max_new_tokens, checked (read_build_info: a
+    damaged record is a one-line error, never a silent default); for a world not built yet, the
+    budget its build will use."""
     root = root or WORLD
-    try:
-        with open(os.path.join(root, "build.json")) as f:
-            return json.load(f)["settings"]["max_new_tokens"]
-    except (OSError, ValueError, KeyError, TypeError):
+    if not os.path.lexists(os.path.join(root, "build.json")):
         return (named_settings(root) or BuildSettings()).max_new_tokens
+    return read_build_info(root)["settings"]["max_new_tokens"]
 
 
 def build_data(model, tok, settings, progress=True):
@@ -524,45 +546,186 @@ def settings_changes(saved, settings):
     return {k: (saved.get(k), v) for k, v in asked.items() if saved.get(k) != v}
 
 
+# ---------------------------------------------------------------------------------------------
+# A built world is complete and self-consistent, or a one-line error that says how to rebuild it:
+# never rebuilt silently (from defaults), and its build.json (the one record of its settings) is
+# never touched by a reader, nor removed before a new build has succeeded.
+
+
+def rebuild_command(root):
+    name = world_name(root)
+    return f"python -m toyworld.toy_build build {f'--world {name}' if name else f'--root {root}'} --force"
+
+
+def damaged(root, why, record_read=True):
+    """The one-line error for a damaged world; the rebuild keeps a readable build.json's settings."""
+    keeps = "it keeps the settings build.json records" if record_read else "add the flags it was built with"
+    return common.UserError(f"the toy world in {root} is damaged: {why}; rebuild it: {rebuild_command(root)} ({keeps})")
+
+
+def info_problem(info):
+    """Why a parsed build.json is not a world's record (settings of the wrong type or out of range,
+    no length budget), or None. Fields of other versions are kept as they are (settings_changes)."""
+    if not isinstance(info, dict) or not isinstance(info.get("settings"), dict):
+        return "build.json holds no 'settings' object"
+    saved, fields = info["settings"], {f.name: f.default for f in dataclasses.fields(BuildSettings)}
+    if "max_new_tokens" not in saved:  # the world's length budget: training and evaluation read it
+        return "build.json's settings lack max_new_tokens (the length budget)"
+    for key, value in saved.items():
+        default = fields.get(key)
+        if default is None:
+            continue
+        if isinstance(default, tuple):
+            ok = isinstance(value, list) and all(type(x) is type(default[0]) for x in value)
+        else:
+            ok = type(value) is type(default) or type(default) is float and type(value) is int
+        if not ok:
+            return f"build.json's setting {key} is {value!r}, not {type(default).__name__} like {default!r}"
+    try:
+        check_settings(BuildSettings(**{k: tuple(v) if isinstance(v, list) else v
+                                        for k, v in saved.items() if k in fields}))
+    except common.UserError as e:
+        return f"build.json's {str(e).removeprefix('build ')}"
+    return None
+
+
+def read_build_info(root):
+    """A built world's build.json, checked (info_problem); anything else is a one-line error that
+    says how to rebuild. The file itself is only read."""
+    try:
+        with open(os.path.join(root, "build.json"), encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError) as e:  # garbage, not UTF-8, a folder in its place
+        raise damaged(root, f"build.json cannot be read as JSON ({type(e).__name__})", record_read=False) from None
+    problem = info_problem(info)
+    if problem:
+        raise damaged(root, problem, record_read=False)
+    return info
+
+
+def check_world(root):
+    """build.json (read_build_info), then the files it records: the model folder, and train and test
+    sets of the sizes it says (a missing or cut file is damage, not a reason to rebuild). Returns
+    build.json's contents."""
+    info, out = read_build_info(root), paths(root)
+    if not os.path.isfile(os.path.join(out["model_dir"], "config.json")):
+        raise damaged(root, "its model folder (model/) is missing or has no config.json")
+    for split in ("train", "test"):
+        if not os.path.isfile(out[split]):
+            raise damaged(root, f"{split}.jsonl is missing")
+        expected = info.get(f"n_{split}")
+        if isinstance(expected, int):
+            with open(out[split], "rb") as f:
+                lines = sum(1 for line in f if line.strip())
+            if lines != expected:
+                raise damaged(root, f"{split}.jsonl has {lines} problems, build.json says {expected}")
+    return info
+
+
+WORLD_ENTRIES = ("model", "train.jsonl", "test.jsonl", "transfer.jsonl")  # what a build writes besides build.json
+
+
 def ensure_built(root=WORLD, progress=True, force=False, settings=None, threads=2):
-    """{"model_dir", "train", "test", "transfer"} under `root`; builds them first when the folder
-    is incomplete (no build.json) or `force` is set. `settings`: BuildSettings (default: the named
-    world's, else BuildSettings()). A complete world built with other settings than asked (or than
-    its name stands for) is an error that says how to rebuild: never silently used instead.
+    """{"model_dir", "train", "test", "transfer"} under `root`. A complete world (check_world) is used
+    as built; asked for other settings than its build.json's (or than its name stands for) it is an
+    error that says how to rebuild. A damaged one is an error too, never rebuilt silently. An empty or
+    missing folder is built, and `force` rebuilds: `settings` (BuildSettings) or else the world's own
+    (its name's, or its readable build.json's), else BuildSettings(). A build goes into a staging
+    folder and replaces the old world only once it has succeeded (build_in_place).
 
     threads: torch threads for the build (at most the machine's cores). On our 2-core machine two
     threads built the world 1.7x faster than one, bit-identical to it. With another busy process
     on the same cores, one thread is faster (two spin-wait on each other)."""
     out = paths(root)
     asked = settings or named_settings(root)
-    settings = check_settings(asked or BuildSettings())
-    done = all(map(os.path.exists, [os.path.join(root, "build.json"), out["model_dir"], out["train"], out["test"]]))
-    if done and not force and asked:
-        try:
-            with open(os.path.join(root, "build.json")) as f:
-                saved = json.load(f)["settings"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise common.UserError(f"{root}/build.json cannot be read ({type(e).__name__}); rebuild the "
-                                   f"world: python toy_build.py build --root {root} --force") from None
-        changes = settings_changes(saved if isinstance(saved, dict) else {}, settings)
+    if force:
+        build_in_place(root, check_settings(asked or own_settings(root) or BuildSettings()), progress, threads)
+        return out
+    if os.path.lexists(os.path.join(root, "build.json")):
+        saved = check_world(root)["settings"]
+        changes = settings_changes(saved, check_settings(asked)) if asked else {}
         if changes:
-            name = world_name(root)
-            what = f"--world {name}" if name else f"--root {root}"
             listed = ", ".join(f"{k}={old!r} (asked {new!r})" for k, (old, new) in changes.items())
             raise common.UserError(f"the toy world in {root} was built with {listed}; rebuild it "
-                                   f"(python toy_build.py build {what} --force, same flags) or use another folder")
-    if not done and progress:
-        print(f"the toy world is missing or incomplete in {root}; building it now (about 10 minutes on "
-              f"2 CPU cores; `python toy_build.py build` does the same)", file=sys.stderr)
-    if force or not done:
+                                   f"({rebuild_command(root)}, same flags) or use another folder")
+        return out
+    left = [name for name in WORLD_ENTRIES if os.path.exists(os.path.join(root, name))]
+    if left:  # a world without its record: we cannot tell what it was built with
+        raise damaged(root, f"it holds {', '.join(left)} but no build.json (the record of its settings)",
+                      record_read=False)
+    if progress:
+        print(f"the toy world is missing in {root}; building it now (about 10 minutes on 2 CPU cores; "
+              f"`python -m toyworld.toy_build build` does the same)", file=sys.stderr)
+    build_in_place(root, check_settings(asked or BuildSettings()), progress, threads, only_if_missing=True)
+    return out
+
+
+def own_settings(root):
+    """The settings a readable build.json records (fields of other versions dropped), or None."""
+    try:
+        saved = read_build_info(root)["settings"]
+    except common.UserError:
+        return None
+    names = {f.name for f in dataclasses.fields(BuildSettings)}
+    return BuildSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names})
+
+
+def build_in_place(root, settings, progress, threads, only_if_missing=False):
+    """Build into ROOT/.building while holding ROOT/.lock (a second build into the same folder is a
+    one-line error while the first runs), then move the new world's entries over the old ones
+    (move_into_place). Until then the old world, build.json included, is untouched: a build that
+    fails or is interrupted leaves it as it was, and a leftover .building is cleared by the next."""
+    os.makedirs(root, exist_ok=True)
+    lock = runfolder.RunLock(root, "building a toy world", noun="toy world folder")
+    try:
+        if only_if_missing and os.path.exists(os.path.join(root, "build.json")):
+            return  # another build finished while we looked
+        staging = os.path.join(root, ".building")
+        shutil.rmtree(staging, ignore_errors=True)
         previous = torch.get_num_threads()
         threads = min(threads, os.cpu_count() or 1)
         torch.set_num_threads(threads)
         try:
-            build(root, out, settings, progress, threads)
+            build(staging, paths(staging), settings, progress, threads)
         finally:
             torch.set_num_threads(previous)
-    return out
+        move_into_place(staging, root)
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def signals_held():
+    """SIGINT and SIGTERM wait until the block ends (a few renames), then arrive."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask:
+        mask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        if mask:
+            mask(signal.SIG_UNBLOCK, held)
+
+
+def move_into_place(staging, root):
+    """The staged world replaces the old one: the old build.json goes first (from then on the folder
+    reads as having no record, never as the old record over new files), the other entries are
+    renamed over theirs, the new build.json comes last. Signals wait for these renames."""
+    if not os.path.isfile(os.path.join(staging, "build.json")):
+        return  # build() writes build.json last: without it nothing complete was staged, the old world stays
+    names = sorted(os.listdir(staging), key=lambda name: name == "build.json")
+    trash = os.path.join(staging, ".old")
+    with signals_held():
+        os.makedirs(trash)
+        if os.path.lexists(os.path.join(root, "build.json")):
+            os.replace(os.path.join(root, "build.json"), os.path.join(trash, "build.json"))
+        for name in names:  # build.json last
+            target = os.path.join(root, name)
+            if os.path.lexists(target):
+                os.replace(target, os.path.join(trash, name))  # folders cannot be renamed over folders
+            os.replace(os.path.join(staging, name), target)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def build(root, out, settings, progress, threads):
@@ -599,7 +762,7 @@ def build(root, out, settings, progress, threads):
 
 
 def summary(root):
-    info = json.load(open(os.path.join(root, "build.json")))
+    info = read_build_info(root)
     return (f"toy world in {root}/: base model ({info['parameters'] / 1e6:.2f} M parameters), "
             f"{info['n_train']} train / {info['n_test']} test problems\n"
             f"base model at T = 1: plain Avg@{info['settings']['samples']} "
@@ -613,11 +776,11 @@ def probe(root=WORLD, samples=4, seed=0):
     """Measure a built world's base model on its test set: trace statistics and how its teacher
     reads a student's error (after_error_mass). Runs on the v1 world too."""
     from transformers import AutoModelForCausalLM
-    info = json.load(open(os.path.join(root, "build.json")))
+    info = check_world(root)  # a damaged world is one line, not a traceback halfway
     settings = BuildSettings(**{**asdict(BuildSettings()), **info["settings"], "samples": samples})
     out = paths(root)
     tok, model = make_tokenizer(), AutoModelForCausalLM.from_pretrained(out["model_dir"]).eval()
-    problems = [json.loads(line) for line in open(out["test"])]
+    problems = common.load_jsonl(out["test"])
     torch.manual_seed(seed)
     texts = score(model, tok, problems, settings)
     flat = [(p, t) for p, group in zip(problems, texts) for t in group]
@@ -630,7 +793,7 @@ def probe(root=WORLD, samples=4, seed=0):
 
 
 def command_line(argv=None):
-    """python toy_build.py build|probe [--world NAME | --root DIR] [--force] [--threads N] [--SETTING V ...]:
+    """python -m toyworld.toy_build build|probe [--world NAME | --root DIR] [--force] [--threads N] [--SETTING V ...]:
     every BuildSettings field is a flag (--fault-rate 0.9; tuples as comma lists, --mix 0.5,0.3,0.2),
     range-checked before a build starts and recorded in build.json."""
     parser = argparse.ArgumentParser(description="Build a toy world (base model + data), or probe a built one.")
@@ -655,13 +818,13 @@ def command_line(argv=None):
         raise common.UserError("--root must name a folder")
     if os.path.exists(root) and not os.path.isdir(root):
         raise common.UserError(f"--root {root} exists and is not a folder")
-    if args.threads < 1:
-        raise common.UserError(f"--threads must be >= 1, got {args.threads}")
+    if not 1 <= args.threads <= 1024:
+        raise common.UserError(f"--threads must lie in 1..1024, got {args.threads}")
     if args.command == "probe":
         if flags:
             raise common.UserError("build settings (" + ", ".join(flags) + ") apply to `build` only")
         if not os.path.isfile(os.path.join(root, "build.json")):
-            raise common.UserError(f"no built toy world in {root}; build it first: python toy_build.py build")
+            raise common.UserError(f"no built toy world in {root}; build it first: python -m toyworld.toy_build build")
         torch.set_num_threads(args.threads)
         print(json.dumps(probe(root), indent=1))
         return
@@ -671,7 +834,10 @@ def command_line(argv=None):
         raise common.UserError(f"a named world's folder ({root}) holds its own settings; build other "
                                f"settings into a folder of your own: --root DIR")
     ensure_built(root, progress=True, force=args.force, settings=settings, threads=args.threads)
-    print(summary(root))
+    try:
+        print(summary(root))
+    except (KeyError, TypeError, ValueError):  # another version's build.json records other measurements
+        print(f"toy world in {root}/: built (its build.json lacks some of this version's measurements)")
 
 
 if __name__ == "__main__":

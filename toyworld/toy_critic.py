@@ -2,8 +2,8 @@
 paper's critic (QwQ-32B) does, so that its mistakes, its validation and its cost can be measured.
 
 The rule critic (toy.rule_critique) is exact. This builds a separate model of the solver's family
-(a tiny Llama, its size a setting) trained from scratch on (question, gold answer, the solver's own
-sampled attempt) -> the rule critique, through the toy critic prompt (contexts.PROMPTS["toy"]
+(a tiny Llama), fine-tuned from the world's solver (or trained from scratch, `init`) on (question,
+gold answer, the solver's own sampled attempt) -> the rule critique, through the toy critic prompt (contexts.PROMPTS["toy"]
 ["critic"]), so `critic=hf` and `critic=http` call it through critic.HFCritic / HTTPCritic exactly
 as they call a real critic. The attempts are the world's solver's own samples at T = 1 (right
 ones: case A; wrong ones: D; a share cut short at a random character: C; B is rare, as in the
@@ -22,11 +22,11 @@ The critics serve through `transformers serve` (transformers' OpenAI-compatible 
 `vllm serve` gives a GPU user; extra: requirements-serving.txt), which answers for a model under
 the path it was started with: critic_model must be that path, and /v1/models lists it.
 
-    python toy_critic.py build --world toy [--force] [--threads 1]    # build (or rebuild) them
+    python -m toyworld.toy_critic build --world toy [--force] [--threads 1]    # build (or rebuild) them
     python selfdistill.py --context critique critic=hf critic_model=strong
-    python toy_critic.py serve strong --port 8000                     # then, in another shell:
+    python -m toyworld.toy_critic serve strong --port 8000                     # then, in another shell:
     python selfdistill.py --context critique critic=http critic_url=http://127.0.0.1:8000/v1 \
-        critic_model=toy_world/critics/strong
+        critic_model=toyworld/toy_world/critics/strong
 """
 import copy
 import json
@@ -40,12 +40,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-import common
 import critic
-import runfolder
-import toy_build
 from contexts import parse_steps, render_prompt, student_prompt_ids, teacher_prompt_ids
-from toy import critique_case, generate_problems, make_model, make_tokenizer, parse_step
+from plumbing import common
+from plumbing import runfolder
+from toyworld import toy_build
+from toyworld.toy import critique_case, generate_problems, make_model, make_tokenizer, parse_step
 
 # ---------------------------------------------------------------------------------------------
 # Settings
@@ -242,7 +242,7 @@ def build_critics(root, settings=None, force=False, threads=1, progress=True):
         return out
     paths = toy_build.paths(root)
     if not os.path.isfile(os.path.join(root, "build.json")):
-        raise common.UserError(f"no built toy world in {root}; build it first: python toy_build.py build")
+        raise common.UserError(f"no built toy world in {root}; build it first: python -m toyworld.toy_build build")
     previous = torch.get_num_threads()
     torch.set_num_threads(min(threads, os.cpu_count() or 1))
     try:
@@ -375,11 +375,11 @@ def serve_command(path, port, host="127.0.0.1"):
 
 
 def command_line(argv=None):
-    """python toy_critic.py build [--world toy | --root DIR] [--force] [--threads N]: build a world's
+    """python -m toyworld.toy_critic build [--world toy | --root DIR] [--force] [--threads N]: build a world's
     critics (a complete critics/ folder is kept unless --force).
-    python toy_critic.py serve NAME|FOLDER [--world toy] [--port 8000]: serve one on 127.0.0.1 and
+    python -m toyworld.toy_critic serve NAME|FOLDER [--world toy] [--port 8000]: serve one on 127.0.0.1 and
     print the training command that uses it.
-    python toy_critic.py inspect NAME|FOLDER [--world toy]: how its critiques differ from the rule's."""
+    python -m toyworld.toy_critic inspect NAME|FOLDER [--world toy]: how its critiques differ from the rule's."""
     import argparse
     parser = argparse.ArgumentParser(description="Build or serve a toy world's learned critics.")
     parser.add_argument("command", choices=["build", "serve", "inspect"])
@@ -396,7 +396,7 @@ def command_line(argv=None):
     root = args.root or toy_build.world_root(world)
     if args.command == "build":
         if not os.path.isfile(os.path.join(root, "build.json")):
-            raise common.UserError(f"no built toy world in {root}; build it first: python toy_build.py build")
+            raise common.UserError(f"no built toy world in {root}; build it first: python -m toyworld.toy_build build")
         if args.threads < 1:
             raise common.UserError(f"--threads must be >= 1, got {args.threads}")
         build_critics(root, force=args.force, threads=args.threads)
@@ -407,7 +407,7 @@ def command_line(argv=None):
     path = resolve(root, args.critic) or args.critic
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise common.UserError(f"no critic in {path}: name one of {', '.join(NAMES)} (built with python "
-                               f"toy_critic.py build --world {world}) or a critic's folder")
+                               f"-m toyworld.toy_critic build --world {world}) or a critic's folder")
     if args.command == "inspect":
         torch.set_num_threads(1)
         print(json.dumps(inspect(root, path)))

@@ -1,10 +1,10 @@
 """Plumbing every script needs and no reader of the method needs to see: one-line user errors,
-device / model / tokenizer / data loading, the optimizer and its step, data order and seeds,
-signals, the end-of-run evaluation's child process, timers, progress bars, the leak / overlap
-metrics and the optional figure backend. The rest of the plumbing has a file per job: the sampler
-(sampler.py), the run folder and checkpoints (runfolder.py), config parsing (options.py), the
-torchrun helpers (ranks.py). From the project this file imports only contexts.py (prompts),
-ema_teacher.py (the EMA update) and ranks.py (world size, gradient sums, process groups).
+device / model / tokenizer / data loading and the data's checks, the optimizer and its schedule,
+data order and seeds, signals, the end-of-run evaluation's child process, timers, progress bars and
+the optional figure backend. The rest of the plumbing has a file per job: the sampler (sampler.py),
+the run folder and checkpoints (runfolder.py), config parsing (options.py), the torchrun helpers
+(ranks.py). From the project this file imports only contexts.py (prompts) and ranks.py (world size,
+process groups). The update itself (selfdistill.optimizer_step) is the method's.
 """
 import contextlib
 import errno
@@ -21,8 +21,7 @@ import warnings
 import torch
 
 import contexts
-import ema_teacher
-import ranks
+from plumbing import ranks
 
 # peft calls a transformers method that transformers 5 deprecates; nothing for users to act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
@@ -96,8 +95,13 @@ def pick_device(cfg):
     name = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={cfg.device} but no CUDA device is available; use device=cpu")
+    if name == "mps" and not torch.backends.mps.is_available():  # else an allocator error at the first tensor
+        raise UserError("device=mps but no Apple GPU (MPS) is available; use device=cpu")
     if name == "cuda" and ranks.world_size() > 1:
         name = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise UserError(f"device={name} but this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
     if name.startswith("cuda:"):
         torch.cuda.set_device(torch.device(name))  # NCCL and the default allocations go there
     return torch.device(name)
@@ -223,13 +227,69 @@ def load_jsonl(path, need_solution=False, normalize=None):
     return records
 
 
-def check_fits(model, tokenizer, cfg, records):
-    """Every student prompt plus max_new_tokens must fit the model's context window."""
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if not limit:
+# The settings that decide which problems prepare.py's filter keeps: prepare.json records them.
+FILTER_SETTINGS = ("model", "dtype", "prompts", "student_thinking", "max_new_tokens", "temperature", "top_p",
+                   "top_k", "critic", "critic_model", "critic_max_new_tokens", "critique_validation")
+
+
+def check_data_settings(cfg, train_path):
+    """One warning when the train file's folder holds a prepare.json whose filter sampled or
+    critiqued at other settings than this run's: the paper's filter (Avg@16 below 5/16 at the
+    training settings) then need not hold for the run."""
+    path = os.path.join(os.path.dirname(train_path) or ".", "prepare.json")
+    if not os.path.isfile(path):
         return
-    too_long = [r for r in records if len(contexts.student_prompt_ids(
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)["settings"]
+        differ = [f"{k} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in FILTER_SETTINGS
+                  if k in saved and saved[k] != getattr(cfg, k)]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        print(f"warning: {path} cannot be read; the data's filter settings are not checked", file=sys.stderr)
+        return
+    if differ:
+        print(f"warning: {train_path} was filtered by prepare.py at other settings than this run's "
+              f"({'; '.join(differ)}): its difficulty filter need not hold at this run's settings; "
+              f"rerun prepare.py --config with this run's config", file=sys.stderr)
+
+
+def check_reference_lengths(tokenizer, records, max_context_tokens):
+    """The reference arm's teacher sees each record's solution; one warning with the count of those
+    longer than max_context_tokens, which lose their middle (contexts.truncate_middle)."""
+    if max_context_tokens <= 0:
+        return
+    lengths = [len(tokenizer(r["solution"], add_special_tokens=False)["input_ids"]) for r in records]
+    over = sum(n > max_context_tokens for n in lengths)
+    if over:
+        print(f"warning: {over} of {len(records)} reference solutions are longer than max_context_tokens="
+              f"{max_context_tokens} (longest {max(lengths)} tokens) and lose their middle in the teacher's "
+              f"context; raise max_context_tokens to show them whole", file=sys.stderr)
+
+
+def context_window(cfg, path):
+    """(tokenizer, the model's context length or None), read without loading the weights."""
+    from transformers import AutoConfig
+    tokenizer = load_tokenizer(path, cfg.trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a causal LM from '{path}': {str(e).splitlines()[0]}") from None
+    return tokenizer, getattr(config, "max_position_embeddings", None)
+
+
+def longer_than(tokenizer, limit, cfg, records):
+    """The records whose student prompt plus max_new_tokens exceeds the context `limit` (None: none)."""
+    if not limit:
+        return []
+    return [r for r in records if len(contexts.student_prompt_ids(
         tokenizer, r["question"], cfg.prompts, cfg.student_thinking)) + cfg.max_new_tokens > limit]
+
+
+def check_fits(model, tokenizer, cfg, records):
+    """Every student prompt plus max_new_tokens must fit the model's context window (training: an
+    error; evaluation counts and skips a test question that does not fit, eval.fitting_records)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    too_long = longer_than(tokenizer, limit, cfg, records)
     if too_long:
         raise UserError(f"{len(too_long)} question(s) (first: id {too_long[0]['id']}) do not fit the model's "
                         f"context of {limit} tokens with max_new_tokens={cfg.max_new_tokens}; shorten or "
@@ -263,28 +323,6 @@ def optimizer_for(cfg, model, n_records):
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * n_records / cfg.batch_size))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     return params, optimizer, scheduler, total_steps
-
-
-def optimizer_step(cfg, model, params, optimizer, scheduler, ema, totals, divisor, state, stop):
-    """One AdamW step on the LoRA weights, skipped when the loss or the gradient norm is not finite
-    (counted in state["nonfinite"]), and the EMA teacher's update after it (teacher=ema). Under
-    torchrun the processes' gradients and loss totals are summed first, a stop signal on one process
-    stops all, and every process takes the same step. Returns (summed totals, grad_norm, finite)."""
-    if divisor:  # the step's loss count, all processes: 0 = no sample entered the loss anywhere
-        ranks.sum_gradients(params)
-    *sums, asked = ranks.all_sum([*totals.values(), bool(stop["signal"])])
-    totals = dict(zip(totals, sums))
-    stop["signal"] = stop["signal"] or (signal.SIGTERM if asked else None)  # one stops, all stop
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
-    finite = math.isfinite(totals["loss"]) and math.isfinite(grad_norm)
-    if finite:
-        optimizer.step()
-        if cfg.teacher == "ema":
-            ema_teacher.ema_update(ema, model, cfg.ema_rate)
-    state["nonfinite"] = 0 if finite else state["nonfinite"] + 1
-    optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
-    return totals, grad_norm, finite
 
 
 def lr_lambda(cfg, total_steps):
@@ -382,7 +420,7 @@ def run_child(command, env=None):
 def evaluate_in_child(run_dir, trust_remote_code=False):
     """After training: `python eval.py RUN` in its own process (it imports the method's file, never
     the reverse), under torchrun as its own group of the same ranks. Returns its exit code."""
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
     trust = ["--trust-remote-code"] if trust_remote_code else []  # given on this command line
     env = ranks.child_group_env()  # under torchrun, eval.py's processes form their own group
     ranks.leave_group()
@@ -413,27 +451,6 @@ class Timer:
     def record(self):
         return {**{f"time/{k}": round(v, 3) for k, v in self.seconds.items()},
                 **{f"memory/{k}": round(v, 2) for k, v in self.peak_gib.items()}}
-
-
-def leak_rate(texts, prompts_kind):
-    """Share of responses that mention the teacher's privileged prompt (a context-leakage sign)."""
-    markers = ("ref:", "fix:") if prompts_kind == "toy" else ("reference solution", "reviewer")
-    return sum(any(m in t for m in markers) for t in texts) / max(len(texts), 1)
-
-
-def ngram_overlap(response, context, n=4):
-    """Share of the response's token n-grams that also occur in the context (copying the context)."""
-    grams = {tuple(response[i:i + n]) for i in range(len(response) - n + 1)}
-    if not grams:
-        return 0.0
-    seen = {tuple(context[i:i + n]) for i in range(len(context) - n + 1)}
-    return len(grams & seen) / len(grams)
-
-
-def context_overlap(tokenizer, responses, context_texts):
-    """Mean over responses of ngram_overlap with its own teacher context (0 where it has none)."""
-    return sum(ngram_overlap(r, tokenizer(c, add_special_tokens=False)["input_ids"])
-               for r, c in zip(responses, context_texts) if c) / max(len(responses), 1)
 
 
 # ---------------------------------------------------------------------------------------------

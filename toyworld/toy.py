@@ -27,7 +27,7 @@ from collections import Counter
 
 import torch
 
-from common import UserError
+from plumbing.common import UserError
 from contexts import parse_steps, render_steps, teacher_prompt_ids
 
 # ---------------------------------------------------------------------------------------------
@@ -414,9 +414,3 @@ def after_error_mass(model, tok, rollouts, limit=600):
     return {"n": len(probes), "state_mass": sum(state_mass) / len(probes),
             "critique_mass": sum(critique_mass) / len(probes)}
 
-
-if __name__ == "__main__":  # the build and probe commands live with the build
-    import sys
-    print("error: the toy world is built and probed by toy_build.py: python toy_build.py build|probe ...",
-          file=sys.stderr)
-    sys.exit(2)
