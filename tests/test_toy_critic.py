@@ -70,9 +70,9 @@ def test_the_toy_critic_prompt_is_the_prompt_sets():
     assert full.startswith("You are reviewing") and "sol" in full
 
 
-def test_a_missing_or_unknown_critic_is_one_line(world_copy, tmp_path, capsys):
+def test_a_missing_or_unknown_critic_is_one_line(tmp_path, capsys):
     bare = str(tmp_path / "bare")
-    shutil.copytree(world_copy, bare, ignore=shutil.ignore_patterns("critics"))
+    shutil.copytree(SHIPPED, bare, ignore=shutil.ignore_patterns("critics"))  # a sound world, no critics
     base = ["--context", "critique", "critic=hf", "max_steps=1", "eval_at_end=false", "threads=1",
             f"out_dir={tmp_path}"]
     code, _, err = run_main(base + [f"model={bare}", "critic_model=strong"], capsys)
