@@ -18,7 +18,7 @@ from toyworld import toy, toy_build, toy_critic
 from contexts import PROMPTS, render_steps
 
 SHIPPED = os.path.join(ROOT, "toyworld", "toy_world")
-TINY = toy_critic.CriticSettings(steps=3, batch_size=4, n_attempts=24, n_probe=6, heldout_samples=1)
+TINY = toy_critic.CriticSettings(steps=3, batch_size=4, n_attempts=24, n_probe=6, heldout_samples=1, n_unfiltered=8)
 
 
 def digest(folder):
@@ -45,6 +45,7 @@ def test_a_critic_build_records_its_quality_and_rebuilds_bit_for_bit(world_copy)
         assert quality["n"] == 6 and sum(c["n"] for c in quality["by_case"].values()) == 6
         assert {"exact", "valid", "valid_format", "fix_right", "ceiling", "ceiling_rule"} <= set(quality)
         assert quality["valid"] <= quality["valid_format"]  # the gold check only removes critiques
+        assert quality["unfiltered"]["n"] == 8
     assert [s for s, _ in info["probe_curve"]] == [0, 1, 2, 3]
     weights = {name: digest(os.path.join(out, name))["model.safetensors"] for name in toy_critic.NAMES}
     toy_critic.build_critics(world_copy, TINY, force=True, progress=False)
@@ -112,7 +113,8 @@ def test_critic_hf_with_a_critic_name_trains(tmp_path, capsys):
 
 def test_compare_shows_what_each_critic_dropped_and_cost(tmp_path):
     """compare.py on two critique arms that differ in their critic: the critic table (dropped share
-    by reason, critic seconds per step, training seconds) from hand-written metrics, and each arm's
+    by reason, critic seconds per step, training seconds) and the budget table's wall-clock column
+    from hand-written metrics, and each arm's
     teacher ceiling: the rule critic's from build.json, the learned critic's from critics/build.json."""
     import compare
     from toyworld import world
@@ -132,6 +134,8 @@ def test_compare_shows_what_each_critic_dropped_and_cost(tmp_path):
     # 16 of 32 rollouts dropped per step (batch 32, G 1); wrong_answer 12/32, bad_format 4/32
     assert "| weak | full | 50.0 | wrong_answer 37.5, bad_format 12.5 | 2.00 | 6 |" in row, row
     assert "| rule | full | 0.0 | — | 0.01 | 2 |" in lines
+    budget = "\n".join(compare.budget_table(arms, markdown=True))  # the wall-clock column: 2 steps of 3 s, 2 s critic
+    assert "train s (critic s)" in budget and "| 6 (4) |" in budget and "| 2 (0) |" in budget
     info = json.load(open(os.path.join(SHIPPED, "critics", "build.json")))
     assert [a["ceiling"] for a in arms] == [json.load(open(os.path.join(SHIPPED, "build.json")))["ceilings"]["critique"],
                                             info["critics"]["weak"]["ceiling"]]

@@ -12,7 +12,8 @@ solver's samples).
 Strength is a dial: one training run, evaluated at steps spaced geometrically on a probe set of
 attempts; the snapshots whose exact agreement with the rule critique lies nearest each target
 (weak / medium / strong) are saved in WORLD/critics/NAME/. Their quality is then measured on
-held-out attempts (the world's test questions, which the critic never trained on) and written to
+held-out attempts (the world's test questions, which the critic never trained on; and, under
+"unfiltered", fresh problems of every difficulty, whose attempts are often right) and written to
 WORLD/critics/build.json: per case A-D, exact agreement, the share valid under
 critic.validate_critique with and without the gold check, the share whose fix is the rule
 critique's (same first changed step, same text), and the teacher ceiling with its critiques.
@@ -69,6 +70,8 @@ class CriticSettings:
     probe_growth: float = 1.25    # the probe runs at steps 0, 1, 2, ... about this factor apart, and at the end
     targets: tuple = (0.4, 0.7, 0.95)  # probe agreement the weak / medium / strong snapshots lie nearest
     heldout_samples: int = 2      # attempts per test question for the held-out quality
+    n_unfiltered: int = 400       # held-out attempts on unfiltered fresh problems too: the test set's
+                                  # attempts are nearly all wrong (case D), these hold right ones (A)
 
 
 NAMES = ("weak", "medium", "strong")  # one per target, in order
@@ -262,6 +265,10 @@ def build_critics(root, settings=None, force=False, threads=1, progress=True):
         rows, cases = examples(tok, train_set, attempts[:settings.n_attempts])
         held = [p for p in held for _ in range(settings.heldout_samples)]
         held_attempts = sample_attempts(solver, tok, [p["question"] for p in held], settings, budget, rng)
+        seen = taken | {p["question"] for p in fresh}  # sampled after the rest: it changes none of it
+        unfiltered = [p for p in generate_problems(settings.n_unfiltered + len(seen), settings.seed + 60)
+                      if p["question"] not in seen][:settings.n_unfiltered]
+        unfiltered_attempts = sample_attempts(solver, tok, [p["question"] for p in unfiltered], settings, budget, rng)
         sampled_s = time.time() - start
         model, snapshots = train(tok, rows, (probe, attempts[settings.n_attempts:]), settings, budget,
                                  paths["model_dir"], progress)
@@ -272,6 +279,8 @@ def build_critics(root, settings=None, force=False, threads=1, progress=True):
             torch.manual_seed(settings.seed + 3)  # the ceiling samples at T = 1
             critics[name] = {"step": step, "probe_agreement": round(score, 4),
                              **quality(model, tok, solver, held, held_attempts, budget)}
+            torch.manual_seed(settings.seed + 4)
+            critics[name]["unfiltered"] = quality(model, tok, solver, unfiltered, unfiltered_attempts, budget)
             model.save_pretrained(os.path.join(out, name))
             tok.save_pretrained(os.path.join(out, name))
         import transformers
