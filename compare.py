@@ -229,6 +229,48 @@ def pool_transfer(members):
             "final": at([r["avg"] for r in finals], finals), "questions": finals[0]["questions"]}
 
 
+def train_seconds(run_dir):
+    """(seconds, critic seconds) of a run's training: its metrics.jsonl's time/step and time/critic
+    summed over steps (the last line of a step wins: a resumed run logs it again); None when absent."""
+    log = {m["step"]: m for m in read_rows(os.path.join(run_dir, "metrics.jsonl"), metrics_problem)}
+    if not log or not all(finite(m.get("time/step")) for m in log.values()):
+        return None
+    return (sum(m["time/step"] for m in log.values()),
+            sum(m["time/critic"] for m in log.values() if finite(m.get("time/critic"))))
+
+
+def critic_stats(run_dir, rollouts_per_step):
+    """(share of rollouts dropped, {reason: share}, critic seconds per step) over a run's training
+    (metrics.jsonl: train/critique_invalid, train/dropped/REASON, time/critic); None when absent."""
+    log = {m["step"]: m for m in read_rows(os.path.join(run_dir, "metrics.jsonl"), metrics_problem)}
+    if not log or not all(finite(m.get("train/critique_invalid")) for m in log.values()):
+        return None
+    total = len(log) * rollouts_per_step
+    reasons = {}
+    for m in log.values():
+        for key, value in m.items():
+            if key.startswith("train/dropped/") and finite(value):
+                reasons[key.split("/", 2)[2]] = reasons.get(key.split("/", 2)[2], 0) + value / total
+    return (sum(m["train/critique_invalid"] for m in log.values()) / total, reasons,
+            statistics.fmean(m.get("time/critic", 0.0) for m in log.values()))
+
+
+def critic_table(arms, markdown=False):
+    """The critique arms' critics side by side: who critiqued (the rule program or a model), what
+    validation let through, the share of rollouts dropped (by reason) and the critic's seconds."""
+    arms = [a for a in arms if a.get("critic")]
+    if not arms:
+        return []
+    header = ["arm", "critic", "validation", "dropped %", "dropped by reason (%)", "critic s/step", "train s"]
+    body = [[a["label"], a["critic"]["name"], a["critic"]["validation"], f"{100 * a['critic']['dropped']:.1f}",
+             ", ".join(f"{r} {100 * v:.1f}" for r, v in sorted(a["critic"]["reasons"].items(), key=lambda x: -x[1]))
+             or "—", f"{a['critic']['seconds']:.2f}",
+             "—" if a["seconds"] is None else f"{a['seconds'][0]:.0f}"] for a in arms]
+    note = ("The critics: rollouts whose critique was dropped (critique_validation) over the whole run, the "
+            "critic's seconds per step and the run's training seconds (time/step summed), seed means:")
+    return ["", *([note] if markdown else textwrap.wrap(note, WIDTH)), ""] + table_lines(header, body, markdown)
+
+
 def compare_runs(run_dirs, names=()):
     """Arms (runs equal up to SAME_ARM_IGNORES), each pooled: a list of dicts, plus common notes."""
     groups, shared = group_runs(run_dirs, names)
@@ -237,10 +279,21 @@ def compare_runs(run_dirs, names=()):
         runs = [(config, rows) for _, config, rows in members]
         config = runs[0][0]
         k = next(iter(runs[0][1].values()))["k"]
+        seconds = [train_seconds(run_dir) for run_dir, _, _ in members]
+        judged = [critic_stats(run_dir, config["batch_size"] * config["samples_per_question"])
+                  for run_dir, _, _ in members] if config["arm"].startswith("critique") else [None]
         result.append({"label": label, "seeds": sorted(c["seed"] for c, _ in runs), "k": k, "model": config["model"],
                        "questions_per_step": config["batch_size"],
                        "rollouts_per_step": config["batch_size"] * config["samples_per_question"],
                        "ceiling": world.teacher_ceiling(config), "transfer": pool_transfer(members),
+                       "seconds": None if None in seconds else [statistics.fmean(x) for x in zip(*seconds)],
+                       "critic": None if None in judged else {
+                           "name": config.get("critic_model") or config.get("critic", "rule"),
+                           "validation": config.get("critique_validation", "full"),
+                           "dropped": statistics.fmean(j[0] for j in judged),
+                           "reasons": {r: statistics.fmean(j[1].get(r, 0.0) for j in judged)
+                                       for r in {r for j in judged for r in j[1]}},
+                           "seconds": statistics.fmean(j[2] for j in judged)},
                        **pool_arm(runs)})
     return result, shared
 
@@ -271,15 +324,18 @@ def budget_table(arms, markdown=False, reach=0.5):
     R = min(finals[a["label"]] * a["rollouts_per_step"] for a in arms)
     cell = lambda entry, a: "—" if entry is None else format_cell(entry, len(a["seeds"]), 100, markdown, step=True)
     header = ["arm", "questions/step", "rollouts/step", "questions", "rollouts", f"Avg@{k} final",
-              f"Avg@{k} at {Q} questions", f"Avg@{k} at {R} rollouts", f"rollouts to Avg@{k} ≥ {100 * reach:g}"]
+              f"Avg@{k} at {Q} questions", f"Avg@{k} at {R} rollouts", f"rollouts to Avg@{k} ≥ {100 * reach:g}",
+              "train s (critic s)"]
     body = [[a["label"], str(a["questions_per_step"]), str(a["rollouts_per_step"]),
              str(finals[a["label"]] * a["questions_per_step"]), str(finals[a["label"]] * a["rollouts_per_step"]),
              cell(a["avg"]["final"], a), cell(at_budget(a, Q, a["questions_per_step"]), a),
              cell(at_budget(a, R, a["rollouts_per_step"]), a),
-             "—" if (n := rollouts_to_reach(a, reach)) is None else str(n)] for a in arms]
+             "—" if (n := rollouts_to_reach(a, reach)) is None else str(n),
+             "—" if a["seconds"] is None else f"{a['seconds'][0]:.0f} ({a['seconds'][1]:.0f})"] for a in arms]
     note = ("Budgets: questions seen and rollouts drawn (step × questions per step × G), Avg@k in % ± std "
             "over seeds; each arm at the evaluated step (in parentheses) closest to the budget, a dash where "
-            "it never got there:")
+            "it never got there; train s: the whole run's training wall-clock (the critic's share in "
+            "parentheses), seed mean, from metrics.jsonl's time/step and time/critic; evaluation not included:")
     return ["", *([note] if markdown else textwrap.wrap(note, WIDTH)), ""] + table_lines(header, body, markdown)
 
 
@@ -386,7 +442,9 @@ def comparison_table(arms, shared, markdown=False, ci=False, reach=0.5):
     if not markdown:  # prose wraps too, so the whole output fits WIDTH
         notes = [textwrap.fill(note, WIDTH) for note in notes]
     budgets = len({(a["questions_per_step"], a["rollouts_per_step"]) for a in arms}) > 1
-    more = (budget_table(arms, markdown, reach) if budgets else []) + transfer_table(arms, markdown)
+    critics = len({json.dumps(a["critic"] and [a["critic"]["name"], a["critic"]["validation"]]) for a in arms}) > 1
+    more = (budget_table(arms, markdown, reach) if budgets else []) + transfer_table(arms, markdown) \
+        + (critic_table(arms, markdown) if critics else [])
     return "\n".join(lines + notes + more + toy_table(arms, markdown))
 
 

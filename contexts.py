@@ -47,6 +47,9 @@ PROMPTS = {
         "student": "{question}",
         "reference": "{question}\nref: {context}",
         "critique": "{question}\nfix: {context}",
+        # the toy critic's instruction (critic.critic_prompt; the instruct set's is there, in full):
+        # the question, the gold answer and the attempt; it answers with the step-aligned critique
+        "critic": "{question}\nanswer: {answer}\nattempt: {response}",
     },
 }
 

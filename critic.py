@@ -40,6 +40,7 @@ import urllib.request
 import math_verify
 import torch
 
+import contexts
 from plumbing import common
 from plumbing import sampler
 from plumbing.common import UserError
@@ -277,7 +278,12 @@ def validate_critique(rollout, critique, gold=None, mode="full"):
 # The model critic's instruction (the paper's §4, in our words)
 
 
-def critic_prompt(question, response, solution, answer):
+def critic_prompt(question, response, solution, answer, prompts="instruct"):
+    """The critic's instruction in the run's prompt set: the toy world's learned critic reads a
+    short toy form (contexts.PROMPTS["toy"]["critic"]: question, gold answer, attempt), as the toy
+    solver reads short toy prompts; any other critic reads the full instruction below."""
+    if prompts == "toy":
+        return contexts.PROMPTS["toy"]["critic"].format(question=question, answer=answer, response=response)
     # Concatenation, not str.format: LaTeX braces in the inputs must pass through untouched.
     return (
         "You are reviewing a student's solution to a math problem. You know a correct solution "
@@ -315,7 +321,7 @@ class HFCritic:
     """A frozen local Hugging Face causal LM: eval mode, no grad, greedy, batched, left-padded."""
 
     def __init__(self, model_path, device="cpu", dtype="float32", max_new_tokens=1024,
-                 batch_size=8, trust_remote_code=False):
+                 batch_size=8, trust_remote_code=False, prompts="instruct"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         check_chat_template(self.tokenizer, where=f"the critic {model_path}")
@@ -324,6 +330,7 @@ class HFCritic:
             dtype=dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype),
             trust_remote_code=trust_remote_code).to(device).eval().requires_grad_(False)
         self.device, self.max_new_tokens, self.batch_size = device, max_new_tokens, batch_size
+        self.prompts = prompts  # the prompt set of critic_prompt
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         eos = self.model.generation_config.eos_token_id
@@ -338,14 +345,18 @@ class HFCritic:
         are special in some tokenizers and clean_critique needs them), and whether each reached
         max_new_tokens before its end."""
         ids = [render_prompt(self.tokenizer, p, thinking=True) for p in prompts]
-        out, truncated = sampler.generate(self.model, self.tokenizer, ids, self.max_new_tokens, temperature=0,
+        # never past the model's last position (the toy critic has 512): a critique that would go
+        # on is cut there and counts as critique_truncated, instead of an indexing error
+        positions = getattr(self.model.config, "max_position_embeddings", None) or 10 ** 9
+        budget = max(1, min(self.max_new_tokens, positions - max(map(len, ids))))
+        out, truncated = sampler.generate(self.model, self.tokenizer, ids, budget, temperature=0,
                                          batch_size=len(ids), stop=self.stop_ids)
         return [self.tokenizer.decode(row if cut else row[:-1], skip_special_tokens=False)
                 for row, cut in zip(out, truncated)], truncated
 
     def __call__(self, questions, responses, solutions, answers):
-        prompts = [critic_prompt(*item) for item in zip(questions, responses, solutions, answers,
-                                                        strict=True)]
+        prompts = [critic_prompt(*item, prompts=self.prompts)
+                   for item in zip(questions, responses, solutions, answers, strict=True)]
         critiques, start, batch_size = [], 0, self.batch_size
         while start < len(prompts):
             batch = prompts[start:start + batch_size]
@@ -395,8 +406,9 @@ class HTTPCritic:
     raises Stopped at once instead of waiting for a server that may never answer."""
 
     def __init__(self, base_url, model, api_key_env="OPENAI_API_KEY", timeout=120, retries=3,
-                 max_tokens=4096, workers=4, backoff=1.0, max_reply_bytes=None):
+                 max_tokens=4096, workers=4, backoff=1.0, max_reply_bytes=None, prompts="instruct"):
         self.base_url = base_url.rstrip("/")
+        self.prompts = prompts  # the prompt set of critic_prompt
         self.model, self.api_key_env = model, api_key_env
         self.timeout, self.retries, self.max_tokens = timeout, retries, max_tokens
         self.workers, self.backoff = workers, backoff
@@ -486,8 +498,8 @@ class HTTPCritic:
         return Failure("critic_error")
 
     def __call__(self, questions, responses, solutions, answers):
-        prompts = [critic_prompt(*item) for item in zip(questions, responses, solutions, answers,
-                                                        strict=True)]
+        prompts = [critic_prompt(*item, prompts=self.prompts)
+                   for item in zip(questions, responses, solutions, answers, strict=True)]
         critiques, done, errors = [Failure("critic_error")] * len(prompts), [], []
         todo = collections.deque(enumerate(prompts))
 
@@ -564,17 +576,19 @@ def make_critic(kind, **settings):
     return critics[kind](**settings)
 
 
-def from_config(cfg, device):
+def from_config(cfg, device, model_path=None):
     """The frozen model critic (hf or http) of a run's config, checked once (one-line errors).
-    The toy world's rule critic is toy.RuleCritic."""
+    model_path: critic=hf's folder when world.critic_folder resolved a name. The toy world's rule
+    critic is toy.RuleCritic."""
     settings = {
-        "hf": dict(model_path=cfg.critic_model, device=str(device), dtype=cfg.dtype,
+        "hf": dict(model_path=model_path or cfg.critic_model, device=str(device), dtype=cfg.dtype,
                    max_new_tokens=cfg.critic_max_new_tokens, batch_size=cfg.critic_batch,
                    trust_remote_code=cfg.trust_remote_code),
         "http": dict(base_url=cfg.critic_url, model=cfg.critic_model, api_key_env=cfg.critic_api_key_env,
                      timeout=cfg.critic_timeout, retries=cfg.critic_retries,
                      max_tokens=cfg.critic_max_new_tokens, workers=cfg.critic_batch),
     }[cfg.critic]
+    settings["prompts"] = cfg.prompts  # the critic speaks the run's prompt set (toy or instruct)
     try:
         judge = make_critic(cfg.critic, **settings)
     except (OSError, ValueError) as e:

@@ -161,7 +161,7 @@ class Config:
     critic_api_key_env: str = "OPENAI_API_KEY"  # http: environment variable that holds the API key
     critic_timeout: float = 120.0  # http: seconds per request (a critique gets at most 3x this in all, retries included)
     critic_retries: int = 3  # http: retries after a failed request
-    critic_max_new_tokens: int = 1024  # critique length limit, thinking included (a critique cut there counts as critique_truncated)
+    critic_max_new_tokens: int = 1024  # critique length limit, thinking included (a critique cut there counts as critique_truncated; so does one that reaches the critic's last position)
     critic_batch: int = 8  # critiques in flight at once: hf's batch (halved on out-of-memory), http's concurrent requests
     critique_validation: str = "full"  # what a critique must pass to enter the loss: full (format, alignment, gold answer) | format (no gold check) | off (any text)
     # logging, checkpoints, evaluation

@@ -18,6 +18,7 @@ Prompts (contexts.PROMPTS["toy"] through the chat template; each tag and special
     student  <|user|>2+7+5-9<|end|><|assistant|>
     teacher  <|user|>2+7+5-9\\nfix: <critique><|end|><|assistant|>    (or "\\nref: <reference>")
     response <step_1> 2+7=9 ... <answer> 5<|end|>
+    critic   <|user|>2+7+5-9\nanswer: 5\nattempt: <response><|end|><|assistant|>   (the learned critic, toy_critic.py)
 """
 import itertools
 import random
@@ -295,10 +296,10 @@ def make_tokenizer():
     return tok
 
 
-def make_model(tok, seed):
+def make_model(tok, seed, hidden=128):
     from transformers import AutoModelForCausalLM, LlamaConfig
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=512,
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden,
                          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
                          max_position_embeddings=512, pad_token_id=tok.pad_token_id,
                          eos_token_id=tok.eos_token_id, bos_token_id=None,

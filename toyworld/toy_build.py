@@ -17,6 +17,7 @@ the quickstart starts at once (`model=NAME`; any built folder works as `model=DI
     python -m toyworld.toy_build build --root DIR --fault-rate 0.9  # any BuildSettings field is a checked flag
     python -m toyworld.toy_build build --root DIR --recovery 0      # v1's teacher (see 2 below)
     python -m toyworld.toy_build probe [--world toy-v2]             # trace stats and the teacher's after-error mass
+    python -m toyworld.toy_critic build --world toy [--force]       # its learned critics, beside it (toy_critic.py)
 
 A built world asked for other settings than its build.json's is an error that says to rebuild; so
 is a damaged one (a missing or cut file, a build.json that is not a world's record): it is never

@@ -14,6 +14,7 @@ from plumbing import common
 import critic
 from toyworld import toy
 from toyworld import toy_build
+from toyworld import toy_critic
 from plumbing.common import UserError
 
 
@@ -112,11 +113,31 @@ def exact_answers(cfg):
     return is_world_model(cfg.model)
 
 
+def critic_folder(cfg):
+    """critic=hf's model: on a toy world, a name of its learned critics (weak / medium / strong,
+    toy_critic.py) is that critic's folder; any other critic_model is used as given (a folder or a
+    hub id). A toy critic that is not built, or an unknown name, is a one-line error."""
+    root = toy_build.world_root(cfg.model)
+    name = cfg.critic_model
+    if cfg.critic != "hf" or not root or os.path.exists(name) or "/" in name or os.sep in name:
+        return name
+    path = toy_critic.resolve(root, name)
+    if path is None:
+        raise UserError(f"critic_model={name} is neither a folder nor a toy critic; the toy world's learned "
+                        f"critics are {', '.join(toy_critic.NAMES)} (or give a critic's folder)")
+    if not os.path.isfile(os.path.join(toy_critic.folder(root), "build.json")):
+        where = f"--world {toy_build.world_name(root)}" if toy_build.world_name(root) else f"--root {root}"
+        raise UserError(f"the toy world in {root} has no learned critics yet; build them (about 10 CPU "
+                        f"minutes): python -m toyworld.toy_critic build {where}")
+    return path
+
+
 def make_judge(cfg, device, records=()):
     """The frozen critic: the toy world's rule critic (which reads toy chains only: `records` it
-    could not critique are a one-line error), or a model critic (critic.py)."""
+    could not critique are a one-line error), or a model critic (critic.py; on a toy world
+    critic=hf critic_model=weak|medium|strong names its learned critics, critic_folder)."""
     if cfg.critic != "rule":
-        return critic.from_config(cfg, device)
+        return critic.from_config(cfg, device, critic_folder(cfg))
     toy.check_rule_critic(records)
     return toy.RuleCritic()
 
@@ -138,7 +159,8 @@ def toy_instruments(scored):
 
 def teacher_ceiling(config):
     """The toy world's measured accuracy of the base teacher with this arm's context (build.json's
-    `ceilings`, toy_build.follow_rates): with a fixed base teacher the student at best becomes it.
+    `ceilings`, toy_build.follow_rates; with a learned toy critic, critics/build.json's, measured
+    on its held-out attempts): with a fixed base teacher the student at best becomes it.
     None for GRPO, a moving teacher, a dial setting not measured, or a model that is no toy world."""
     root = toy_build.world_root(config.get("model", ""))
     dial = (config.get("toy_order"), config.get("toy_phrasing"))
@@ -147,9 +169,16 @@ def teacher_ceiling(config):
         return None
     if config["arm"] != "reference" and dial != ("grouped", "other"):
         return None
+    path, key_path = os.path.join(root, "build.json"), ("ceilings", key)
+    if config.get("critic", "rule") != "rule":  # a learned toy critic's own (toy_critic.quality); any other: unknown
+        name = toy_critic.name_of(root, config.get("critic_model", ""))
+        if name is None or config["arm"] != "critique":
+            return None
+        path, key_path = os.path.join(toy_critic.folder(root), "build.json"), ("critics", name)
     try:
-        with open(os.path.join(root, "build.json")) as f:
-            value = json.load(f).get("ceilings", {}).get(key)
-    except (OSError, ValueError):
+        with open(path) as f:
+            value = json.load(f).get(key_path[0], {}).get(key_path[1])
+        value = value.get("ceiling") if isinstance(value, dict) else value
+    except (OSError, ValueError, AttributeError):
         return None
     return value if isinstance(value, (int, float)) and math.isfinite(value) else None
