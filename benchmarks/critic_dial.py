@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import compare  # noqa: E402
 from plumbing import common  # noqa: E402
-from toyworld import toy_build  # noqa: E402
+from toyworld import folders
 from toyworld import toy_critic  # noqa: E402
 from eval import load_run_config  # noqa: E402
 
@@ -25,7 +25,7 @@ MARKERS = {"full": "o", "format": "s", "off": "x"}
 def points(run_dirs):
     """[(label, agreement or None for the rule critic, validation, mean, low, high)] per arm."""
     arms, _ = compare.compare_runs(run_dirs)
-    root = toy_build.world_root(load_run_config(run_dirs[0]).model)  # one world for all the runs
+    root = folders.world_root(load_run_config(run_dirs[0]).model)  # one world for all the runs
     out = []
     for arm in arms:
         finals = [row["avg"] for _, row in arm["final_rows"]]

@@ -1,4 +1,4 @@
-"""Config parsing: a dataclass of defaults (selfdistill.Config, toy_build.BuildSettings) overridden
+"""Config parsing: a dataclass of defaults (selfdistill.Config, folders.BuildSettings) overridden
 by a YAML file, then by key=value words; every key and value checked against the dataclass, and
 each field's trailing comment is its `--help` line (one source of truth).
 

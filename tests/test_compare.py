@@ -22,7 +22,7 @@ from plumbing import common
 import compare
 import eval as ev
 import selfdistill
-from toyworld import toy_build
+from toyworld import folders
 from plumbing.common import UserError
 
 
@@ -133,7 +133,7 @@ def test_plot_shows_the_papers_three_metrics_the_best_checkpoint_and_named_ceili
     assert {ax.get_xscale() for ax in seen["axes"]} == {"log"}
     stars = sorted((line.get_xdata()[0], round(line.get_ydata()[0], 6)) for line in avg.lines if line.get_marker() == "*")
     assert stars == [(64, 40.0), (512, 40.0)]  # critique, grpo: step 2
-    ceilings = json.load(open(os.path.join(toy_build.WORLD, "build.json")))["ceilings"]
+    ceilings = json.load(open(os.path.join(folders.WORLD, "build.json")))["ceilings"]
     assert f"critique teacher {100 * ceilings['critique']:.1f}" in [t.get_text() for t in avg.texts]
     falling = write_run(tmp_path, "falling", "critique", 0, {0: (0.9, 0.0), 10: (0.3, 0.0), 20: (0.2, 0.0)})
     compare_main(["--plot", falling, "--out", str(tmp_path / "f.png")], capsys)
@@ -269,7 +269,7 @@ def test_compare_pools_seeds(tmp_path):
     assert lines[2] == "| arm | seeds | step | Pass@4 | Maj@4 | Avg@4 | len | unparsed | teacher ceiling |"
     # the final checkpoint, mean ± std over seeds (one seed: the value; its CI is behind --ci),
     # beside it the toy world's teacher with the arm's context (build.json)
-    ceilings = json.load(open(os.path.join(toy_build.WORLD, "build.json")))["ceilings"]
+    ceilings = json.load(open(os.path.join(folders.WORLD, "build.json")))["ceilings"]
     assert (f"| critique | 2 | 30 | 60.0 ± 28.3 | 15.0 ± 7.1 | 30.0 ± 14.1 | 300.0 ± 0.0 | 0.0 ± 0.0 | "
             f"{100 * ceilings['critique']:.1f} |") in lines
     assert f"| reference lr=0.001 | 1 | 20 | 20.0 | 5.0 | 10.0 | 200.0 | 0.0 | {100 * ceilings['reference']:.1f} |" in lines
@@ -281,10 +281,10 @@ def test_compare_pools_seeds(tmp_path):
 def test_compare_labels_runs_that_differ_in_length_budget_apart(tmp_path, capsys):
     """A toy run at its world's budget is the default; one at another budget says so (quietly)."""
     runs = [fake_run(tmp_path, "a", 0, {0: 0.1, 10: 0.3}),
-            fake_run(tmp_path, "b", 0, {0: 0.1, 10: 0.35}, max_new_tokens=toy_build.budget() + 8)]
+            fake_run(tmp_path, "b", 0, {0: 0.1, 10: 0.35}, max_new_tokens=folders.budget() + 8)]
     capsys.readouterr()
     labels = [arm["label"] for arm in compare.compare_runs(runs)[0]]
-    assert labels == ["critique", f"critique max_new_tokens={toy_build.budget() + 8}"]
+    assert labels == ["critique", f"critique max_new_tokens={folders.budget() + 8}"]
     assert "warning" not in capsys.readouterr().err
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from plumbing import options
 import selfdistill
-from toyworld import toy_build
+from toyworld import folders
 from plumbing.common import UserError
 from selfdistill import load_config
 
@@ -55,8 +55,8 @@ def test_the_length_budget_follows_the_world(tiny_model_dir, tmp_path):
     world = tmp_path / "world"
     os.makedirs(world / "model")
     (world / "build.json").write_text('{"settings": {"max_new_tokens": 40}}')
-    assert load_config(["model=toy"]).max_new_tokens == toy_build.budget()
-    assert load_config([f"model={toy_build.WORLD}/model"]).max_new_tokens == toy_build.budget()
+    assert load_config(["model=toy"]).max_new_tokens == folders.budget()
+    assert load_config([f"model={folders.WORLD}/model"]).max_new_tokens == folders.budget()
     assert load_config([f"model={world / 'model'}"]).max_new_tokens == 40
     assert load_config([f"model={tiny_model_dir}"]).max_new_tokens == 512
 

@@ -20,7 +20,7 @@ import yaml
 from plumbing import common
 import eval as ev
 import selfdistill
-from toyworld import toy_build
+from toyworld import folders
 from plumbing.common import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,7 +86,7 @@ def test_bootstrap_ci_contains_estimate_and_is_seeded():
 
 def test_target_config_of_a_model_is_resolved(tiny_model_dir):
     """analyze.py / prepare.py on a model (not a run) get the derived values a run would have."""
-    for target, budget in (("toy", toy_build.budget()), (tiny_model_dir, 512)):
+    for target, budget in (("toy", folders.budget()), (tiny_model_dir, 512)):
         cfg, run_dir = ev.target_config(target, ["threads=1"])
         assert run_dir is None and cfg.max_new_tokens == budget and cfg.samples_per_question == 1
 

@@ -24,6 +24,7 @@ import eval as ev
 from plumbing import runfolder
 import selfdistill
 from toyworld import toy_build
+from toyworld import folders
 from plumbing.common import UserError
 from conftest import one_line_error, run_main, run_settings
 
@@ -268,7 +269,7 @@ def test_a_full_or_read_only_disk_is_one_line(code_, text, tiny_model_dir, data,
 
 
 def test_a_missing_toy_world_says_it_is_built_and_how_long(tmp_path, capsys):
-    settings_ = toy_build.BuildSettings(steps=2, n_train=2, n_test=1, n_transfer=1, samples=2, max_correct=2, score_batch=8)
+    settings_ = folders.BuildSettings(steps=2, n_train=2, n_test=1, n_transfer=1, samples=2, max_correct=2, score_batch=8)
     toy_build.ensure_built(str(tmp_path / "world"), progress=True, settings=settings_)
     assert "toy world is missing" in capsys.readouterr().err
     toy_build.ensure_built(str(tmp_path / "world"), progress=True, settings=settings_)

@@ -40,6 +40,7 @@ import eval as ev
 from plumbing import runfolder
 import selfdistill
 from toyworld import toy_build
+from toyworld import folders
 from plumbing import tracking
 from toyworld import world
 from plumbing.common import UserError
@@ -56,7 +57,7 @@ def no_build(monkeypatch):
 def shipped_copy(tmp_path_factory):
     """A copy of the shipped headline world (toy_world/); each test damages a copy of this copy."""
     root = str(tmp_path_factory.mktemp("shipped") / "world")
-    shutil.copytree(toy_build.WORLD, root, ignore=shutil.ignore_patterns(".lock", ".building"))
+    shutil.copytree(folders.WORLD, root, ignore=shutil.ignore_patterns(".lock", ".building"))
     return root
 
 
@@ -157,7 +158,7 @@ def test_the_build_command_reports_a_damaged_world(command, damage, world_copy, 
 def test_a_damaged_named_world_names_its_rebuild(damage, via, shipped_copy, tmp_path, monkeypatch, capsys):
     """model=toy on a damaged toy_world/: the message says `--world toy --force`."""
     no_build(monkeypatch)
-    monkeypatch.setattr(toy_build, "HERE", str(tmp_path))
+    monkeypatch.setattr(folders, "HERE", str(tmp_path))
     root = os.path.join(tmp_path, "toy_world")
     shutil.copytree(shipped_copy, root)
     DAMAGES[damage](root)
@@ -197,14 +198,14 @@ def test_world_files_without_a_record_are_not_rebuilt(left, world_copy, tmp_path
 
 def test_the_shipped_worlds_are_complete():
     """A control: the named worlds pass the check every reader now makes."""
-    for name in toy_build.WORLDS:
-        assert toy_build.check_world(toy_build.world_root(name))["settings"]["max_new_tokens"] == 64
+    for name in folders.WORLDS:
+        assert folders.check_world(folders.world_root(name))["settings"]["max_new_tokens"] == 64
 
 
 def test_a_budget_read_from_a_damaged_record_is_an_error_not_a_default(world_copy):
     DAMAGES["build.json garbage"](world_copy)
     with pytest.raises(UserError, match="is damaged"):
-        toy_build.budget(world_copy)
+        folders.budget(world_copy)
     with pytest.raises(UserError, match="is damaged"):
         selfdistill.load_config([f"model={world_copy}/model"])
 
@@ -238,13 +239,13 @@ def test_an_interrupted_or_failed_rebuild_leaves_the_old_world(fail, world_copy,
     with pytest.raises(type(fail)):
         toy_build.ensure_built(world_copy, progress=False, force=True)
     assert {name: open(os.path.join(world_copy, name), "rb").read() for name in before} == before
-    assert toy_build.check_world(world_copy)["n_train"] == 320  # still complete, still itself
+    assert folders.check_world(world_copy)["n_train"] == 320  # still complete, still itself
     runfolder.RunLock(world_copy, "checking").release()  # released: the OS lock is free again
     written = []
     monkeypatch.setattr(toy_build, "build", staged_build(written))
     toy_build.ensure_built(world_copy, progress=False, force=True)  # the next build clears the leftover
     assert not os.path.exists(os.path.join(world_copy, ".building"))
-    assert toy_build.check_world(world_copy)["n_train"] == 1 and len(written) == 1
+    assert folders.check_world(world_copy)["n_train"] == 1 and len(written) == 1
 
 
 def test_force_without_flags_rebuilds_with_the_worlds_own_settings(world_copy, monkeypatch):
@@ -272,7 +273,7 @@ def test_a_second_build_into_the_same_folder_is_refused(world_copy, monkeypatch)
         holder.kill()
         holder.wait()
     toy_build.ensure_built(world_copy, progress=False, force=True)  # its process gone: the OS lock with it
-    assert toy_build.check_world(world_copy)["n_train"] == 1
+    assert folders.check_world(world_copy)["n_train"] == 1
 
 
 def test_an_empty_folder_is_built_once(tmp_path, monkeypatch, capsys):

@@ -15,6 +15,8 @@ from collections import Counter
 import pytest
 
 from toyworld import toy
+
+from toyworld import folders
 from toyworld import toy_build
 from contexts import PROMPTS, parse_steps, student_prompt_ids, teacher_prompt_ids
 
@@ -221,7 +223,7 @@ def test_tokenizer_round_trips_and_tags_are_single_tokens(tmp_path):
 
 def test_tiny_build_writes_a_complete_folder(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    settings = toy_build.BuildSettings(steps=2, n_train=3, n_test=2, n_transfer=2, samples=2, max_correct=2,
+    settings = folders.BuildSettings(steps=2, n_train=3, n_test=2, n_transfer=2, samples=2, max_correct=2,
                                        max_new_tokens=4, score_batch=8)  # max_correct <= samples
     root = str(tmp_path / "world")
     out = toy_build.ensure_built(root, progress=False, settings=settings)

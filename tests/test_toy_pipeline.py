@@ -12,6 +12,7 @@ import eval as ev
 import prepare
 import selfdistill
 from toyworld import toy
+from toyworld import folders
 from toyworld import toy_build
 from toyworld import world
 
@@ -20,7 +21,7 @@ ANALYSIS = ("analysis/A_mean", "analysis/rollouts", "analysis/A_prefix", "analys
 
 @pytest.fixture(scope="module")
 def micro_world(tmp_path_factory):
-    settings = toy_build.BuildSettings(steps=20, n_train=8, n_test=4, n_transfer=3, samples=2, max_correct=2)
+    settings = folders.BuildSettings(steps=20, n_train=8, n_test=4, n_transfer=3, samples=2, max_correct=2)
     return toy_build.ensure_built(str(tmp_path_factory.mktemp("world")), progress=False, settings=settings)
 
 
@@ -33,7 +34,7 @@ def test_micro_toy_run_trains_and_evaluates(context, micro_world, tmp_path):
         "threads=1", "analysis_every=2",
         # the world's one length budget, as model=toy gets it (a model folder would default to 512,
         # which with the prompt does not fit the toy model's 512 positions)
-        f"max_new_tokens={toy_build.budget(os.path.dirname(micro_world['model_dir']))}"])
+        f"max_new_tokens={folders.budget(os.path.dirname(micro_world['model_dir']))}"])
     run_dir, _ = selfdistill.train(cfg)
     metrics = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert [m["step"] for m in metrics] == [1, 2] and all(m["train/kl"] >= 0 for m in metrics)
@@ -76,7 +77,7 @@ def test_prepare_converts_and_filters_openmath_records(micro_world, tmp_path):
                       + json.dumps({"problem": "no answer"}) + "\n")
     # max_new_tokens is given: eval.target_config leaves it at 0 (unresolved), which generate
     # refuses (see test_eval.py::test_target_config_of_a_model_is_resolved, an expected failure)
-    budget = toy_build.budget(os.path.dirname(micro_world["model_dir"]))
+    budget = folders.budget(os.path.dirname(micro_world["model_dir"]))
     prepare.main([str(source), micro_world["model_dir"], "prompts=toy", "critic=rule", "threads=1",
                   f"max_new_tokens={budget}", "--out", str(tmp_path / "out"), "--test-size", "1",
                   "--samples", "2", "--max-correct", "1"])

@@ -12,6 +12,7 @@ import contexts
 import critic
 import selfdistill
 from toyworld import toy
+from toyworld import folders
 from toyworld import toy_build
 from toyworld import world
 from plumbing.common import UserError
@@ -38,7 +39,7 @@ def test_departing_trace_continues_from_its_own_wrong_value():
 
 def test_training_examples_mask_only_the_wrong_result():
     rng, tok = random.Random(0), toy.make_tokenizer()
-    settings = toy_build.BuildSettings(mix=(0, 1, 0), recovery=1.0)
+    settings = folders.BuildSettings(mix=(0, 1, 0), recovery=1.0)
     for _ in range(50):
         prompt, response, no_loss = toy_build.training_example(rng, tok, settings, {})
         text = tok.decode(response[:-1])
@@ -46,7 +47,7 @@ def test_training_examples_mask_only_the_wrong_result():
         steps = [toy.parse_step(s) for s in parse_steps(text)[0]]
         slip = next(p for p in steps if p[3] != toy.apply(*p[:3]))
         assert masked == str(slip[3])
-    old = toy_build.BuildSettings(mix=(0, 1, 0), recovery=0.0)  # the v1 teacher: always the critique
+    old = folders.BuildSettings(mix=(0, 1, 0), recovery=0.0)  # the v1 teacher: always the critique
     assert all(toy_build.training_example(rng, tok, old, {})[2] is None for _ in range(50))
 
 
@@ -124,8 +125,8 @@ def test_through_first_divergence_is_refused_without_a_critique():
 
 
 def test_toy_runs_take_the_worlds_length_budget(capsys):
-    assert selfdistill.load_config([]).max_new_tokens == toy_build.budget()
-    selfdistill.load_config([f"max_new_tokens={toy_build.budget() + 1}"])
+    assert selfdistill.load_config([]).max_new_tokens == folders.budget()
+    selfdistill.load_config([f"max_new_tokens={folders.budget() + 1}"])
     assert "differs from the toy world's budget" in capsys.readouterr().err
     assert selfdistill.load_config(["model=some/model", "prompts=instruct"]).max_new_tokens == 512
 

@@ -16,13 +16,14 @@ import pytest
 from plumbing import sampler
 import selfdistill
 from toyworld import toy
+from toyworld import folders
 from toyworld import toy_build
 from toyworld import world
 from plumbing.common import UserError
 
 
 def tiny(**changes):
-    return toy_build.BuildSettings(**{"steps": 2, "n_train": 3, "n_test": 2, "n_transfer": 2, "samples": 2,
+    return folders.BuildSettings(**{"steps": 2, "n_train": 3, "n_test": 2, "n_transfer": 2, "samples": 2,
                                 "max_correct": 2, "max_new_tokens": 48, "score_batch": 8, **changes})
 
 
@@ -102,7 +103,7 @@ def test_every_build_setting_is_a_flag(tmp_path, monkeypatch):
               "mix": "0.2,0.3,0.5", "styles": "plain,spaced", "faulty_share": "0.2", "fault_rate": "0.9",
               "recovery": "0.1", "copy_prob": "0.4", "critique_min_ops": "2", "n_train": "9", "n_test": "8",
               "n_transfer": "7", "samples": "6", "max_correct": "1", "max_new_tokens": "40", "score_batch": "60"}
-    assert set(values) == {f for f in vars(toy_build.BuildSettings())}
+    assert set(values) == {f for f in vars(folders.BuildSettings())}
     argv = ["build", "--root", str(tmp_path / "w")]
     for name, value in values.items():
         argv += ["--" + name.replace("_", "-"), value]
@@ -131,17 +132,17 @@ def test_a_built_world_refuses_other_settings_and_keeps_its_own(tiny_world):
 
 
 def test_the_shipped_worlds_hold_their_names_settings():
-    for name, (folder, changes) in toy_build.WORLDS.items():
-        root = toy_build.world_root(name)
-        assert os.path.basename(root) == folder and toy_build.named_settings(root) == toy_build.BuildSettings(**changes)
+    for name, (folder, changes) in folders.WORLDS.items():
+        root = folders.world_root(name)
+        assert os.path.basename(root) == folder and folders.named_settings(root) == folders.BuildSettings(**changes)
         saved = json.load(open(os.path.join(root, "build.json")))["settings"]
-        assert toy_build.settings_changes(saved, toy_build.named_settings(root)) == {}, name
-    assert toy_build.named_settings(toy_build.WORLD).fault_rate == 1.0  # v3: the paper's regime
-    assert toy_build.named_settings(toy_build.world_root("toy-v2")).fault_rate == 0.8  # the contrast
+        assert folders.settings_changes(saved, folders.named_settings(root)) == {}, name
+    assert folders.named_settings(folders.WORLD).fault_rate == 1.0  # v3: the paper's regime
+    assert folders.named_settings(folders.world_root("toy-v2")).fault_rate == 0.8  # the contrast
 
 
 def test_a_named_world_built_with_other_settings_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(toy_build, "HERE", str(tmp_path))
+    monkeypatch.setattr(folders, "HERE", str(tmp_path))
     root = os.path.join(tmp_path, "toy_world")
     toy_build.ensure_built(root, progress=False, settings=tiny())  # a toy_world folder of other settings
     with pytest.raises(UserError, match="--world toy --force"):
@@ -149,10 +150,10 @@ def test_a_named_world_built_with_other_settings_is_refused(tmp_path, monkeypatc
 
 
 def test_transfer_split_of_the_shipped_worlds_lies_off_the_train_chains():
-    for name in toy_build.WORLDS:
-        root = toy_build.world_root(name)
+    for name in folders.WORLDS:
+        root = folders.world_root(name)
         info = json.load(open(os.path.join(root, "build.json")))
-        load = lambda split: [json.loads(line) for line in open(toy_build.paths(root)[split])]
+        load = lambda split: [json.loads(line) for line in open(folders.paths(root)[split])]
         train, test, transfer = load("train"), load("test"), load("transfer")
         faults = set(toy_build.faulty_facts(info["settings"]["seed"], info["settings"]["faulty_share"]))
         on_train = set().union(*(toy_build.chain_facts(p["question"]) for p in train))
@@ -170,7 +171,7 @@ def test_transfer_split_of_the_shipped_worlds_lies_off_the_train_chains():
 
 
 def test_a_tiny_worlds_transfer_split_is_disjoint_too(tiny_world):
-    load = lambda split: [json.loads(line) for line in open(toy_build.paths(tiny_world)[split])]
+    load = lambda split: [json.loads(line) for line in open(folders.paths(tiny_world)[split])]
     faults = set(toy_build.faulty_facts(0, tiny().faulty_share))
     on_train = set().union(*(toy_build.chain_facts(p["question"]) for p in load("train")))
     assert len(load("transfer")) == 2
@@ -188,8 +189,8 @@ def test_a_world_folder_is_a_toy_model_everywhere(tiny_world, form):
     cfg = selfdistill.load_config([f"model={target}", "toy_order=chain", "toy_phrasing=same"])
     assert cfg.prompts == "toy" and cfg.max_new_tokens == 48  # its build.json's budget, not toy_world's
     model, train, test = world.resolve_paths(cfg)
-    assert (model, train, test) == (os.path.join(tiny_world, "model"), toy_build.paths(tiny_world)["train"], toy_build.paths(tiny_world)["test"])
-    assert world.transfer_path(cfg) == toy_build.paths(tiny_world)["transfer"]
+    assert (model, train, test) == (os.path.join(tiny_world, "model"), folders.paths(tiny_world)["train"], folders.paths(tiny_world)["test"])
+    assert world.transfer_path(cfg) == folders.paths(tiny_world)["transfer"]
     assert world.toy_dial(cfg) and world.exact_answers(cfg)
     records = world.load_records(cfg, train)  # the dial applies, once, as the records are loaded
     assert all(r["solution"] == toy.reference_solution(r["question"], "chain", "same") for r in records)
@@ -199,8 +200,8 @@ def test_a_world_folder_is_a_toy_model_everywhere(tiny_world, form):
 
 def test_named_worlds_resolve_to_their_folders():
     cfg = selfdistill.load_config(["model=toy-v2"])
-    assert world.resolve_paths(cfg)[0] == os.path.join(toy_build.HERE, "toy_world_v2", "model")
-    assert cfg.max_new_tokens == toy_build.budget(toy_build.world_root("toy-v2"))
+    assert world.resolve_paths(cfg)[0] == os.path.join(folders.HERE, "toy_world_v2", "model")
+    assert cfg.max_new_tokens == folders.budget(folders.world_root("toy-v2"))
     assert world.transfer_path(cfg).endswith(os.path.join("toy_world_v2", "transfer.jsonl"))
     assert world.transfer_path(selfdistill.load_config(["model=toy", "test_file=x.jsonl"])) is None  # own test set
 
@@ -232,7 +233,7 @@ def test_rollout_matched_grpo_draws_a_self_distillation_arms_rollouts(tiny_world
 def test_a_named_world_is_an_analysis_target():
     """analyze.py toy-v2 (or a world's folder) analyses that world's base, as analyze.py toy does."""
     import eval as ev
-    for target in ("toy-v2", toy_build.world_root("toy-v2")):
+    for target in ("toy-v2", folders.world_root("toy-v2")):
         cfg, run_dir = ev.target_config(target, ["threads=1"])
         assert run_dir is None and cfg.prompts == "toy" and world.is_world_model(cfg.model)
-        assert world.resolve_paths(cfg)[0] == os.path.join(toy_build.world_root("toy-v2"), "model")
+        assert world.resolve_paths(cfg)[0] == os.path.join(folders.world_root("toy-v2"), "model")

@@ -46,6 +46,7 @@ from contexts import parse_steps, render_prompt, student_prompt_ids, teacher_pro
 from plumbing import common
 from plumbing import runfolder
 from toyworld import toy_build
+from toyworld import folders
 from toyworld.toy import critique_case, generate_problems, make_model, make_tokenizer, parse_step
 
 # ---------------------------------------------------------------------------------------------
@@ -243,13 +244,13 @@ def build_critics(root, settings=None, force=False, threads=1, progress=True):
     out = folder(root)
     if os.path.isfile(os.path.join(out, "build.json")) and not force:
         return out
-    paths = toy_build.paths(root)
+    paths = folders.paths(root)
     if not os.path.isfile(os.path.join(root, "build.json")):
         raise common.UserError(f"no built toy world in {root}; build it first: python -m toyworld.toy_build build")
     previous = torch.get_num_threads()
     torch.set_num_threads(min(threads, os.cpu_count() or 1))
     try:
-        start, budget = time.time(), toy_build.budget(root)
+        start, budget = time.time(), folders.budget(root)
         shutil.rmtree(out, ignore_errors=True)  # from here on the folder reads incomplete
         tok = make_tokenizer()
         solver = AutoModelForCausalLM.from_pretrained(paths["model_dir"]).eval()
@@ -322,7 +323,7 @@ def inspect(root, name, seed=5):
     length or answer); unparseable. `faulty` counts the wrong_fix / later_step whose step writes the
     solver's own faulty value for the fact (toy_build.faulty_facts): a blind spot it shares."""
     from transformers import AutoModelForCausalLM
-    paths, budget = toy_build.paths(root), toy_build.budget(root)
+    paths, budget = folders.paths(root), folders.budget(root)
     info = json.load(open(os.path.join(root, "build.json")))["settings"]
     faults = toy_build.faulty_facts(info["seed"], info["faulty_share"])
     tok, problems = make_tokenizer(), [json.loads(line) for line in open(paths["test"])]
@@ -394,7 +395,7 @@ def command_line(argv=None):
     parser.add_argument("command", choices=["build", "serve", "inspect"])
     parser.add_argument("critic", nargs="?", help=f"serve, inspect: one of {', '.join(NAMES)}, or a critic's folder")
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--world", choices=sorted(toy_build.WORLDS), help="a named world (default toy)")
+    where.add_argument("--world", choices=sorted(folders.WORLDS), help="a named world (default toy)")
     where.add_argument("--root", help="build: a built world's folder of your own")
     parser.add_argument("--force", action="store_true", help="build: rebuild complete critics too")
     parser.add_argument("--threads", type=int, default=1, help="build: torch threads (the build is "
@@ -402,7 +403,7 @@ def command_line(argv=None):
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
     world = args.world or "toy"
-    root = args.root or toy_build.world_root(world)
+    root = args.root or folders.world_root(world)
     if args.command == "build":
         if not os.path.isfile(os.path.join(root, "build.json")):
             raise common.UserError(f"no built toy world in {root}; build it first: python -m toyworld.toy_build build")

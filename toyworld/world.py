@@ -13,6 +13,7 @@ import sys
 from plumbing import common
 import critic
 from toyworld import toy
+from toyworld import folders
 from toyworld import toy_build
 from toyworld import toy_critic
 from plumbing.common import UserError
@@ -21,7 +22,7 @@ from plumbing.common import UserError
 def is_world_model(model):
     """True for a named world (model=toy, model=toy-v2) and for any built world's folder or its
     model/ folder (build.json in the folder or beside it)."""
-    return toy_build.world_root(model) is not None
+    return folders.world_root(model) is not None
 
 
 def model_settings(cfg):
@@ -35,7 +36,7 @@ def model_settings(cfg):
         raise UserError(f"prompts=toy is the toy world's prompt set (the question alone, no instruction); "
                         f"model={cfg.model} is not a toy-world model: leave prompts at auto (instruct)")
     if toy_model:  # model=toy, or a built world's model folder: that world's build.json
-        budget = toy_build.budget(toy_build.world_root(cfg.model))
+        budget = folders.budget(folders.world_root(cfg.model))
         if cfg.max_new_tokens == 0:
             cfg.max_new_tokens = budget
         elif cfg.max_new_tokens != budget:
@@ -55,10 +56,10 @@ def resolve_paths(cfg):
     """A run's model folder and data files. A toy world (named or a folder) gives its model and,
     for empty train_file / test_file, its data; any other model without data files gets the
     default world's data."""
-    root = toy_build.world_root(cfg.model)
+    root = folders.world_root(cfg.model)
     model, train, test = cfg.model, cfg.train_file, cfg.test_file
     if root or not train or not test:
-        built = toy_build.ensure_built(root or toy_build.WORLD)
+        built = toy_build.ensure_built(root or folders.WORLD)
         model = built["model_dir"] if root else model
         train, test = train or built["train"], test or built["test"]
     return model, train, test
@@ -71,18 +72,18 @@ def transfer_path(cfg):
     """The toy world's transfer split (toy_build.build_transfer) for a run on a toy world with the
     world's own test set; None otherwise, or when the world has none (built before v3, or
     n_transfer=0). A world whose build.json records a transfer split that is gone says so, once."""
-    root = toy_build.world_root(cfg.model)
+    root = folders.world_root(cfg.model)
     if not root or cfg.test_file:
         return None
-    path = toy_build.paths(root)["transfer"]
+    path = folders.paths(root)["transfer"]
     if os.path.isfile(path) and os.path.getsize(path):
         return path
-    recorded = toy_build.read_build_info(root).get("n_transfer")
+    recorded = folders.read_build_info(root).get("n_transfer")
     if recorded and root not in TRANSFER_WARNED:
         TRANSFER_WARNED.add(root)
         print(f"warning: the toy world in {root} built a transfer split of {recorded} problems (build.json), "
               f"but {path} is gone or empty: no transfer rows are evaluated; rebuild the world to get it back: "
-              f"{toy_build.rebuild_command(root)}", file=sys.stderr)
+              f"{folders.rebuild_command(root)}", file=sys.stderr)
     return None
 
 
@@ -117,7 +118,7 @@ def critic_folder(cfg):
     """critic=hf's model: on a toy world, a name of its learned critics (weak / medium / strong,
     toy_critic.py) is that critic's folder; any other critic_model is used as given (a folder or a
     hub id). A toy critic that is not built, or an unknown name, is a one-line error."""
-    root = toy_build.world_root(cfg.model)
+    root = folders.world_root(cfg.model)
     name = cfg.critic_model
     if cfg.critic != "hf" or not root or os.path.exists(name) or "/" in name or os.sep in name:
         return name
@@ -126,7 +127,7 @@ def critic_folder(cfg):
         raise UserError(f"critic_model={name} is neither a folder nor a toy critic; the toy world's learned "
                         f"critics are {', '.join(toy_critic.NAMES)} (or give a critic's folder)")
     if not os.path.isfile(os.path.join(toy_critic.folder(root), "build.json")):
-        where = f"--world {toy_build.world_name(root)}" if toy_build.world_name(root) else f"--root {root}"
+        where = f"--world {folders.world_name(root)}" if folders.world_name(root) else f"--root {root}"
         raise UserError(f"the toy world in {root} has no learned critics yet; build them (about 10 CPU "
                         f"minutes): python -m toyworld.toy_critic build {where}")
     return path
@@ -162,7 +163,7 @@ def teacher_ceiling(config):
     `ceilings`, toy_build.follow_rates; with a learned toy critic, critics/build.json's, measured
     on its held-out attempts): with a fixed base teacher the student at best becomes it.
     None for GRPO, a moving teacher, a dial setting not measured, or a model that is no toy world."""
-    root = toy_build.world_root(config.get("model", ""))
+    root = folders.world_root(config.get("model", ""))
     dial = (config.get("toy_order"), config.get("toy_phrasing"))
     key = {("grouped", "other"): config["arm"], ("chain", "same"): "reference_aligned"}.get(dial)
     if not root or config["arm"] == "grpo" or config.get("teacher") != "base" or key is None:
