@@ -7,8 +7,8 @@ for grpo the group's rewards and advantages instead. It runs the loop's own name
 micro-batch loss (selfdistill.sample_rollouts, judge_rollouts, kept_rollouts, teacher_inputs,
 micro_batch_loss), one rollout at a time with the step's divisor (so the rollouts' losses sum to the
 step's loss), then stops: no update, no run folder, no checkpoint. A_t is coloured on a terminal
-(green: the teacher likes the token more than the student does) and written `[+0.12]` after each
-token when the output is piped.
+(green: the teacher likes the token more than the student does) and written `[+0.12]` after it
+when the output is piped; tokens with |A_t| below SHOWN (0.05) are left unmarked.
 """
 import sys
 
@@ -28,14 +28,20 @@ from toyworld import world
 # Printing
 
 
+SHOWN = 0.05  # |A_t| below this is left unmarked: the context barely moves that token
+
+
 def marked(pieces, values, colour):
-    """Each token's text followed by its value: ANSI-coloured on a terminal, `tok[+0.12]` piped."""
+    """Each token's text, marked by its value where |A_t| ≥ SHOWN: ANSI-coloured on a terminal,
+    followed by `[+0.12]` when piped (the few informative values, not a [+0.00] on every token)."""
     out = []
     for piece, a in zip(pieces, values):
         piece = piece.replace("\n", "⏎\n")
-        if colour:
+        if abs(a) < SHOWN:
+            out.append(piece)
+        elif colour:
             shade = 32 if a > 0 else 31  # green: the teacher raises the token; red: lowers it
-            out.append(f"\033[{1 if abs(a) >= 1 else 0};{shade}m{piece}\033[0m" if abs(a) >= 0.05 else piece)
+            out.append(f"\033[{1 if abs(a) >= 1 else 0};{shade}m{piece}\033[0m")
         else:
             out.append(f"{piece}[{a:+.2f}]")
     return "".join(out)

@@ -334,9 +334,17 @@ def test_explain_shows_the_first_step_and_its_loss_and_writes_nothing(context, t
         assert "advantages A = (r − mean r)" in out
     else:
         assert "the critic's critique" in out and "as the teacher sees it" in out
-        assert "[+" in out or "[-" in out  # piped: each token's A_t after it
+        assert "[+0.00]" not in out and "[-0.00]" not in out  # piped: only |A_t| ≥ explain.SHOWN is marked
     shown_loss = float(out.split("=== step 1 loss ")[1].split()[0])
     train_in_process(tiny_model_dir, data, tmp_path / "train", context=context, max_steps=1, **extra)
     trained = json.loads((tmp_path / "train" / "r" / "metrics.jsonl").read_text().splitlines()[0])
     assert shown_loss == pytest.approx(trained["train/loss"], rel=1e-4, abs=1e-6)
     assert "train/kl" in trained  # grpo with β > 0: the k3 KL to the base (0 at step 1: θ = base)
+
+
+def test_explain_marks_only_the_tokens_the_context_moves():
+    import explain
+    pieces, values = ["<step_1>", " 2", "+", "7", "=", "8"], [0.0, 0.01, -0.049, 0.05, -0.3, -2.26]
+    assert explain.marked(pieces, values, colour=False) == "<step_1> 2+7[+0.05]=[-0.30]8[-2.26]"
+    coloured = explain.marked(pieces, values, colour=True)
+    assert coloured.count("\033[") == 2 * 3 and "\033[1;31m8" in coloured  # three marked, the last bold red
