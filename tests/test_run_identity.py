@@ -14,11 +14,11 @@ import os
 import pytest
 
 import compare
-from plumbing import runfolder
+from plumbing import common, runfolder
 import selfdistill
 from plumbing.common import UserError
-from conftest import run_main, run_settings
-from test_bad_inputs import Tripwire, one_line_error, trip
+from conftest import Tripwire, run_main, run_settings, trip
+from test_bad_inputs import error_line
 from test_compare import fake_run
 
 
@@ -28,7 +28,7 @@ from test_compare import fake_run
 
 def start(argv, tmp_path, monkeypatch):
     """The first start, up to loading the model, then a checkpoint to resume from."""
-    trip(monkeypatch, "load_model")
+    trip(monkeypatch, common, "load_model")
     with pytest.raises(Tripwire):
         selfdistill.main(argv)
     os.makedirs(tmp_path / "r" / "checkpoints" / "step_000010")
@@ -49,7 +49,7 @@ def test_operational_settings_may_change_on_resume_and_are_recorded(data, tmp_pa
     assert record["step"] == 10 and record["changed"]["micro_batch"] == [32, 8]
     assert len(record["changed"]) == len(changed)
     # what the run computes is still refused, also beside an allowed change
-    line = one_line_error(argv[:-1] + ["lr=0.01", "threads=2"], capsys)
+    line = error_line(argv[:-1] + ["lr=0.01", "threads=2"], capsys)
     assert line == ("error: run 'r' exists with lr=0.001 (now 0.01); resume with the same settings or "
                     "choose another --run")
 
@@ -76,7 +76,7 @@ def test_a_real_resume_with_other_memory_knobs_trains_on(tiny_model_dir, data, t
 
 
 def test_the_config_echo_is_short_and_says_where_the_rest_is(data, tmp_path, capsys, monkeypatch):
-    trip(monkeypatch, "load_model")
+    trip(monkeypatch, common, "load_model")
     with pytest.raises(Tripwire):
         selfdistill.main(["--context", "reference", "--run", "r", f"train_file={data}", f"test_file={data}",
                           f"out_dir={tmp_path}", "model=some/model", "lr=0.001"])
@@ -129,7 +129,7 @@ def test_the_label_flag_on_the_command_line(tmp_path, capsys):
     code, out, err = run_main([*runs, "--markdown", "--label", f"{tmp_path}/b-*=low lr"], capsys, compare)
     assert code == 0, err
     assert "| low lr | 1 | 10 |" in out
-    line = one_line_error([*runs, "--label", "b-s0"], capsys, compare)
+    line = error_line([*runs, "--label", "b-s0"], capsys, compare)
     assert line == "error: --label wants GLOB=NAME (e.g. 'runs/grpo-s*=grpo'), got 'b-s0'"
 
 
@@ -155,7 +155,7 @@ def test_a_copy_of_a_run_is_not_a_second_seed(tmp_path, capsys):
 @pytest.mark.bad_input  # issue 30's count: compare.py's cluster
 def test_step_0_is_never_an_arms_checkpoint(tmp_path, capsys):
     base_only = fake_run(tmp_path, "b", 0, {0: 0.4})
-    line = one_line_error([base_only], capsys, compare)
+    line = error_line([base_only], capsys, compare)
     assert "is evaluated at step 0 (the base model) only" in line
     arms, _ = compare.compare_runs([fake_run(tmp_path, "c", 0, {0: 0.9, 10: 0.3})])
     assert arms[0]["avg"]["best"]["step"] == 10 and arms[0]["avg"]["final"]["step"] == 10
@@ -186,7 +186,7 @@ def test_an_incomplete_toy_block_is_a_counted_skip(toy, tmp_path, capsys):
     (["--per-step", "--ci"], "--ci goes with the comparison table, not with --per-step"),
 ])
 def test_options_the_output_would_ignore_are_refused(argv, message, tmp_path, capsys, monkeypatch):
-    trip(monkeypatch, "compare_runs", compare)
-    trip(monkeypatch, "plot_rows", compare)
-    line = one_line_error([str(tmp_path), *argv], capsys, compare)
+    trip(monkeypatch, compare, "compare_runs")
+    trip(monkeypatch, compare, "plot_rows")
+    line = error_line([str(tmp_path), *argv], capsys, compare)
     assert line.startswith(f"error: {message}")
