@@ -166,7 +166,7 @@ def hub_reachable(seconds=3.0):
 
 def read_with_datasets(path, split, streaming, limit):
     """Rows of a folder of shards (all of one kind: parquet or JSONL) or of a dataset name, through
-    `datasets` (requirements-data.txt): it reads parquet and JSONL shards, a hub dataset's cache
+    `datasets` (requirements-extras.txt): it reads parquet and JSONL shards, a hub dataset's cache
     and streams what does not fit in memory, which a reader of our own would not. A local folder
     is always streamed: nothing is cached, so a shard rewritten in place is read as it is now.
     Whatever datasets or pyarrow raise on the files (a corrupt shard, mixed schemas, bad bytes),
@@ -175,7 +175,7 @@ def read_with_datasets(path, split, streaming, limit):
         import datasets
     except ImportError:
         raise UserError(f"reading {path} (a folder of shards or a dataset name) needs Hugging Face datasets: "
-                        f"pip install -r requirements-data.txt; or give one JSONL or parquet file") from None
+                        f"pip install datasets==5.2.0 (or -r requirements-extras.txt); or give one JSONL or parquet file") from None
     datasets.disable_progress_bars()
     if os.path.isdir(path):
         files = shard_files(path, split)

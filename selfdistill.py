@@ -23,29 +23,32 @@ Deviations from the paper, and the choices it leaves open (each a config field):
     Σ_i Σ_t −A_i·log π_θ(ŷ_it): token_mean (default) by the step's kept tokens; sequence_mean
     (the GRPO paper's) takes each sequence's token mean, then the mean over kept sequences;
     constant (Dr. GRPO's) by max_new_tokens × the step's rollouts (batch_size·G).
-14. `grpo_beta` > 0 adds β·KL(π_θ ‖ π_ref) per token, π_ref = the base (adapter off, one no-grad
+ 5. `grpo_beta` > 0 adds β·KL(π_θ ‖ π_ref) per token, π_ref = the base (adapter off, one no-grad
     forward, no second model), with the k3 estimator r − log r − 1, r = π_ref(ŷ_t)/π_θ(ŷ_t), as TRL
     and DeepSeekMath do; default 0, as in TRL (the paper's GRPO arm names no KL term).
- 5. A critique that fails validation (critic.validate_critique at `critique_validation`) drops
-    its sample from the loss, counted in `train/critique_invalid` and by reason in
-    `train/dropped/REASON`; it is never replaced by anything else.
- 6. A teacher context longer than `max_context_tokens` loses its middle (marked); the question
+ 6. A critique that fails validation (critic.validate_critique at `critique_validation`), or that
+    never came back whole (the critic failed, or reached `critic_max_new_tokens`), drops its sample
+    from the loss, counted in `train/critique_invalid` and by reason in `train/dropped/REASON`; it
+    is never replaced by anything else.
+ 7. A teacher context longer than `max_context_tokens` loses its middle (marked); the question
     and the final instruction are never cut.
- 7. The student's chat template runs with thinking off; the teacher's with `teacher_thinking`
+ 8. The student's chat template runs with thinking off; the teacher's with `teacher_thinking`
     (the paper follows OPSD: on; our default off, since the toy template has no switch).
- 8. The prompts are in our own words (contexts.PROMPTS); the paper's were not released.
- 9. A step whose loss or gradient norm is not finite skips its update; `max_nonfinite` such
+ 9. The prompts are in our own words (contexts.PROMPTS); the paper's were not released.
+10. A step whose loss or gradient norm is not finite skips its update; `max_nonfinite` such
     steps in a row stop the run (after a checkpoint).
-10. The reward compares the text after `<answer>` (else the last \\boxed{}) with the gold answer
+11. The reward compares the text after `<answer>` (else the last \\boxed{}) with the gold answer
     through critic.answers_match: math-verify, or an exact integer check in the toy world (the
     paper does not say what it used).
-11. `distill_span=through_first_divergence` (ours, an ablation): only the response tokens up to
-    and including the first one that leaves the critique's verbatim prefix are distilled, still
-    divided by the full response length |ŷ|.
-12. With no --config the run is the toy world (toy.py): a 1 M-parameter model on arithmetic
-    chains, CPU, minutes. The paper setting is configs/qwen3-1.7b.yaml.
-13. `analysis_every` logs the per-token advantage A_t = log π_T(ŷ_t) − log π_θ(ŷ_t) of the arm's
-    own teacher on the step's wrong rollouts, from the forward passes the loss already made.
+
+Beyond the paper (settings of ours; the defaults leave the method as above):
+ - With no --config the run is the toy world (toyworld/): a 1 M-parameter model on arithmetic
+   chains, CPU, minutes. The paper setting is configs/qwen3-1.7b.yaml.
+ - `distill_span=through_first_divergence` (an ablation): only the response tokens up to and
+   including the first one that leaves the critique's verbatim prefix are distilled, still
+   divided by the full response length |ŷ|.
+ - `analysis_every` logs the per-token advantage A_t = log π_T(ŷ_t) − log π_θ(ŷ_t) of the arm's
+   own teacher on the step's wrong rollouts, from the forward passes the loss already made.
 
 Commands:
     python selfdistill.py --context critique                      # toy world, end to end, CPU
@@ -168,7 +171,7 @@ class Config:
     eval_at_end: bool = True  # evaluate every checkpoint on the test set when training ends
     eval_samples: int = 12  # samples per test question for eval (Avg@k, Pass@k, Maj@k)
     eval_questions: int = 0  # test questions to evaluate (0 = all)
-    report_to: str = "none"  # also send each metrics line and the eval rows to: none | tensorboard (RUN/tensorboard/) | wandb (WANDB_MODE=offline works); pip install -r requirements-logging.txt
+    report_to: str = "none"  # also send each metrics line and the eval rows to: none | tensorboard (RUN/tensorboard/) | wandb (WANDB_MODE=offline works); pip install -r requirements-extras.txt
 
 
 # Settings that change how a run executes, not what it computes: they may change when a run resumes
@@ -177,114 +180,6 @@ class Config:
 OPERATIONAL = ("device", "threads", "micro_batch", "generation_batch", "chunk_size", "gradient_checkpointing",
                "critic_url", "critic_api_key_env", "critic_timeout", "critic_retries", "critic_batch",
                "sample_every", "eval_at_end", "report_to")
-
-ARMS = ("grpo", "reference", "critique", "critique_quoting", "critique_no_prefix")
-CHOICES = {
-    "arm": ARMS, "context": ARMS, "dtype": ("float32", "bfloat16", "float16"),
-    "prompts": ("auto", *contexts.PROMPTS), "toy_order": ("grouped", "chain"),
-    "toy_phrasing": ("other", "same"), "teacher": ("base", "ema", "live"),
-    "divergence": ("forward", "reverse", "jsd"), "support": ("full", "topk", "sampled"),
-    "topk_side": ("student", "teacher"), "schedule": ("constant", "linear", "cosine"),
-    "critic": ("rule", "hf", "http"), "critique_validation": critic.VALIDATION,
-    "distill_span": ("all", "through_first_divergence"), "grpo_norm": NORMS,
-    "report_to": ("none", "tensorboard", "wandb"),
-}
-# One key's own range, in interval notation (options.check_numbers; every number is also finite and
-# every integer in 0..INT_LIMIT). Rules between keys are check_consistency's. The upper bounds catch
-# slips that would end in an allocator error or a hang rather than a run.
-RANGES = {
-    "threads": "[0, 1024]",                # 0 = torch's default
-    "lora_r": "[1, 4096]",                 # the paper's 64; ranks beyond a model's width add nothing
-    "lora_alpha": "[1, inf)",              # the update is scaled by lora_alpha / lora_r: 0 never learns
-    "lora_dropout": "[0, 1)",
-    "samples_per_question": "[1, 1024]",   # after resolve (0 = 8 for grpo, 1 otherwise)
-    "max_new_tokens": "[1, 1048576]",      # after resolve (0 = the world's budget, or 512)
-    "temperature": "[0.001, inf)",         # below 1e-3 greedy in all but name, as eval.MIN_TEMPERATURE
-    "logit_temperature": "[0.001, inf)",
-    "top_p": "(0, 1]", "top_k": "[0, inf)",
-    "generation_batch": "[1, inf)", "batch_size": "[1, inf)", "micro_batch": "[1, inf)",
-    "ema_rate": "(0, 1]", "jsd_alpha": "[0, 1]",
-    "grpo_beta": "[0, inf)", "token_clip": "[0, inf)", "chunk_size": "[0, inf)",
-    "epochs": "[0, inf)", "max_steps": "[0, inf)", "lr": "(0, inf)", "weight_decay": "[0, inf)",
-    "warmup_steps": "[0, inf)", "grad_clip": "[0, inf)",
-    "critic_max_new_tokens": "[1, 1048576]", "critic_batch": "[1, 4096]",  # the critic's budget, critiques at once
-    "checkpoint_every": "[1, inf)", "eval_samples": "[1, inf)",
-}
-
-
-def check_consistency(cfg):
-    """Settings that are out of range (RANGES), or each valid but contradicting one another. Every
-    number finite and in its range (options.check_numbers), the run name a plain folder name
-    (runfolder.check_run_name) and the critic's own settings sane (critic.check_settings) first."""
-    options.check_numbers(cfg, RANGES)
-    runfolder.check_run_name(cfg.run)
-    critic.check_settings(cfg)
-    if cfg.max_steps == 0 and not cfg.epochs > 0:
-        raise UserError("config key 'epochs' must be positive (or set max_steps)")
-    if cfg.support == "topk" and cfg.topk < 1:
-        raise UserError("config key 'topk' must be at least 1 with support=topk")
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
-        raise UserError(f"config key 'device' must be auto, cpu, mps, cuda or cuda:N, got '{cfg.device}'")
-    G = cfg.samples_per_question
-    if cfg.arm == "grpo" and G < 2:
-        raise UserError("grpo needs samples_per_question >= 2 (the advantage is relative to the group)")
-    if cfg.batch_size % ranks.world_size():
-        raise UserError(f"batch_size = {cfg.batch_size} does not divide across {ranks.world_size()} processes "
-                        f"(torchrun --nproc_per_node); use a multiple of {ranks.world_size()}")
-    if (cfg.batch_size * G) % min(cfg.micro_batch, cfg.batch_size * G):
-        raise UserError(f"batch_size·samples_per_question = {cfg.batch_size * G} is not divisible "
-                        f"by micro_batch = {cfg.micro_batch}")
-    if cfg.distill_span != "all" and not cfg.arm.startswith("critique"):
-        raise UserError("distill_span=through_first_divergence needs a critique arm (the span ends "
-                        "where the response leaves the critique's verbatim prefix)")
-    if cfg.critique_validation == "off" and (cfg.arm in ("critique_quoting", "critique_no_prefix")
-                                             or cfg.distill_span != "all"):
-        raise UserError(f"{cfg.arm if cfg.arm != 'critique' else 'distill_span=' + cfg.distill_span} reads "
-                        f"the critique's steps: it needs critique_validation=full or format, not off")
-    if cfg.support == "sampled" and cfg.divergence != "reverse":
-        raise UserError("support=sampled estimates reverse KL only; set divergence=reverse")
-    if cfg.arm.startswith("critique"):  # the arms that call the critic at every step
-        critic.check_reachable(cfg)
-
-
-def check_arm(cfg):
-    """A setting that does nothing for the chosen arm is refused with the reason, when a run starts
-    (and for --explain); a program that reads a finished run does not re-judge what it trained with."""
-    if cfg.arm != "grpo" and (cfg.grpo_beta, cfg.grpo_norm) != (0.0, "token_mean"):
-        key = "grpo_beta" if cfg.grpo_beta else "grpo_norm"
-        raise UserError(f"config key '{key}' shapes GRPO's policy-gradient loss, which the {cfg.arm} arm "
-                        f"does not use (it distils from a teacher); leave it at its default or use --context grpo")
-
-
-def resolve(cfg):
-    """The derived values, computed once: G, the run name, and what the model decides (the prompt
-    set and the length budget: world.model_settings)."""
-    world.model_settings(cfg)
-    if cfg.samples_per_question == 0:
-        cfg.samples_per_question = 8 if cfg.arm == "grpo" else 1
-    if not cfg.run:
-        cfg.run = f"{cfg.arm}-s{cfg.seed}"
-    check_consistency(cfg)
-    return cfg
-
-
-def parse_args(argv):
-    """--config FILE.yaml, then --context/--run, then key=value overrides; all checked. Returns
-    (cfg, N of --explain N, 0 without it)."""
-    values = options.parse_command_line(Config, CHOICES, argv, "Self-distillation with designed feedback.")
-    explain = values.pop("explain", 0)
-    if "context" in values:  # --context names the arm, as the paper names each by its context
-        values["arm"] = values.pop("context")
-    cfg = resolve(Config(**values))
-    check_arm(cfg)
-    if not explain:  # training logs; --explain writes nothing (and programs that only read runs never log)
-        tracking.check_ready(cfg)
-    return cfg, explain
-
-
-def load_config(argv):
-    return parse_args(argv)[0]
-
 
 # ---------------------------------------------------------------------------------------------
 # Divergences: pure functions of logits (the GRPO baseline's loss is in grpo.py). Student first, teacher second; the
@@ -361,7 +256,13 @@ def token_divergence(student_logits, teacher_logits, divergence="forward", suppo
 def sd_loss(student_h, teacher_h, weight, sampled_ids, mask, span, n_sequences, cfg, with_advantage=False):
     """L_SD on one micro-batch: 1/|ŷ| Σ_{t in span} D(π_T ‖ π_θ)(t), summed over its sequences and
     divided by the step's sequence count. student_h, teacher_h (N, d) at the response positions
-    (mask (B, T) True); span (B, T) ⊆ mask: the distilled tokens. Returns (loss, per-token stats)."""
+    (mask (B, T) True); span (B, T) ⊆ mask: the distilled tokens. Returns (loss, per-token stats).
+    Unchunked, and for the default divergence, it is these three lines (what the chunks compute
+    without ever holding an (N, V) tensor of both sides; tests/test_divergence.py checks):
+
+        D = kl(teacher_logits.log_softmax(-1), student_logits.log_softmax(-1))       # (N,)
+        grid = torch.zeros(mask.shape).masked_scatter(mask, D)                       # (B, T)
+        loss = ((grid * span).sum(-1) / mask.sum(-1)).sum() / n_sequences"""
     N = student_h.shape[0]
     entropy, advantage = torch.zeros(N, device=student_h.device), torch.zeros(N, device=student_h.device)
 
@@ -377,9 +278,10 @@ def sd_loss(student_h, teacher_h, weight, sampled_ids, mask, span, n_sequences, 
         with torch.no_grad():  # the teacher is a fixed target; entropy and A_t are diagnostics
             teacher_logits = teacher_h[positions] @ weight.T  # (C, V)
             diagnostics(student_logits, teacher_logits, positions)  # done before the divergence's peak
-        return token_divergence(student_logits, teacher_logits, cfg.divergence, cfg.support, cfg.topk,
-                                cfg.topk_side, cfg.topk_tail, cfg.jsd_alpha, sampled_ids[positions],
-                                cfg.token_clip, cfg.logit_temperature)
+        return token_divergence(student_logits, teacher_logits, divergence=cfg.divergence, support=cfg.support,
+                                topk=cfg.topk, topk_side=cfg.topk_side, topk_tail=cfg.topk_tail,
+                                jsd_alpha=cfg.jsd_alpha, sampled_ids=sampled_ids[positions],
+                                clip=cfg.token_clip, temperature=cfg.logit_temperature)
 
     values = chunked_head.ChunkedHead.apply(student_h, weight, per_token, cfg.chunk_size)  # (N,) D(t)
     grid = torch.zeros(mask.shape, device=mask.device).masked_scatter(mask, values)  # (B, T)
@@ -687,6 +589,118 @@ def train(cfg):
     if lock:
         lock.release()
     return run_dir, model
+
+
+# ---------------------------------------------------------------------------------------------
+# The config's rules, and the command line.
+
+
+ARMS = ("grpo", "reference", "critique", "critique_quoting", "critique_no_prefix")
+CHOICES = {
+    "arm": ARMS, "context": ARMS, "dtype": ("float32", "bfloat16", "float16"),
+    "prompts": ("auto", *contexts.PROMPTS), "toy_order": ("grouped", "chain"),
+    "toy_phrasing": ("other", "same"), "teacher": ("base", "ema", "live"),
+    "divergence": ("forward", "reverse", "jsd"), "support": ("full", "topk", "sampled"),
+    "topk_side": ("student", "teacher"), "schedule": ("constant", "linear", "cosine"),
+    "critic": ("rule", "hf", "http"), "critique_validation": critic.VALIDATION,
+    "distill_span": ("all", "through_first_divergence"), "grpo_norm": NORMS,
+    "report_to": ("none", "tensorboard", "wandb"),
+}
+# One key's own range, in interval notation (options.check_numbers; every number is also finite and
+# every integer in 0..INT_LIMIT). Rules between keys are check_consistency's. The upper bounds catch
+# slips that would end in an allocator error or a hang rather than a run.
+RANGES = {
+    "threads": "[0, 1024]",                # 0 = torch's default
+    "lora_r": "[1, 4096]",                 # the paper's 64; ranks beyond a model's width add nothing
+    "lora_alpha": "[1, inf)",              # the update is scaled by lora_alpha / lora_r: 0 never learns
+    "lora_dropout": "[0, 1)",
+    "samples_per_question": "[1, 1024]",   # after resolve (0 = 8 for grpo, 1 otherwise)
+    "max_new_tokens": "[1, 1048576]",      # after resolve (0 = the world's budget, or 512)
+    "temperature": "[0.001, inf)",         # below 1e-3 greedy in all but name, as eval.MIN_TEMPERATURE
+    "logit_temperature": "[0.001, inf)",
+    "top_p": "(0, 1]", "top_k": "[0, inf)",
+    "generation_batch": "[1, inf)", "batch_size": "[1, inf)", "micro_batch": "[1, inf)",
+    "ema_rate": "(0, 1]", "jsd_alpha": "[0, 1]",
+    "grpo_beta": "[0, inf)", "token_clip": "[0, inf)", "chunk_size": "[0, inf)",
+    "epochs": "[0, inf)", "max_steps": "[0, inf)", "lr": "(0, inf)", "weight_decay": "[0, inf)",
+    "warmup_steps": "[0, inf)", "grad_clip": "[0, inf)",
+    "critic_max_new_tokens": "[1, 1048576]", "critic_batch": "[1, 4096]",  # the critic's budget, critiques at once
+    "checkpoint_every": "[1, inf)", "eval_samples": "[1, inf)",
+}
+
+
+def check_consistency(cfg):
+    """Settings that are out of range (RANGES), or each valid but contradicting one another. Every
+    number finite and in its range (options.check_numbers), the run name a plain folder name
+    (runfolder.check_run_name) and the critic's own settings sane (critic.check_settings) first."""
+    options.check_numbers(cfg, RANGES)
+    runfolder.check_run_name(cfg.run)
+    critic.check_settings(cfg)
+    if cfg.max_steps == 0 and not cfg.epochs > 0:
+        raise UserError("config key 'epochs' must be positive (or set max_steps)")
+    if cfg.support == "topk" and cfg.topk < 1:
+        raise UserError("config key 'topk' must be at least 1 with support=topk")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
+        raise UserError(f"config key 'device' must be auto, cpu, mps, cuda or cuda:N, got '{cfg.device}'")
+    G = cfg.samples_per_question
+    if cfg.arm == "grpo" and G < 2:
+        raise UserError("grpo needs samples_per_question >= 2 (the advantage is relative to the group)")
+    if cfg.batch_size % ranks.world_size():
+        raise UserError(f"batch_size = {cfg.batch_size} does not divide across {ranks.world_size()} processes "
+                        f"(torchrun --nproc_per_node); use a multiple of {ranks.world_size()}")
+    if (cfg.batch_size * G) % min(cfg.micro_batch, cfg.batch_size * G):
+        raise UserError(f"batch_size·samples_per_question = {cfg.batch_size * G} is not divisible "
+                        f"by micro_batch = {cfg.micro_batch}")
+    if cfg.distill_span != "all" and not cfg.arm.startswith("critique"):
+        raise UserError("distill_span=through_first_divergence needs a critique arm (the span ends "
+                        "where the response leaves the critique's verbatim prefix)")
+    if cfg.critique_validation == "off" and (cfg.arm in ("critique_quoting", "critique_no_prefix")
+                                             or cfg.distill_span != "all"):
+        raise UserError(f"{cfg.arm if cfg.arm != 'critique' else 'distill_span=' + cfg.distill_span} reads "
+                        f"the critique's steps: it needs critique_validation=full or format, not off")
+    if cfg.support == "sampled" and cfg.divergence != "reverse":
+        raise UserError("support=sampled estimates reverse KL only; set divergence=reverse")
+    if cfg.arm.startswith("critique"):  # the arms that call the critic at every step
+        critic.check_reachable(cfg)
+
+
+def check_arm(cfg):
+    """A setting that does nothing for the chosen arm is refused with the reason, when a run starts
+    (and for --explain); a program that reads a finished run does not re-judge what it trained with."""
+    if cfg.arm != "grpo" and (cfg.grpo_beta, cfg.grpo_norm) != (0.0, "token_mean"):
+        key = "grpo_beta" if cfg.grpo_beta else "grpo_norm"
+        raise UserError(f"config key '{key}' shapes GRPO's policy-gradient loss, which the {cfg.arm} arm "
+                        f"does not use (it distils from a teacher); leave it at its default or use --context grpo")
+
+
+def resolve(cfg):
+    """The derived values, computed once: G, the run name, and what the model decides (the prompt
+    set and the length budget: world.model_settings)."""
+    world.model_settings(cfg)
+    if cfg.samples_per_question == 0:
+        cfg.samples_per_question = 8 if cfg.arm == "grpo" else 1
+    if not cfg.run:
+        cfg.run = f"{cfg.arm}-s{cfg.seed}"
+    check_consistency(cfg)
+    return cfg
+
+
+def parse_args(argv):
+    """--config FILE.yaml, then --context/--run, then key=value overrides; all checked. Returns
+    (cfg, N of --explain N, 0 without it)."""
+    values = options.parse_command_line(Config, CHOICES, argv, "Self-distillation with designed feedback.")
+    explain = values.pop("explain", 0)
+    if "context" in values:  # --context names the arm, as the paper names each by its context
+        values["arm"] = values.pop("context")
+    cfg = resolve(Config(**values))
+    check_arm(cfg)
+    if not explain:  # training logs; --explain writes nothing (and programs that only read runs never log)
+        tracking.check_ready(cfg)
+    return cfg, explain
+
+
+def load_config(argv):
+    return parse_args(argv)[0]
 
 
 def main(argv=None):

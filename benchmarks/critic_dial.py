@@ -48,7 +48,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     plt = common.pyplot()
     if plt is None:
-        raise common.UserError("the figure needs matplotlib: pip install -r requirements-plot.txt")
+        raise common.UserError("the figure needs matplotlib: pip install matplotlib==3.11.2 (or -r requirements-extras.txt)")
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, agreement, validation, mean, low, high in points(args.runs):
         if agreement is None:  # the rule critic: exact by construction

@@ -456,7 +456,7 @@ class Timer:
 # ---------------------------------------------------------------------------------------------
 # Figures (optional): matplotlib when it is installed.
 
-MATPLOTLIB = "-r requirements-plot.txt"  # optional: figures (matplotlib); without it, CSV only
+MATPLOTLIB = "matplotlib==3.11.2"  # optional: figures; without it, CSV only (requirements-extras.txt)
 
 
 def pyplot():

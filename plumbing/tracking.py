@@ -31,12 +31,12 @@ def check_installed(report_to):
         __import__(MODULES[report_to])
     except ImportError:
         raise UserError(f"report_to={report_to} needs the {PACKAGES[report_to]} package: "
-                        f"pip install -r requirements-logging.txt") from None
+                        f"pip install {PACKAGES[report_to]} (or -r requirements-extras.txt)") from None
     except Exception as e:  # noqa: BLE001 (any failure of a third-party import is the install's)
         said = (str(e).strip().splitlines() or [""])[0][:160]
         raise UserError(f"report_to={report_to}: the {PACKAGES[report_to]} package is installed but does not "
-                        f"import ({type(e).__name__}: {said}); reinstall it: pip install -r "
-                        f"requirements-logging.txt") from None
+                        f"import ({type(e).__name__}: {said}); reinstall it: pip install "
+                        f"--force-reinstall {PACKAGES[report_to]}") from None
 
 
 WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")  # wandb.Settings' own choices

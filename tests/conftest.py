@@ -88,6 +88,25 @@ def run_main(argv, capsys, script=None):
     return code, out, err
 
 
+def one_line_error(code, err, fragment=""):
+    """A mistake's ending: exit code 2, no traceback, exactly one `error:` line (containing
+    `fragment`) on stderr."""
+    assert code == 2, err[-2000:]
+    assert "Traceback" not in err and fragment in err, err[-2000:]
+    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1, err[-2000:]
+
+
+class Tripwire(Exception):
+    """Raised by a replaced function: the program got further than it should have."""
+
+
+def trip(monkeypatch, owner, name):
+    """Replace owner.name by a function that raises Tripwire: reaching it fails the test."""
+    def tripped(*args, **kwargs):
+        raise Tripwire(f"{name} was reached")
+    monkeypatch.setattr(owner, name, tripped)
+
+
 # Issue 23 counts the bad inputs and damaged states the suite covers: every collected case of the
 # reliability files is one (each asserts exit 2 with one `error:` line, a counted skip or a recovery),
 # except the controls named here (valid inputs that must stay accepted, facts of the shipped worlds).

@@ -80,7 +80,7 @@ import prepare
 from plumbing import sampler
 import selfdistill
 from plumbing.common import UserError
-from conftest import run_main, run_settings
+from conftest import Tripwire, one_line_error, run_main, run_settings, trip
 from selfdistill import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,14 +93,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 settings = functools.partial(run_settings, max_new_tokens=6, max_steps=1)
 
 
-def one_line_error(argv, capsys, script=selfdistill):
-    """The mistake ends in exit code 2, no traceback, and one line `error: ...` that is the last
-    thing on stderr (a progress bar may come before it once training has started); returns it."""
+def error_line(argv, capsys, script=selfdistill):
+    """Run the program on argv: the mistake ends as conftest.one_line_error says, and its `error: ...`
+    line is the last thing on stderr (a progress bar may come before it once training has started);
+    returns the line."""
     code, out, err = run_main(argv, capsys, script)
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert code == 2 and "Traceback" not in err and len(errors) == 1, (code, err[-2000:])
-    assert err.rstrip("\n").endswith(errors[0]), err[-2000:]
-    return errors[0]
+    one_line_error(code, err)
+    [line] = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert err.rstrip("\n").endswith(line), err[-2000:]
+    return line
 
 
 def config_error(argv):
@@ -108,16 +109,6 @@ def config_error(argv):
         load_config(argv)
     assert "\n" not in str(e.value)
     return str(e.value)
-
-
-class Tripwire(Exception):
-    """Raised by a replaced function: the script got further than it should have."""
-
-
-def trip(monkeypatch, name, owner=common):
-    def tripped(*args, **kwargs):
-        raise Tripwire(f"{name} was reached")
-    monkeypatch.setattr(owner, name, tripped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,13 +161,13 @@ def test_out_of_range_settings_are_one_line_errors(argv, key):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_device_cuda_without_cuda(tiny_model_dir, data, tmp_path, capsys):
-    line = one_line_error(["--context", "grpo", *settings(tiny_model_dir, data, tmp_path, device="cuda")],
+    line = error_line(["--context", "grpo", *settings(tiny_model_dir, data, tmp_path, device="cuda")],
                           capsys)
     assert line == "error: device=cuda but no CUDA device is available; use device=cpu"
 
 
 def test_unknown_device_name(tiny_model_dir, data, tmp_path, capsys):
-    line = one_line_error(["--context", "grpo", *settings(tiny_model_dir, data, tmp_path, device="gpu")],
+    line = error_line(["--context", "grpo", *settings(tiny_model_dir, data, tmp_path, device="gpu")],
                           capsys)
     assert "device" in line and "cpu" in line
 
@@ -185,8 +176,8 @@ def test_topk_not_smaller_than_the_vocabulary(tiny_model_dir, data, tmp_path, mo
     # The tiny model's vocabulary has 102 tokens. Proposed: an error once V is known (after the
     # model loads), because topk >= V is exactly support=full and almost always a slip (an extra
     # zero, or topk meant as top_k). token_divergence itself keeps clamping (a pure function).
-    trip(monkeypatch, "generate", sampler)  # the error must come before training starts
-    line = one_line_error(["--context", "reference", *settings(tiny_model_dir, data, tmp_path,
+    trip(monkeypatch, sampler, "generate")  # the error must come before training starts
+    line = error_line(["--context", "reference", *settings(tiny_model_dir, data, tmp_path,
                                                                support="topk", topk=100000)], capsys)
     assert "topk" in line and "102" in line and "support=full" in line
 
@@ -239,15 +230,15 @@ def test_an_answer_that_cannot_be_matched_is_an_error(answer, tiny_model_dir, tm
     with pytest.raises(UserError, match=":2: answer .* is empty once LaTeX and spaces are stripped"):
         common.load_jsonl(str(path), normalize=critic.normalize_answer)
     common.load_jsonl(str(path))  # without the normaliser the file is read: training passes it
-    trip(monkeypatch, "load_model")
-    line = one_line_error(["--context", "grpo", *settings(tiny_model_dir, str(path), tmp_path)], capsys)
+    trip(monkeypatch, common, "load_model")
+    line = error_line(["--context", "grpo", *settings(tiny_model_dir, str(path), tmp_path)], capsys)
     assert f"{path}:2: answer" in line and "is empty once LaTeX and spaces are stripped" in line
 
 
 def test_a_missing_test_file_is_found_before_training(tiny_model_dir, data, tmp_path, monkeypatch, capsys):
-    trip(monkeypatch, "load_model")
+    trip(monkeypatch, common, "load_model")
     missing = tmp_path / "tset.jsonl"
-    line = one_line_error(["--context", "grpo", *settings(tiny_model_dir, data, tmp_path, eval_at_end=True,
+    line = error_line(["--context", "grpo", *settings(tiny_model_dir, data, tmp_path, eval_at_end=True,
                                                           test_file=missing)], capsys)
     assert str(missing) in line and "not found" in line
 
@@ -258,7 +249,7 @@ def test_a_missing_test_file_is_found_before_training(tiny_model_dir, data, tmp_
 
 def test_tilde_model_path_in_yaml_is_one_line(data, tmp_path, capsys):
     (tmp_path / "c.yaml").write_text(f"model: ~/models/chat\ntrain_file: {data}\ntest_file: {data}\n")
-    line = one_line_error(["--context", "grpo", "--config", str(tmp_path / "c.yaml"),
+    line = error_line(["--context", "grpo", "--config", str(tmp_path / "c.yaml"),
                            f"out_dir={tmp_path}"], capsys)
     assert line.startswith("error: cannot load a tokenizer from '~/models/chat'")
 
@@ -269,20 +260,20 @@ def test_model_folder_without_weights_is_one_line(tiny_model_dir, data, tmp_path
     for name in os.listdir(tiny_model_dir):
         if name.startswith("tokenizer") or name.endswith(".jinja"):
             shutil.copy(os.path.join(tiny_model_dir, name), folder)
-    line = one_line_error(["--context", "grpo", *settings(str(folder), data, tmp_path)], capsys)
+    line = error_line(["--context", "grpo", *settings(str(folder), data, tmp_path)], capsys)
     assert line.startswith(f"error: cannot load a causal LM from '{folder}'")
 
 
 @pytest.mark.parametrize("targets", ["qproj,vproj", ","], ids=["no-name-matches", "no-name-at-all"])
 def test_lora_targets_that_match_nothing(targets, tiny_model_dir, data, tmp_path, capsys):
-    line = one_line_error(["--context", "grpo", *settings(tiny_model_dir, data, tmp_path,
+    line = error_line(["--context", "grpo", *settings(tiny_model_dir, data, tmp_path,
                                                           lora_targets=targets)], capsys)
     assert line.startswith("error: lora_targets") and all(t in line for t in targets.split(",") if t)
 
 
 def test_a_lora_target_with_a_typo_among_valid_ones(tiny_model_dir, data, tmp_path, monkeypatch, capsys):
-    trip(monkeypatch, "generate", sampler)  # the error must come before training starts
-    line = one_line_error(["--context", "grpo", *settings(tiny_model_dir, data, tmp_path,
+    trip(monkeypatch, sampler, "generate")  # the error must come before training starts
+    line = error_line(["--context", "grpo", *settings(tiny_model_dir, data, tmp_path,
                                                           lora_targets="q_prj,v_proj")], capsys)
     assert "q_prj" in line
 
@@ -293,13 +284,13 @@ def test_a_lora_target_with_a_typo_among_valid_ones(tiny_model_dir, data, tmp_pa
 
 def test_hf_critic_folder_that_does_not_exist(tiny_model_dir, data, tmp_path, capsys):
     missing = tmp_path / "no_such_critic"
-    line = one_line_error(["--context", "critique", *settings(tiny_model_dir, data, tmp_path, critic="hf",
+    line = error_line(["--context", "critique", *settings(tiny_model_dir, data, tmp_path, critic="hf",
                                                               critic_model=missing)], capsys)
     assert line.startswith(f"error: cannot load the critic '{missing}'")
 
 
 def test_hf_critic_without_chat_template(tiny_model_dir, no_template_model_dir, data, tmp_path, capsys):
-    line = one_line_error(["--context", "critique", *settings(tiny_model_dir, data, tmp_path, critic="hf",
+    line = error_line(["--context", "critique", *settings(tiny_model_dir, data, tmp_path, critic="hf",
                                                               critic_model=no_template_model_dir)], capsys)
     assert "has no chat template" in line
 
@@ -313,14 +304,14 @@ def http_settings(server, model_dir, data, out_dir, **extra):
 @pytest.mark.parametrize("code", ["401", "403"])
 def test_critic_refusing_the_key_at_start(code, critic_server, tiny_model_dir, data, tmp_path, capsys):
     critic_server.models = code
-    line = one_line_error(["--context", "critique", *http_settings(critic_server, tiny_model_dir, data,
+    line = error_line(["--context", "critique", *http_settings(critic_server, tiny_model_dir, data,
                                                                    tmp_path)], capsys)
     assert line == (f"error: critic at {critic_server.url} refused the API key in $CRITIC_KEY_FOR_TESTS "
                     f"(HTTP {code})")
 
 
 def test_critic_that_does_not_serve_the_model(critic_server, tiny_model_dir, data, tmp_path, capsys):
-    line = one_line_error(["--context", "critique", *http_settings(
+    line = error_line(["--context", "critique", *http_settings(
         critic_server, tiny_model_dir, data, tmp_path, critic_model="Qwen/QwQ-32B")], capsys)
     assert line == f"error: critic at {critic_server.url} does not serve 'Qwen/QwQ-32B' (it serves critic-model)"
 
@@ -348,7 +339,7 @@ def test_failed_critiques_are_counted_and_the_run_goes_on(replies, logged, criti
 def test_critic_refusing_the_key_in_mid_run_stops(critic_server, tiny_model_dir, data, tmp_path, capsys):
     critic_server.models = "404"  # no /models listing: the start-up check cannot see the refusal
     critic_server.replies = "401"
-    line = one_line_error(["--context", "critique", "--run", "c", *http_settings(
+    line = error_line(["--context", "critique", "--run", "c", *http_settings(
         critic_server, tiny_model_dir, data, tmp_path, max_steps=2)], capsys)
     assert "refused the API key in $CRITIC_KEY_FOR_TESTS (HTTP 401)" in line
 
@@ -358,13 +349,13 @@ def test_critic_refusing_the_key_in_mid_run_stops(critic_server, tiny_model_dir,
 
 
 def test_resuming_with_a_changed_setting_is_refused(data, tmp_path, capsys, monkeypatch):
-    trip(monkeypatch, "load_model")
+    trip(monkeypatch, common, "load_model")
     argv = ["--context", "reference", "--run", "r", f"train_file={data}", f"test_file={data}",
             f"out_dir={tmp_path}", "model=some/model"]
     with pytest.raises(Tripwire):  # the first start gets as far as loading the model
         selfdistill.main(argv + ["lr=0.001"])
     os.makedirs(tmp_path / "r" / "checkpoints" / "step_000010")  # ... and trained to a checkpoint
-    line = one_line_error(argv + ["lr=0.01"], capsys)
+    line = error_line(argv + ["lr=0.01"], capsys)
     assert line == ("error: run 'r' exists with lr=0.001 (now 0.01); resume with the same settings or "
                     "choose another --run")
     with pytest.raises(Tripwire):  # eval_at_end may change between a run and its resume
@@ -374,8 +365,8 @@ def test_resuming_with_a_changed_setting_is_refused(data, tmp_path, capsys, monk
 def test_a_failed_start_can_be_rerun_with_corrected_settings(tiny_model_dir, data, tmp_path, capsys,
                                                              monkeypatch):
     argv = ["--context", "critique", "--run", "r", *settings(tiny_model_dir, data, tmp_path)]
-    one_line_error(argv + ["critic=hf", f"critic_model={tmp_path / 'typo'}"], capsys)
-    trip(monkeypatch, "load_model")
+    error_line(argv + ["critic=hf", f"critic_model={tmp_path / 'typo'}"], capsys)
+    trip(monkeypatch, common, "load_model")
     with pytest.raises(Tripwire):  # no checkpoint exists: nothing to resume, so nothing to refuse
         selfdistill.main(argv + ["critic=rule"])
 
@@ -415,26 +406,26 @@ def test_eval_on_a_run_without_checkpoints_says_so(tiny_model_dir, data, tmp_pat
 
 
 def test_eval_on_folders_that_are_not_runs(tiny_model_dir, data, tmp_path, capsys):
-    line = one_line_error([str(tmp_path)], capsys, script=compare)
+    line = error_line([str(tmp_path)], capsys, script=compare)
     assert line == f"error: {tmp_path} has no checkpoints and no config.yaml: not a selfdistill run folder"
     checkpoint = os.path.join(make_run(tmp_path, tiny_model_dir, data), "checkpoints", "step_000010")
     os.makedirs(checkpoint)
-    line = one_line_error([checkpoint], capsys, script=ev)
+    line = error_line([checkpoint], capsys, script=ev)
     assert line.startswith(f"error: {checkpoint} has") and "not a selfdistill run folder" in line
 
 
 def test_eval_k_larger_than_samples(tiny_model_dir, data, tmp_path, capsys, monkeypatch):
-    trip(monkeypatch, "load_model")
+    trip(monkeypatch, common, "load_model")
     run_dir = make_run(tmp_path, tiny_model_dir, data)
-    line = one_line_error([run_dir, "--samples", "4", "--k", "8"], capsys, script=ev)
+    line = error_line([run_dir, "--samples", "4", "--k", "8"], capsys, script=ev)
     assert line == "error: k = 8 must lie in 1..samples (4)"
 
 
 @pytest.mark.parametrize("flags", [["--samples", "0"], ["--k", "0"], ["--temperature", "0"],
                                    ["--questions", "-1"]], ids=lambda f: " ".join(f))
 def test_eval_flags_out_of_range(flags, tiny_model_dir, data, tmp_path, capsys, monkeypatch):
-    trip(monkeypatch, "load_model")
-    line = one_line_error([make_run(tmp_path, tiny_model_dir, data), *flags], capsys, script=ev)
+    trip(monkeypatch, common, "load_model")
+    line = error_line([make_run(tmp_path, tiny_model_dir, data), *flags], capsys, script=ev)
     assert flags[0].lstrip("-") in line
 
 
@@ -455,23 +446,23 @@ def test_compare_the_same_run_twice(tiny_model_dir, data, tmp_path):
 
 def test_analyze_on_a_path_that_is_neither_run_nor_model(tmp_path, capsys):
     missing = tmp_path / "runs" / "critque-s0"
-    line = one_line_error([str(missing)], capsys, script=analyze)
+    line = error_line([str(missing)], capsys, script=analyze)
     assert line == f"error: {missing} is neither a run folder (no config.yaml) nor a model folder"
 
 
 def test_prepare_on_a_missing_input(tmp_path, capsys):
-    line = one_line_error([str(tmp_path / "omr.jsonl")], capsys, script=prepare)
+    line = error_line([str(tmp_path / "omr.jsonl")], capsys, script=prepare)
     assert line == f"error: input file {tmp_path / 'omr.jsonl'} not found"
 
 
 def test_prepare_on_records_without_the_openmath_fields(tiny_model_dir, data, tmp_path, capsys, monkeypatch):
-    trip(monkeypatch, "load_model")
-    line = one_line_error([data, tiny_model_dir, f"train_file={data}", f"test_file={data}",
+    trip(monkeypatch, common, "load_model")
+    line = error_line([data, tiny_model_dir, f"train_file={data}", f"test_file={data}",
                            "--out", str(tmp_path / "out")], capsys, script=prepare)
     assert "expected_answer" in line
 
 
 def test_run_config_with_an_unknown_key(tiny_model_dir, data, tmp_path, capsys):
     run_dir = make_run(tmp_path, tiny_model_dir, data, future_option=1)
-    line = one_line_error([run_dir], capsys, script=ev)
+    line = error_line([run_dir], capsys, script=ev)
     assert line.startswith(f"error: {run_dir}/config.yaml: unknown config key 'future_option'")

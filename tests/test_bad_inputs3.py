@@ -42,30 +42,14 @@ from plumbing import ranks
 from plumbing import runfolder
 import selfdistill
 from plumbing.common import UserError
-from conftest import run_main
+from conftest import one_line_error, run_main, trip
 from test_compare import train_log, write_run
-
-
-def one_line_error(code, err, fragment):
-    assert code == 2, err[-2000:]
-    assert "Traceback" not in err and fragment in err, err[-2000:]
-    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1, err[-2000:]
 
 
 def counted_skip(err, count, fragment=""):
     warnings = [line for line in err.splitlines() if "malformed row" in line]
     assert len(warnings) == 1 and f": {count} malformed row" in warnings[0] and fragment in warnings[0], err
     assert "Traceback" not in err
-
-
-class Tripwire(Exception):
-    """Raised by a replaced function: the program got further than it should have."""
-
-
-def trip(monkeypatch, owner, name):
-    def tripped(*args, **kwargs):
-        raise Tripwire(f"{name} was reached")
-    monkeypatch.setattr(owner, name, tripped)
 
 
 def good_row(step, avg=0.5):

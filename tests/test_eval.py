@@ -134,20 +134,6 @@ def test_step_0_student_is_the_base_with_the_adapter_off(lora_model, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The programs eval.py used to hold answer their old flags with the new command
-
-
-@pytest.mark.parametrize("flag, command", [("--compare", "python compare.py"), ("--plot", "python compare.py --plot"),
-                                           ("--analyze", "python analyze.py"), ("--prepare", "python prepare.py")])
-def test_old_flags_name_the_new_program(flag, command, tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        ev.main([flag, str(tmp_path)])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(f"error: eval.py {flag} ")
-    assert command in err
-
-
-# ---------------------------------------------------------------------------------------------
 # evaluate_run
 # evaluate_run
 

@@ -1,6 +1,6 @@
 """Protects the GRPO baseline's loss (grpo.py): its three normalisations and the k3 KL penalty by
 hand, grpo_loss's reference path against float64 autograd, and parity with TRL's GRPO loss
-(GRPOTrainer._compute_loss, trl==1.16.0 from requirements-test.txt) on the same tensors.
+(GRPOTrainer._compute_loss, trl==1.16.0 from requirements-extras.txt) on the same tensors.
 
 TRL's loss is a method of its trainer; we call the method itself on a stand-in for the trainer that
 holds only the settings it reads (loss_type, beta, clip ε, ...) and returns our crafted per-token

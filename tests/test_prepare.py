@@ -106,7 +106,7 @@ def test_without_datasets_a_folder_says_how_to_install(tmp_path, monkeypatch):
             raise ImportError(name)
         return real_import(name, *args, **kwargs)
     monkeypatch.setattr(builtins, "__import__", no_datasets)
-    with pytest.raises(UserError, match="requirements-data.txt"):
+    with pytest.raises(UserError, match="pip install datasets"):
         prepare.read_openmath(parquet_shards(tmp_path / "shards", [2]))
 
 

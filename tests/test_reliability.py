@@ -25,16 +25,10 @@ from plumbing import runfolder
 import selfdistill
 from toyworld import toy_build
 from plumbing.common import UserError
-from conftest import run_main, run_settings
+from conftest import one_line_error, run_main, run_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 settings = functools.partial(run_settings, max_new_tokens=6, max_steps=2, lr=0.05)
-
-
-def one_line_error(code, err, fragment):
-    assert code == 2, err
-    assert "Traceback" not in err and fragment in err, err
-    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
 
 
 # ---------------------------------------------------------------------------------------------

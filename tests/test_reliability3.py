@@ -43,27 +43,11 @@ import critic
 import eval as ev
 from plumbing import runfolder
 from plumbing.common import UserError
-from conftest import run_main, run_settings
+from conftest import one_line_error, run_main, run_settings, trip
 from test_reliability import HOLDER, os_lock_held
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 settings = functools.partial(run_settings, max_new_tokens=6, max_steps=2, lr=0.05)
-
-
-def one_line_error(code, err, fragment):
-    assert code == 2, err[-2000:]
-    assert "Traceback" not in err and fragment in err, err[-2000:]
-    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1, err[-2000:]
-
-
-class Tripwire(Exception):
-    """Raised by a replaced function: the script got further than it should have."""
-
-
-def trip(monkeypatch, name):
-    def tripped(*args, **kwargs):
-        raise Tripwire(f"{name} was reached")
-    monkeypatch.setattr(common, name, tripped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,7 +184,7 @@ def test_a_lock_files_text_does_not_decide(kind, tmp_path):
 
 def test_an_unusable_lock_stops_training_with_one_line(tiny_model_dir, data, tmp_path, capsys, monkeypatch):
     (tmp_path / "r" / ".lock").mkdir(parents=True)
-    trip(monkeypatch, "load_model")
+    trip(monkeypatch, common, "load_model")
     code, _, err = run_main(settings(tiny_model_dir, data, tmp_path) + ["--run", "r"], capsys)
     one_line_error(code, err, "is not a lock file this program wrote (a folder)")
 
@@ -245,7 +229,7 @@ def path_case(kind, tmp_path):
                                   "out_dir through a dangling link"])
 def test_run_paths_that_cannot_be_used_are_one_line(kind, tiny_model_dir, data, tmp_path, capsys, monkeypatch):
     extra, strerror = path_case(kind, tmp_path)
-    trip(monkeypatch, "load_model")
+    trip(monkeypatch, common, "load_model")
     argv = [word for word in settings(tiny_model_dir, data, tmp_path) if not word.startswith("out_dir=")]
     code, _, err = run_main(argv + extra + ["--run", "r"], capsys)  # its out_dir in place of the default's
     one_line_error(code, err, f"error: cannot use {tmp_path}")

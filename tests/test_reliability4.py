@@ -43,15 +43,9 @@ from toyworld import toy_build
 from plumbing import tracking
 from toyworld import world
 from plumbing.common import UserError
-from conftest import make_char_tokenizer, make_tiny_model, run_main
+from conftest import make_char_tokenizer, make_tiny_model, one_line_error, run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def one_line_error(code, err, fragment):
-    assert code == 2, err[-2000:]
-    assert "Traceback" not in err and fragment in err, err[-2000:]
-    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1, err[-2000:]
 
 
 def no_build(monkeypatch):
@@ -266,7 +260,7 @@ def test_a_second_build_into_the_same_folder_is_refused(world_copy, monkeypatch)
     monkeypatch.setattr(toy_build, "build", staged_build())
     from conftest import ROOT
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
-                               "import runfolder; runfolder.RunLock(sys.argv[2], 'building'); print('held', "
+                               "from plumbing import runfolder; runfolder.RunLock(sys.argv[2], 'building'); print('held', "
                                "flush=True); time.sleep(60)", ROOT, world_copy], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"  # another process holds the world's OS lock

@@ -4,7 +4,7 @@ run continues the same TensorBoard folder (the redone steps replace the old ones
 run id; the toy world's transfer split is logged apart (eval/transfer/*, never under the test's
 eval/avg) and the evaluation's constants (n, k, questions, temperature) go to the run's config, not
 to curves; a missing package is a one-line error naming the install; ranks > 0 and report_to=none get
-a tracker that does nothing. Both packages come from requirements-logging.txt (installed in CI);
+a tracker that does nothing. Both packages come from requirements-extras.txt (installed in CI);
 nothing here touches the network (WANDB_MODE=offline)."""
 import glob
 import json
@@ -132,8 +132,8 @@ def test_wandb_offline_run_holds_the_metrics_and_the_eval_rows_and_resumes_the_s
 
 def test_missing_package_is_a_one_line_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now raises ImportError
-    with pytest.raises(UserError, match=r"report_to=wandb needs the wandb package: pip install -r "
-                                        r"requirements-logging.txt"):
+    with pytest.raises(UserError, match=r"report_to=wandb needs the wandb package: pip install wandb "
+                                        r"\(or -r requirements-extras.txt\)"):
         selfdistill.load_config(["report_to=wandb"])
 
 

@@ -2,7 +2,7 @@
 answers with our name (or says there is none, and why) instead of a spelling guess, names a real
 Config field, and has its row in docs/trl.md; and the self-distillation divergences
 (selfdistill.token_divergence) against a peer: TRL's experimental SDPO and SDFT loss functions
-(trl==1.16.0 from requirements-test.txt, trl/experimental/{sdpo,sdft}/loss_utils.py) on the same
+(trl==1.16.0 from requirements-extras.txt, trl/experimental/{sdpo,sdft}/loss_utils.py) on the same
 logits, values and gradients.
 
 Mapping (docs/trl.md): TRL's distillation_alpha 0 is our divergence=forward, KL(T ‖ S); 1 is

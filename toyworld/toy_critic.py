@@ -20,7 +20,7 @@ critique's (same first changed step, same text), and the teacher ceiling with it
 The world's own model, data and build.json are not touched.
 
 The critics serve through `transformers serve` (transformers' OpenAI-compatible server, the API
-`vllm serve` gives a GPU user; extra: requirements-serving.txt), which answers for a model under
+`vllm serve` gives a GPU user; extra: transformers[serving], in requirements-extras.txt), which answers for a model under
 the path it was started with: critic_model must be that path, and /v1/models lists it.
 
     python -m toyworld.toy_critic build --world toy [--force] [--threads 1]    # build (or rebuild) them
