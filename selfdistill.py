@@ -709,11 +709,13 @@ def main(argv=None):
         if explain:  # one step shown is its own program now, with the same arguments
             raise UserError(f"--explain is its own program: python explain.py {' '.join(sys.argv[1:] if argv is None else argv)}")
         run_dir, model = train(cfg)
-        if cfg.eval_at_end:  # eval.py in its own process: it imports this file, never the reverse
-            del model
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            sys.exit(common.evaluate_in_child(run_dir, cfg.trust_remote_code))  # it sends its rows to report_to
+        if not cfg.eval_at_end:
+            ranks.leave_group()  # under torchrun: a group left standing can abort the interpreter at exit
+            return
+        del model  # eval.py in its own process: it imports this file, never the reverse
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        sys.exit(common.evaluate_in_child(run_dir, cfg.trust_remote_code))  # it sends its rows to report_to
 
 
 if __name__ == "__main__":
