@@ -242,9 +242,15 @@ def colour_scale(results, kinds):
     return scale or 1.0
 
 
+# One diverging pair everywhere A_t is shown (this page, its PNGs, explain.py's terminal colours):
+# red where the context says change the token (A_t < 0), blue where it says keep it. Red and blue
+# stay apart for the common colour-vision deficiencies, which red and green do not.
+CHANGE_RGB, KEEP_RGB = (215, 48, 39), (69, 117, 180)
+
+
 def token_html(piece, a, is_boundary, is_wrong, scale):
     """One token as a coloured span, escaped: <, >, & and quotes as entities, newlines as ↵."""
-    rgb = "215,48,39" if a < 0 else "69,117,180"  # red: the context says change it; blue: keep it
+    rgb = ",".join(map(str, CHANGE_RGB if a < 0 else KEEP_RGB))  # red: change it; blue: keep it
     alpha = min(abs(a) / scale, 1.0)
     classes = " ".join(c for c, on in (("s", is_boundary), ("w", is_wrong)) if on)
     classes = f' class="{classes}"' if classes else ""
@@ -332,7 +338,7 @@ def plot_aligned(aligned, results, path, heading=""):
     if not lengths:
         return None
     fig, ax = plt.subplots(figsize=(9, 4.2))
-    ax.axvspan(0, statistics.median(lengths), color="red", alpha=0.08,
+    ax.axvspan(0, statistics.median(lengths), color="0.5", alpha=0.12,
                label=f"first wrong step (median length {statistics.median(lengths):g} tokens)")
     ax.axhline(0, color="0.6", linewidth=0.8)
     for kind, curve in aligned.items():
@@ -364,16 +370,26 @@ def plot_png(result, kinds, path):
         return None  # optional: the HTML and JSON carry the same numbers
     fig, axes = plt.subplots(len(kinds), 1, figsize=(10, 2.2 * len(kinds)), sharex=True, sharey=True,
                              squeeze=False)  # one y scale: magnitudes compare across contexts
+    change, keep = (tuple(c / 255 for c in rgb) for rgb in (CHANGE_RGB, KEEP_RGB))
     for ax, kind in zip(axes[:, 0], kinds):
-        ax.bar(range(len(result["tokens"])), result["contexts"][kind]["A"], width=1.0, color="0.3")
+        A = result["contexts"][kind]["A"]
+        ax.bar(range(len(A)), A, width=1.0, color=[change if a < 0 else keep for a in A])
         for boundary in result["step_starts"]:
             ax.axvline(boundary, color="0.85", linewidth=0.8, zorder=0)
         if result["wrong_span"]:
-            ax.axvspan(*result["wrong_span"], color="red", alpha=0.15)  # the first wrong step
+            ax.axvspan(*result["wrong_span"], color="0.5", alpha=0.15, zorder=0)  # the first wrong step
         ax.set_ylabel("A_t")
         ax.set_title(kind, fontsize=9)
-    axes[-1, 0].set_xlabel("response token")
-    fig.tight_layout()
+    from matplotlib.patches import Patch
+    fig.legend(handles=[Patch(color=keep, label="A_t > 0: the context says keep the token"),
+                        Patch(color=change, label="A_t < 0: the context says change it"),
+                        Patch(color="0.5", alpha=0.15, label="the first wrong step"),
+                        Patch(color="0.85", label="step boundaries (lines)")],
+               fontsize=7, loc="upper center", ncol=4, frameon=False)
+    ticks = [t for t in result["step_starts"] if t < len(result["tokens"])]  # the step tags' tokens
+    axes[-1, 0].set_xticks(ticks, [result["tokens"][t].strip() or "·" for t in ticks], fontsize=7, rotation=45)
+    axes[-1, 0].set_xlabel("response token (ticks: where each step starts)")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / (2.2 * len(kinds))))  # room for the legend
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

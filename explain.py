@@ -7,7 +7,7 @@ for grpo the group's rewards and advantages instead. It runs the loop's own name
 micro-batch loss (selfdistill.sample_rollouts, judge_rollouts, kept_rollouts, teacher_inputs,
 micro_batch_loss), one rollout at a time with the step's divisor (so the rollouts' losses sum to the
 step's loss), then stops: no update, no run folder, no checkpoint. A_t is coloured on a terminal
-(green: the teacher likes the token more than the student does) and written `[+0.12]` after it
+(blue: the teacher likes the token more than the student does; red: less, analyze.py's colours) and written `[+0.12]` after it
 when the output is piped; tokens with |A_t| below SHOWN (0.05) are left unmarked.
 """
 import sys
@@ -40,7 +40,7 @@ def marked(pieces, values, colour):
         if abs(a) < SHOWN:
             out.append(piece)
         elif colour:
-            shade = 32 if a > 0 else 31  # green: the teacher raises the token; red: lowers it
+            shade = 34 if a > 0 else 31  # blue: keep the token; red: change it (analyze.py's pair)
             out.append(f"\033[{1 if abs(a) >= 1 else 0};{shade}m{piece}\033[0m")
         else:
             out.append(f"{piece}[{a:+.2f}]")
@@ -96,7 +96,7 @@ def show_step(cfg, n_shown):
             block("the critic's critique", rollouts.critiques[i])
         block("the teacher's context, as the teacher sees it (decoded prompt; then ŷ follows)",
               tokenizer.decode(teacher[0][i], skip_special_tokens=False))
-        block("ŷ's tokens with A_t = log π_T(ŷ_t) − log π_θ(ŷ_t)" + (" (green +, red −)" if colour else ""),
+        block("ŷ's tokens with A_t = log π_T(ŷ_t) − log π_θ(ŷ_t)" + (" (blue +, red −)" if colour else ""),
               marked(contexts.token_pieces(tokenizer, rollouts.responses[i]), A_t, colour))
         print(f"--- divergence 1/|ŷ| Σ_t {cfg.divergence} KL: {value:.4f}  (Σ_t A_t = {sum(A_t):+.3f})")
     why = "A_i = 0" if cfg.arm == "grpo" else "an invalid critique" if cfg.arm.startswith("critique") else "-"
