@@ -274,6 +274,11 @@ def validate_critique(rollout, critique, gold=None, mode="full"):
     return True, "ok"
 
 
+
+def verdict(rollout, critique, gold=None, mode="full"):
+    """"ok", or the name an invalid critique is counted under (validate_critique's reason code)."""
+    return validate_critique(rollout, critique, gold, mode)[1].split(":")[0]
+
 # ---------------------------------------------------------------------------------------------
 # The model critic's instruction (the paper's §4, in our words)
 

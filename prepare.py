@@ -312,11 +312,11 @@ def filter_chunk(problems, model, tokenizer, judge, cfg, device, samples, max_co
                       [p["solution"] for p, _ in candidates], [p["answer"] for p, _ in candidates])
     kept = []
     for (problem, wrong), critique in zip(candidates, critiques):
-        ok, why = critic.validate_critique(wrong, critique, problem["answer"], cfg.critique_validation)
-        if ok:
+        why = critic.verdict(wrong, critique, problem["answer"], cfg.critique_validation)
+        if why == "ok":
             kept.append(problem)
         else:
-            counts[f"critic/{why.split(':')[0]}"] += 1
+            counts[f"critic/{why}"] += 1
     return kept
 
 

@@ -359,7 +359,7 @@ def judge_rollouts(cfg, judge, rollouts, analyse):
             stopped = True
     if is_critique:  # the arm's form of each valid critique (the two controls rewrite it)
         restyle = world.toy_restyle(cfg)
-        rollouts.verdicts = [critic.validate_critique(t, c, r["answer"], cfg.critique_validation)[1].split(":")[0]
+        rollouts.verdicts = [critic.verdict(t, c, r["answer"], cfg.critique_validation)
                              for t, c, r in zip(rollouts.texts, rollouts.critiques, rollouts.records)]
         rollouts.contexts = [contexts.critique_form(cfg.arm, t, c, restyle) if v == "ok" else c or None
                              for t, c, v in zip(rollouts.texts, rollouts.critiques, rollouts.verdicts)]

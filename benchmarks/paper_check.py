@@ -31,6 +31,7 @@ import shutil
 import sys
 import threading
 import time
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -164,7 +165,7 @@ def unfiltered_data(shards, data):
     none, and the arms need something to train on (a check of time and memory, not of learning)."""
     import prepare
     records, _ = prepare.read_openmath(shards, split="cot")
-    problems = prepare.group_problems(records, __import__("collections").Counter())
+    problems = prepare.group_problems(records, Counter())
     os.makedirs(data, exist_ok=True)
     for name, part in (("train", problems[2:]), ("test", problems[:2])):
         with open(os.path.join(data, f"{name}.jsonl"), "w") as f:

@@ -9,6 +9,7 @@ seconds, quietly."""
 import json
 import os
 import time
+from collections import Counter
 
 import pytest
 
@@ -134,7 +135,7 @@ def test_pre_filters_count_what_they_drop(tmp_path):
             row(3, problem_type="has_answer_extracted", pass_rate_72b_tir="n/a"),
             row(4, problem_type="no_answer_extracted", pass_rate_72b_tir="0.0")]
     records, _ = prepare.read_openmath(shards(tmp_path / "omr", rows))
-    counts = __import__("collections").Counter()
+    counts = Counter()
     kept = prepare.pre_filter(prepare.group_problems(records, counts), counts, max_pass_rate=0.5)
     assert [p["question"] for p in kept] == ["0+1"]
     assert +counts == {"problem_type": 2, "pass_rate_too_high": 1, "pass_rate_unknown": 1}
@@ -148,7 +149,7 @@ def test_one_problem_many_solutions_gives_one_record_with_the_shortest_right_ref
             row(0, generated_solution="short \\boxed{1}"), {**row(0), "problem": " 0+1 \n"},
             row(1), {**row(1), "expected_answer": "3"}]  # problem 1's records disagree on the answer
     records, _ = prepare.read_openmath(shards(tmp_path / "omr", rows))
-    counts = __import__("collections").Counter()
+    counts = Counter()
     problems = prepare.group_problems(records, counts)
     assert [(p["question"], p["solution"], p["solutions"]) for p in problems] == [("0+1", "short \\boxed{1}", 4)]
     assert +counts == {"duplicate_records": 4, "conflicting_answers": 1}
