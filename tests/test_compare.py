@@ -20,6 +20,7 @@ import yaml
 
 from plumbing import common
 import compare
+from plumbing import curves
 import eval as ev
 import selfdistill
 from toyworld import folders
@@ -144,7 +145,7 @@ def test_plot_shows_the_papers_three_metrics_the_best_checkpoint_and_named_ceili
     # an arm drawn exactly over another says so in the legend (its markers are hollow and larger)
     rows = [{"arm": arm, "metric": "avg", "step": s, "mean": m} for arm in ("a", "b", "c")
             for s, m in ((0, 0.1), (10, 0.5 if arm != "c" else 0.6))]
-    assert compare.identical_arms(rows, ["a", "b", "c"]) == {"b": "; Avg curve = a's"}
+    assert curves.identical_arms(rows, ["a", "b", "c"]) == {"b": "; Avg curve = a's"}
 
 
 def compare_main(argv, capsys):
