@@ -4,11 +4,11 @@ for N rollouts (default 2): the question, the student's response, the critic's c
 reference), the teacher's context as the teacher sees it (its decoded prompt), the response's
 tokens marked by A_t = log π_T(ŷ_t) − log π_θ(ŷ_t), the rollout's divergence, and the step's loss;
 for grpo the group's rewards and advantages instead. It runs the loop's own named steps and its
-micro-batch loss (selfdistill.sample_rollouts, judge_rollouts, kept_rollouts, teacher_inputs,
-micro_batch_loss), one rollout at a time with the step's divisor (so the rollouts' losses sum to the
-step's loss), then stops: no update, no run folder, no checkpoint. A_t is coloured on a terminal
-(blue: the teacher likes the token more than the student does; red: less, analyze.py's colours) and written `[+0.12]` after it
-when the output is piped; tokens with |A_t| below SHOWN (0.05) are left unmarked.
+micro-batch loss (selfdistill.sample_rollouts, judge_rollouts, kept_rollouts, micro_batch_loss),
+one rollout at a time with the step's divisor (so the rollouts' losses sum to the step's loss), then
+stops: no update, no run folder, no checkpoint. A_t is coloured on a terminal (blue: the teacher
+likes the token more than the student does; red: less, analyze.py's colours) and written `[+0.12]`
+after it when the output is piped; tokens with |A_t| below SHOWN (0.05) are left unmarked.
 """
 import sys
 
@@ -61,20 +61,19 @@ def show_step(cfg, n_shown):
     records = world.load_records(cfg, train_path, need_solution=cfg.arm == "reference")
     judge = world.make_judge(cfg, device, records) if cfg.arm.startswith("critique") else None
     model, tokenizer = common.load_model(cfg, model_path, device)
-    weight = model.get_base_model().get_output_embeddings().weight  # (V, d)
     G, step, colour = cfg.samples_per_question, 0, sys.stdout.isatty()
     torch.manual_seed(common.step_seed(cfg, step))
     batch = [records[i] for i in common.batch_for_step(len(records), cfg.batch_size, step, cfg.seed)]
     rollouts = loop.sample_rollouts(cfg, model, tokenizer, batch, step, 0, world.exact_answers(cfg))
     loop.judge_rollouts(cfg, judge, rollouts, False)
-    keep, divisor, _, advantages = loop.kept_rollouts(cfg, rollouts)
-    teacher = loop.teacher_inputs(cfg, tokenizer, rollouts, keep)
+    kept = loop.kept_rollouts(cfg, tokenizer, rollouts)
+    keep, divisor, advantages = kept.index, kept.divisor, kept.advantages
     model.eval()  # no dropout: the numbers shown are the step's, without noise
     step_loss, shown, timer = 0.0, {}, common.Timer(device)
     for i in keep:  # each kept rollout alone, divided by the whole step's divisor: Σ_i = the step's loss
         with torch.no_grad():  # the loop's own micro-batch loss, on a micro-batch of one
-            loss, stats = loop.micro_batch_loss(cfg, model, weight, tokenizer.pad_token_id, rollouts, [i], teacher,
-                                                advantages, divisor, {}, timer, analyse=cfg.arm != "grpo")
+            loss, stats = loop.micro_batch_loss(cfg, model, tokenizer, rollouts, kept, [i], timer,
+                                                analyse=cfg.arm != "grpo")
         step_loss += loss.item()
         shown[i] = (loss.item() * divisor, stats["advantage"][0].tolist() if cfg.arm != "grpo" else None)
     rewards, texts, truncated = rollouts.rewards, rollouts.texts, rollouts.truncated
@@ -95,7 +94,7 @@ def show_step(cfg, n_shown):
         if cfg.arm.startswith("critique"):
             block("the critic's critique", rollouts.critiques[i])
         block("the teacher's context, as the teacher sees it (decoded prompt; then ŷ follows)",
-              tokenizer.decode(teacher[0][i], skip_special_tokens=False))
+              tokenizer.decode(kept.teacher_ids[i], skip_special_tokens=False))
         block("ŷ's tokens with A_t = log π_T(ŷ_t) − log π_θ(ŷ_t)" + (" (blue +, red −)" if colour else ""),
               marked(contexts.token_pieces(tokenizer, rollouts.responses[i]), A_t, colour))
         print(f"--- divergence 1/|ŷ| Σ_t {cfg.divergence} KL: {value:.4f}  (Σ_t A_t = {sum(A_t):+.3f})")

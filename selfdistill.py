@@ -368,11 +368,21 @@ def judge_rollouts(cfg, judge, rollouts, analyse):
     return stopped
 
 
-def kept_rollouts(cfg, rollouts):
-    """The rollouts that enter the loss, and the loss's divisor: the whole step's count, summed over
-    processes under torchrun: GRPO's kept tokens (of samples with A_i ≠ 0), self-distillation's kept
-    sequences (a valid context). GRPO's divisor follows grpo_norm (grpo.policy_gradient_loss).
-    Returns (keep, divisor, zero_signal, advantages (None for SD))."""
+@dataclass
+class Kept:
+    """What of a step's rollouts enters the loss, and what the loss divides by (kept_rollouts)."""
+    index: list  # the kept rollouts: GRPO's with A_i ≠ 0 (all with β > 0), SD's with a valid context
+    divisor: int  # the whole step's count, all processes: GRPO's grpo_norm divisor, SD's kept sequences
+    zero_signal: float  # the share of the step without signal: GRPO's flat groups, SD's dropped rollouts
+    advantages: torch.Tensor = None  # GRPO: A_i per rollout (n,); None for SD
+    teacher_ids: dict = None  # SD: {i: the teacher's prompt ids, x with its context c}
+    span_ends: dict = None  # SD: {i: where the distilled span ends; None = the whole response}
+
+
+def kept_rollouts(cfg, tokenizer, rollouts):
+    """The rollouts that enter the loss, the loss's divisor (summed over processes under torchrun:
+    GRPO's kept tokens, or sequences, by grpo_norm (grpo.policy_gradient_loss); self-distillation's
+    kept sequences) and, for self-distillation, the kept rollouts' teacher prompts."""
     responses = rollouts.responses
     if cfg.arm == "grpo":
         advantages, flat_groups = grpo_advantages(rollouts.rewards.view(-1, cfg.samples_per_question))
@@ -382,37 +392,30 @@ def kept_rollouts(cfg, rollouts):
                                                             flat_groups])
         constant = cfg.max_new_tokens * cfg.batch_size * cfg.samples_per_question if n_tokens else 0
         divisor = {"token_mean": n_tokens, "sequence_mean": n_sequences, "constant": constant}[cfg.grpo_norm]
-        return keep, divisor, flat_groups / cfg.batch_size, advantages
+        return Kept(keep, divisor, flat_groups / cfg.batch_size, advantages)
     keep = [i for i in range(len(responses)) if rollouts.verdicts[i] == "ok"]
     [n_sequences] = ranks.all_sum([len(keep)])
-    return keep, n_sequences, 1 - n_sequences / (cfg.batch_size * cfg.samples_per_question), None
+    teacher_ids = {i: contexts.teacher_prompt_ids(tokenizer, rollouts.records[i]["question"], rollouts.contexts[i],
+                                                  cfg.arm, cfg.prompts, cfg.teacher_thinking, cfg.max_context_tokens)
+                   for i in keep}
+    span_ends = {i: None if cfg.distill_span == "all" else
+                 contexts.span_end(tokenizer, rollouts.responses[i], rollouts.critiques[i]) for i in keep}
+    return Kept(keep, n_sequences, 1 - n_sequences / (cfg.batch_size * cfg.samples_per_question), None,
+                teacher_ids, span_ends)
 
 
-def teacher_inputs(cfg, tokenizer, rollouts, keep):
-    """The kept rollouts' teacher prompts (x with its context c) and where their distilled spans end
-    (None: the whole response): ({i: ids}, {i: end}); empty for GRPO, which has no teacher."""
-    if cfg.arm == "grpo":
-        return {}, {}
-    prompts = {i: contexts.teacher_prompt_ids(tokenizer, rollouts.records[i]["question"], rollouts.contexts[i],
-                                              cfg.arm, cfg.prompts, cfg.teacher_thinking, cfg.max_context_tokens)
-               for i in keep}
-    ends = {i: None if cfg.distill_span == "all" else
-            contexts.span_end(tokenizer, rollouts.responses[i], rollouts.critiques[i]) for i in keep}
-    return prompts, ends
-
-
-def micro_batch_loss(cfg, model, weight, pad_id, rollouts, part, teacher, advantages, divisor, ema, timer,
-                     analyse=False):
+def micro_batch_loss(cfg, model, tokenizer, rollouts, kept, part, timer, ema=None, analyse=False):
     """3-5 on the kept rollouts `part`: the loss (the caller runs its backward) and its stats. Each
-    micro-batch is divided by the whole step's `divisor` (GRPO: tokens, SD: sequences), so the summed
-    gradients are the step's. teacher: teacher_inputs' ({i: prompt ids}, {i: span end}). With
-    `analyse`, stats["advantage"] holds each rollout's A_t (a tensor per rollout)."""
-    device = weight.device
+    micro-batch is divided by the whole step's `kept.divisor` (GRPO: tokens, SD: sequences), so the
+    summed gradients are the step's. ema: the EMA teacher's ΔW (teacher=ema). With `analyse`,
+    stats["advantage"] holds each rollout's A_t (a tensor per rollout)."""
+    weight = model.get_base_model().get_output_embeddings().weight  # (V, d) the frozen LM head
+    device, pad_id, divisor = weight.device, tokenizer.pad_token_id, kept.divisor
     student_ids, ys = [rollouts.prompt_ids[i] for i in part], [rollouts.responses[i] for i in part]
     if cfg.arm == "grpo":  # −A_i · log π_θ(ŷ_t) over the kept samples' tokens
         rows = contexts.build_rows(student_ids, ys, pad_id)
     else:  # [student prompt ‖ ŷ] and [teacher prompt(c) ‖ ŷ]: the same ŷ ids (asserted)
-        rows, teacher_rows = contexts.build_pair(student_ids, [teacher[0][i] for i in part], ys, pad_id)
+        rows, teacher_rows = contexts.build_pair(student_ids, [kept.teacher_ids[i] for i in part], ys, pad_id)
     mask = rows["response_mask"].to(device)  # (B, T): ŷ's tokens, right-aligned
     T = mask.shape[1]
     sampled_ids = rows["input_ids"][:, -T:].to(device)[mask]  # (N,) the tokens ŷ_t
@@ -423,15 +426,15 @@ def micro_batch_loss(cfg, model, weight, pad_id, rollouts, part, teacher, advant
                 reference_h = chunked_head.response_hidden(model, rows, T, device)[mask]  # (N, d)
         with timer("student"):
             student_h = chunked_head.response_hidden(model, rows, T, device)[mask]  # (N, d)
-            return grpo_loss(student_h, weight, sampled_ids, advantages[part].to(device), mask, divisor, cfg,
+            return grpo_loss(student_h, weight, sampled_ids, kept.advantages[part].to(device), mask, divisor, cfg,
                              reference_h)
     # 3. teacher π_T(·|x, c, ŷ<t): no gradient, the adapter switched off (teacher=base)
-    with timer("teacher"), torch.no_grad(), common.eval_mode(model), teacher_weights(model, cfg.teacher, ema):
+    with timer("teacher"), torch.no_grad(), common.eval_mode(model), teacher_weights(model, cfg.teacher, ema or {}):
         teacher_h = chunked_head.response_hidden(model, teacher_rows, T, device)[mask]  # (N, d)
     # 4. student π_θ(·|x, ŷ<t): the question only, LoRA on, with gradient; 5. the loss
     with timer("student"):
         student_h = chunked_head.response_hidden(model, rows, T, device)[mask]  # (N, d)
-        span = contexts.distilled_span(mask, [teacher[1][i] for i in part])  # ⊆ mask
+        span = contexts.distilled_span(mask, [kept.span_ends[i] for i in part])  # ⊆ mask
         loss, stats = sd_loss(student_h, teacher_h, weight, sampled_ids, mask, span, n_sequences=divisor,
                               cfg=cfg, with_advantage=analyse)
     if analyse:
@@ -477,13 +480,13 @@ def optimizer_step(cfg, trainer, totals, divisor):
     return totals, grad_norm, finite
 
 
-def metrics_line(cfg, tokenizer, step, totals, rollouts, zero_signal, analysed, grad_norm, lr, finite, times):
+def metrics_line(cfg, trainer, step, totals, rollouts, kept, analysed, grad_norm, finite, times):
     """7. The step's metrics line (README, Metrics), all but the whole step's time (`time/step`)."""
-    verdicts = rollouts.verdicts
+    tokenizer, verdicts, lr = trainer.tokenizer, rollouts.verdicts, trainer.scheduler.get_last_lr()[0]
     record = {"step": step, "train/loss": totals["loss"], "train/reward": rollouts.rewards.mean().item(),
               "train/response_len": sum(map(len, rollouts.responses)) / len(rollouts.responses),
               "train/truncated": sum(rollouts.truncated) / len(rollouts.truncated),
-              "train/critique_invalid": len(verdicts) - verdicts.count("ok"), "train/zero_signal": zero_signal,
+              "train/critique_invalid": len(verdicts) - verdicts.count("ok"), "train/zero_signal": kept.zero_signal,
               "train/leak_rate": contexts.leak_rate(rollouts.texts, cfg.prompts),
               "train/context_overlap": contexts.context_overlap(tokenizer, rollouts.responses, rollouts.contexts),
               "train/grad_norm": grad_norm, "train/lr": lr, "train/nonfinite": int(not finite), **times}
@@ -533,7 +536,6 @@ def train(cfg):
     rank, world_size = ranks.init_ranks(device)  # (0, 1) alone; under torchrun this process's place
     records, run_dir, lock, judge, model, tokenizer = start_run(cfg, device, rank)
     params, optimizer, scheduler, total_steps = common.optimizer_for(cfg, model, len(records))
-    weight = model.get_base_model().get_output_embeddings().weight  # (V, d) the frozen LM head
     with ranks.rank0_first(rank):  # rank 0 moves damaged checkpoints aside and trims the logs
         state = runfolder.resume(run_dir, model, optimizer, scheduler, writer=rank == 0)
     trainer = Trainer(run_dir, rank, model, tokenizer, params, optimizer, scheduler, state, common.handle_signals())
@@ -557,13 +559,11 @@ def train(cfg):
             runfolder.drop_step_and_stop(trainer, step)
         # 3-5. teacher (no_grad, adapter off) and student on the same ŷ, the loss per micro-batch,
         # its gradient accumulated (micro_batch_loss); the divisor is the whole step's
-        keep, divisor, zero_signal, advantages = kept_rollouts(cfg, rollouts)
-        teacher = teacher_inputs(cfg, tokenizer, rollouts, keep)
+        kept = kept_rollouts(cfg, tokenizer, rollouts)
         totals, analysed = {"loss": 0.0, "divergence": 0.0, "entropy": 0.0, "tokens": 0}, []
-        for start in range(0, len(keep), cfg.micro_batch):
-            part = keep[start:start + cfg.micro_batch]
-            loss, stats = micro_batch_loss(cfg, model, weight, tokenizer.pad_token_id, rollouts, part, teacher,
-                                           advantages, divisor, state["ema"], timer, analyse)
+        for start in range(0, len(kept.index), cfg.micro_batch):
+            part = kept.index[start:start + cfg.micro_batch]
+            loss, stats = micro_batch_loss(cfg, model, tokenizer, rollouts, kept, part, timer, state["ema"], analyse)
             with timer("student"):
                 loss.backward()
             for key in totals:  # SD: D(π_T‖π_θ); GRPO: k3 KL(π_θ‖π_ref) (β > 0)
@@ -573,11 +573,11 @@ def train(cfg):
                              for i, A in zip(part, stats["advantage"])]
         # 6. update the LoRA weights (a non-finite loss or gradient skips the update)
         with timer("optimizer"):
-            totals, grad_norm, finite = optimizer_step(cfg, trainer, totals, divisor)
+            totals, grad_norm, finite = optimizer_step(cfg, trainer, totals, kept.divisor)
         # 7. log (under torchrun, every process's rollouts in rank order; rank 0 writes)
         rollouts, analysed = ranks.gather_rollouts(world_size, rollouts, analysed)
-        record = metrics_line(cfg, tokenizer, step + 1, totals, rollouts, zero_signal, analysed, grad_norm,
-                              scheduler.get_last_lr()[0], finite, timer.record())
+        record = metrics_line(cfg, trainer, step + 1, totals, rollouts, kept, analysed, grad_norm, finite,
+                              timer.record())
         record["time/step"] = round(time.perf_counter() - step_start, 3)  # all of it up to here
         if rank == 0:
             runfolder.log_step(run_dir, record, total_steps, finite, cfg.sample_every, rollouts)

@@ -15,7 +15,7 @@ the quickstart starts at once (`model=NAME`; any built folder works as `model=DI
 
     python -m toyworld.toy_build build --world toy --force          # rebuild a named world (bit-identical)
     python -m toyworld.toy_build build --root DIR --fault-rate 0.9  # any BuildSettings field is a checked flag
-    python -m toyworld.toy_build build --root DIR --recovery 0      # v1's teacher (see 2 below)
+    python -m toyworld.toy_build build --root DIR --recovery 0      # a teacher that pastes the critique (2 below)
     python -m toyworld.toy_build probe [--world toy-v2]             # trace stats and the teacher's after-error mass
     python -m toyworld.toy_critic build --world toy [--force]       # its learned critics, beside it (toy_critic.py)
 
@@ -26,15 +26,11 @@ once it has succeeded; `build --force` with no flags keeps the settings its buil
 Besides train/test, a world has a transfer split (build_transfer): filtered problems none of whose
 faulty facts lies on any train question's chain, evaluated at step 0 and at a run's last checkpoint.
 
-World v3: the same code as v2 with fault_rate 1.0 (see docs/results.md: at 0.8 GRPO's
-binary reward found the fix in its own samples, 53-57 % of its groups had a reward contrast).
-
-World v2 (v1's comparison was decided by the world, not the method; see docs/toy_world.md):
-  - arithmetic is the only lever: one solver style (a+b=r), so there is no style to choose (v1 had
-    four, unequally hard, and GRPO won by avoiding the hard one); what the solver gets wrong is a
-    fixed set of arithmetic facts (ASSUMPTION 0 below);
-  - one length budget (BuildSettings.max_new_tokens, 64): the filter, training and evaluation all
-    use it (selfdistill.resolve reads it from build.json).
+What every world shares: arithmetic is the only lever (one solver style, a+b=r; what the solver gets
+wrong is a fixed set of arithmetic facts, ASSUMPTION 0 below), and one length budget
+(BuildSettings.max_new_tokens, 64) that the filter, training and evaluation all use
+(selfdistill.resolve reads it from build.json). Why the worlds are built so, and how the earlier
+ones misled: docs/toy_world.md and docs/history.md.
 
 Choices built into the base model (they shape the comparison; say so next to any result):
   0. ASSUMPTION (`faulty_share`, `fault_rate`): a fixed 30 % of the step facts a±b have one wrong
@@ -45,8 +41,8 @@ Choices built into the base model (they shape the comparison; say so next to any
   2. ASSUMPTION (`recovery`, v2): a share of the critique examples departs from the critique at one
      step (a wrong result, which carries no loss) and continues correctly from its own wrong value,
      so after a student's error the teacher follows the student's state, as a model reading its
-     own work would, instead of pasting the critique's digits (v1's teacher did, and taught wrong
-     arithmetic after every error).
+     own work would, instead of pasting the critique's digits (which teaches wrong arithmetic
+     after every error).
   3. ASSUMPTION: after `ref: <reference>` the target copies the reference with probability
      `copy_prob` (0.5) and is the model's own chain trace otherwise, so in-context use of a
      reference is partial by construction.
@@ -559,7 +555,7 @@ def summary(root):
 
 def probe(root=WORLD, samples=4, seed=0):
     """Measure a built world's base model on its test set: trace statistics and how its teacher
-    reads a student's error (after_error_mass). Runs on the v1 world too."""
+    reads a student's error (after_error_mass)."""
     from transformers import AutoModelForCausalLM
     info = check_world(root)  # a damaged world is one line, not a traceback halfway
     settings = BuildSettings(**{**asdict(BuildSettings()), **info["settings"], "samples": samples})
