@@ -50,13 +50,10 @@ Beyond the paper (settings of ours; the defaults leave the method as above):
  - `analysis_every` logs the per-token advantage A_t = log π_T(ŷ_t) − log π_θ(ŷ_t) of the arm's
    own teacher on the step's wrong rollouts, from the forward passes the loss already made.
 
-Commands:
+Commands (all of them: the README's "Running"):
     python selfdistill.py --context critique                      # toy world, end to end, CPU
-    python selfdistill.py --context grpo --config configs/smoke.yaml
-    python selfdistill.py --context reference lr=1e-3 epochs=3    # key=value overrides
-    python selfdistill.py --help                                  # every config field
+    python selfdistill.py --context reference lr=1e-3 epochs=3    # key=value overrides; --help lists them
     python explain.py --context critique --explain 2              # one step, shown for 2 rollouts
-    torchrun --nproc_per_node=4 selfdistill.py --context critique run=NAME   # data-parallel
 """
 import contextlib
 import math
@@ -293,7 +290,8 @@ def sd_loss(student_h, teacher_h, weight, sampled_ids, mask, span, n_sequences, 
 
 
 # ---------------------------------------------------------------------------------------------
-# Teachers and what they see.
+# The loop's named steps, around one record of a step's rollouts. What the teacher sees, where the
+# gradient stops and the loss are in micro_batch_loss; the order of the steps is train()'s.
 
 
 @contextlib.contextmanager
@@ -305,11 +303,6 @@ def teacher_weights(model, teacher, ema):
         return
     with model.disable_adapter(), ema_teacher.added(model, ema if teacher == "ema" else {}):
         yield
-
-
-# ---------------------------------------------------------------------------------------------
-# The loop's named steps, around one record of a step's rollouts. What the teacher sees, where the
-# gradient stops and the loss are in micro_batch_loss; the order of the steps is train()'s.
 
 
 @dataclass
