@@ -1,14 +1,19 @@
 """A toy world's folder: where its files are, the named worlds (model=toy, model=toy-v2), its build
 settings and their ranges, and its build.json, checked whenever it is read (a damaged world is a
-one-line error that names its rebuild command, never a silent default). Building a world is
-toy_build.py's; this file only reads and checks one."""
+one-line error that names its rebuild command, never a silent default), and the last step of a
+build: moving the finished world into place (move_into_place), which the next reader finishes when
+a kill stopped it halfway (recover). Building the world itself is toy_build.py's."""
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import shutil
+import signal
+import sys
 from dataclasses import asdict, dataclass
 
-from plumbing import common, options
+from plumbing import common, options, runfolder
 from toyworld.toy import MAX_OPS, MIN_OPS, STYLES
 
 
@@ -104,6 +109,7 @@ def budget(root=None):
     damaged record is a one-line error, never a silent default); for a world not built yet, the
     budget its build will use."""
     root = root or WORLD
+    recover(root)
     if not os.path.lexists(os.path.join(root, "build.json")):
         return (named_settings(root) or BuildSettings()).max_new_tokens
     return read_build_info(root)["settings"]["max_new_tokens"]
@@ -130,8 +136,11 @@ def world_root(model):
     """The folder of the toy world `model` names: a name of WORLDS, or a built world's folder or
     its model/ folder; None for any other model."""
     if model in WORLDS:
+        recover(os.path.join(HERE, WORLDS[model][0]))
         return os.path.join(HERE, WORLDS[model][0])
     path = os.path.abspath(model)
+    for root in (path, os.path.dirname(path)):
+        recover(root)  # a build stopped in its last step leaves no build.json until this finishes it
     return next((root for root in (path, os.path.dirname(path))
                  if os.path.isfile(os.path.join(root, "build.json"))), None)
 
@@ -228,6 +237,69 @@ def check_world(root):
             if lines != expected:
                 raise damaged(root, f"{split}.jsonl has {lines} problems, build.json says {expected}")
     return info
+
+
+STAGING, OLD = ".building", ".old"  # a build's staging folder in ROOT, and the old entries inside it
+
+
+@contextlib.contextmanager
+def signals_held():
+    """SIGINT and SIGTERM wait until the block ends (a few renames), then arrive."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask:
+        mask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        if mask:
+            mask(signal.SIG_UNBLOCK, held)
+
+
+def move_into_place(staging, root):
+    """The staged world replaces the old one: the old build.json goes first (from then on the folder
+    reads as having no record, never as the old record over new files), the other entries are
+    renamed over theirs, the new build.json comes last. Signals wait for these renames; a kill among
+    them (SIGKILL, power) leaves a move that recover() finishes, since what is staged is complete.
+    Called again on such a folder, it moves what is still staged."""
+    if not os.path.isfile(os.path.join(staging, "build.json")):
+        return  # build() writes build.json last: without it nothing complete was staged, the old world stays
+    trash = os.path.join(staging, OLD)
+    names = sorted((name for name in os.listdir(staging) if name != OLD), key=lambda name: name == "build.json")
+    with signals_held():
+        os.makedirs(trash, exist_ok=True)
+        if os.path.lexists(os.path.join(root, "build.json")):
+            os.replace(os.path.join(root, "build.json"), os.path.join(trash, "build.json"))
+        for name in names:  # build.json last
+            target = os.path.join(root, name)
+            if os.path.lexists(target):
+                os.replace(target, os.path.join(trash, name))  # folders cannot be renamed over folders
+            os.replace(os.path.join(staging, name), target)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def interrupted_move(root):
+    """True when a build was stopped in its last step, moving its finished world into place: ROOT's
+    build.json already moved aside (into ROOT/.building/.old), the new one still staged."""
+    staging = os.path.join(root, STAGING)
+    return (os.path.isdir(os.path.join(staging, OLD)) and os.path.isfile(os.path.join(staging, "build.json"))
+            and not os.path.lexists(os.path.join(root, "build.json")))
+
+
+def recover(root):
+    """Finish an interrupted move (interrupted_move) under the world's build lock, saying so: the
+    staged world is complete and its build.json is the only record of its settings, so it is moved
+    into place, never cleared or rebuilt from defaults. Anything else: nothing to do."""
+    if not root or not interrupted_move(root):
+        return
+    lock = runfolder.RunLock(root, "finishing its interrupted build", noun="toy world folder")
+    try:
+        if interrupted_move(root):  # another process may have finished it while we waited
+            move_into_place(os.path.join(root, STAGING), root)
+            print(f"the toy world in {root}: its build was stopped while moving into place; finished that "
+                  f"move (the staged world was complete)", file=sys.stderr)
+    finally:
+        lock.release()
 
 
 WORLD_ENTRIES = ("model", "train.jsonl", "test.jsonl", "transfer.jsonl")  # what a build writes besides build.json

@@ -22,7 +22,8 @@ the quickstart starts at once (`model=NAME`; any built folder works as `model=DI
 A built world asked for other settings than its build.json's is an error that says to rebuild; so
 is a damaged one (a missing or cut file, a build.json that is not a world's record): it is never
 rebuilt silently. A build goes into ROOT/.building under ROOT/.lock and replaces the old world only
-once it has succeeded; `build --force` with no flags keeps the settings its build.json records.
+once it has succeeded (a kill during that last move is finished by the next reader:
+folders.recover); `build --force` with no flags keeps the settings its build.json records.
 Besides train/test, a world has a transfer split (build_transfer): filtered problems none of whose
 faulty facts lies on any train question's chain, evaluated at step 0 and at a run's last checkpoint.
 
@@ -50,7 +51,6 @@ Choices built into the base model (they shape the comparison; say so next to any
      chains, and copying a long critique is what the model learns last.
 """
 import argparse
-import contextlib
 import dataclasses
 import itertools
 import json
@@ -77,8 +77,9 @@ from plumbing import sampler
 from contexts import student_prompt_ids, teacher_prompt_ids
 from contexts import ANSWER_TAG as ANSWER, build_rows, critique_form, parse_steps, render_steps
 from toyworld import folders
-from toyworld.folders import (WORLD, WORLD_ENTRIES, WORLDS, BuildSettings, check_settings, check_world,
-                              damaged, named_settings, paths, read_build_info, rebuild_command, settings_changes)
+from toyworld.folders import (STAGING, WORLD, WORLD_ENTRIES, WORLDS, BuildSettings, check_settings, check_world,
+                              damaged, interrupted_move, move_into_place, named_settings, paths, read_build_info,
+                              rebuild_command, recover, settings_changes)
 from toyworld.toy import (after_error_mass, MIN_OPS, MIN_VALUE, MAX_VALUE, OPERANDS, STEP_PATTERNS, STYLES, apply,
                  chain_steps, format_step, iter_problems, generate_problems, make_model, make_tokenizer,
                  parse_question, parse_step, random_question, reference_solution, response_style,
@@ -418,6 +419,7 @@ def ensure_built(root=WORLD, progress=True, force=False, settings=None, threads=
     threads built the world 1.7x faster than one, bit-identical to it. With another busy process
     on the same cores, one thread is faster (two spin-wait on each other)."""
     out = paths(root)
+    recover(root)  # a build stopped while moving its finished world into place: finish that first
     asked = settings or named_settings(root)
     if force:
         build_in_place(root, check_settings(asked or own_settings(root) or BuildSettings()), progress, threads)
@@ -461,7 +463,11 @@ def build_in_place(root, settings, progress, threads, only_if_missing=False):
     try:
         if only_if_missing and os.path.exists(os.path.join(root, "build.json")):
             return  # another build finished while we looked
-        staging = os.path.join(root, ".building")
+        staging = os.path.join(root, STAGING)
+        if interrupted_move(root):  # a build stopped in its last step: its finished world goes first
+            move_into_place(staging, root)
+            if only_if_missing:
+                return
         shutil.rmtree(staging, ignore_errors=True)
         previous = torch.get_num_threads()
         threads = min(threads, os.cpu_count() or 1)
@@ -473,40 +479,6 @@ def build_in_place(root, settings, progress, threads, only_if_missing=False):
         move_into_place(staging, root)
     finally:
         lock.release()
-
-
-@contextlib.contextmanager
-def signals_held():
-    """SIGINT and SIGTERM wait until the block ends (a few renames), then arrive."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    mask = getattr(signal, "pthread_sigmask", None)
-    if mask:
-        mask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        if mask:
-            mask(signal.SIG_UNBLOCK, held)
-
-
-def move_into_place(staging, root):
-    """The staged world replaces the old one: the old build.json goes first (from then on the folder
-    reads as having no record, never as the old record over new files), the other entries are
-    renamed over theirs, the new build.json comes last. Signals wait for these renames."""
-    if not os.path.isfile(os.path.join(staging, "build.json")):
-        return  # build() writes build.json last: without it nothing complete was staged, the old world stays
-    names = sorted(os.listdir(staging), key=lambda name: name == "build.json")
-    trash = os.path.join(staging, ".old")
-    with signals_held():
-        os.makedirs(trash)
-        if os.path.lexists(os.path.join(root, "build.json")):
-            os.replace(os.path.join(root, "build.json"), os.path.join(trash, "build.json"))
-        for name in names:  # build.json last
-            target = os.path.join(root, name)
-            if os.path.lexists(target):
-                os.replace(target, os.path.join(trash, name))  # folders cannot be renamed over folders
-            os.replace(os.path.join(staging, name), target)
-    shutil.rmtree(staging, ignore_errors=True)
 
 
 def build(root, out, settings, progress, threads):
