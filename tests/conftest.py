@@ -107,30 +107,55 @@ def trip(monkeypatch, owner, name):
     monkeypatch.setattr(owner, name, tripped)
 
 
-# Issue 23 counts the bad inputs and damaged states the suite covers: every collected case of the
-# reliability files is one (each asserts exit 2 with one `error:` line, a counted skip or a recovery),
-# except the controls named here (valid inputs that must stay accepted, facts of the shipped worlds).
-# Count them with: pytest --collect-only -q -m bad_input | grep -c ::
-BAD_INPUT_FILES = ("test_bad_inputs", "test_reliability", "test_faults.py", "test_toy_v3.py")
-NOT_BAD_INPUTS = {
-    "test_evaluation_takes_the_lock", "test_a_missing_toy_world_says_it_is_built_and_how_long",
-    "test_integer_and_string_answers_stay_accepted", "test_a_finite_step_resets_the_nonfinite_count",
-    "test_a_chat_model_gets_no_dial", "test_a_named_world_is_an_analysis_target",
-    "test_a_tiny_worlds_transfer_split_is_disjoint_too", "test_every_build_setting_is_a_flag",
-    "test_named_worlds_resolve_to_their_folders", "test_rollout_matched_grpo_draws_a_self_distillation_arms_rollouts",
-    "test_the_shipped_worlds_hold_their_names_settings", "test_transfer_split_of_the_shipped_worlds_lies_off_the_train_chains",
-    "test_a_world_folder_is_a_toy_model_everywhere", "test_plot_out_in_each_figure_format",
-    "test_an_adapter_on_a_copy_of_its_base_is_silent", "test_other_runtime_errors_still_raise",
-    "test_an_unchanged_base_under_its_own_path_passes", "test_wandb_settings_it_accepts_pass",
-    "test_wandb_finds_a_key_in_netrc", "test_a_world_without_a_transfer_split_is_silent",
-    "test_the_shipped_worlds_are_complete"}
+# More shared helpers, for tests filed in several subject files.
 
 
-@pytest.hookimpl(tryfirst=True)  # before -m selects by marker
-def pytest_collection_modifyitems(items):
-    for item in items:
-        if os.path.basename(str(item.path)).startswith(BAD_INPUT_FILES) and item.originalname not in NOT_BAD_INPUTS:
-            item.add_marker(pytest.mark.bad_input)
+def error_line(argv, capsys, script=None):
+    """Run the program on argv: the mistake ends as conftest.one_line_error says, and its `error: ...`
+    line is the last thing on stderr (a progress bar may come before it once training has started);
+    returns the line."""
+    code, out, err = run_main(argv, capsys, script)
+    one_line_error(code, err)
+    [line] = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert err.rstrip("\n").endswith(line), err[-2000:]
+    return line
+
+
+def put(path, content):
+    with open(path, "wb" if isinstance(content, bytes) else "w") as f:
+        f.write(content)
+
+
+def timed(fn):
+    start = time.monotonic()
+    return fn(), time.monotonic() - start
+
+
+def wait_for(paths, seconds=60):
+    deadline = time.time() + seconds
+    while not all(os.path.exists(p) for p in paths):
+        assert time.time() < deadline, "a starter did not report"
+        time.sleep(0.005)
+
+
+def os_lock_held(path):
+    """True when some process holds the OS lock on `path` (flock, as filelock takes it)."""
+    import fcntl
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+# The `bad_input` marker (pytest.ini) counts the bad inputs and damaged states the suite covers: each
+# test that feeds one (and asserts exit 2 with one `error:` line, a counted skip or a recovery) carries
+# @pytest.mark.bad_input itself, so the count follows the test wherever it is filed; the controls
+# beside them (valid inputs that must stay accepted, facts of the shipped worlds) carry none.
+# Count them with: pytest --collect-only -q -m bad_input | tail -1
 
 
 @pytest.fixture(scope="session")

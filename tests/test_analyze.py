@@ -7,7 +7,9 @@ contexts; the training log's advantage statistics (contexts.advantage_stats, log
 `analysis_every` steps) on hand-computed A values and regions; the summary's error focus (n/a
 where the prefix has no correct step, floored, pooled as a ratio of means); HTML escaping of
 hostile tokens; the page's colour scale taken from the data; the pooled Fig. 4 alignment; what
-`analyze` writes, for a run and for a model (./analysis/NAME)."""
+`analyze` writes, for a run and for a model (./analysis/NAME); and its inputs: a path that is
+neither run nor model, a damaged checkpoint, --rollouts below 1 and the rule critic on non-toy data
+are each one `error:` line."""
 import json
 import os
 
@@ -21,6 +23,9 @@ import contexts
 from plumbing import sampler
 import selfdistill
 from plumbing.common import UserError
+import eval as ev
+from conftest import error_line, one_line_error, put, run_main, trip
+from test_eval_inputs import tiny_run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,3 +302,54 @@ def test_analyze_of_a_model_writes_under_analysis_name(tmp_path, tiny_model_dir,
     assert page.index("<table>") < page.index("<h2>") and "error focus, pooled" in page
     if common.pyplot() is not None:
         assert (out / "advantage_step_000000_aligned.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# analyze.py's inputs: each a one-line error
+
+
+@pytest.mark.bad_input
+def test_analyze_on_a_path_that_is_neither_run_nor_model(tmp_path, capsys):
+    missing = tmp_path / "runs" / "critque-s0"
+    line = error_line([str(missing)], capsys, script=analyze)
+    assert line == f"error: {missing} is neither a run folder (no config.yaml) nor a model folder"
+
+
+@pytest.fixture
+def analysed_run(tiny_model_dir, data, tmp_path):
+    run = tiny_run(tmp_path, tiny_model_dir, data)
+    cfg = ev.load_run_config(run)
+    model, tokenizer = common.load_model(cfg, tiny_model_dir, torch.device("cpu"))
+    model.save_pretrained(os.path.join(run, "checkpoints", "step_000002"))
+    return run, os.path.join(run, "checkpoints", "step_000002", "adapter_model.safetensors")
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("damage", ["truncated", "missing", "garbage"])
+def test_analyze_on_a_damaged_checkpoint_names_it(damage, analysed_run, capsys, monkeypatch):
+    run, weights = analysed_run
+    if damage == "missing":
+        os.remove(weights)
+    else:
+        blob = open(weights, "rb").read()
+        open(weights, "wb").write(blob[:len(blob) // 2] if damage == "truncated" else b"\x00garbage" * 50)
+    trip(monkeypatch, analyze, "wrong_rollouts")  # refused before any sampling
+    code, _, err = run_main([run, "--step", "2"], capsys, analyze)
+    one_line_error(code, err, "step_000002 is damaged")
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("rollouts", ["0", "-1"])
+def test_analyze_rollouts_below_one(rollouts, capsys, monkeypatch):
+    trip(monkeypatch, analyze, "target_config")
+    code, _, err = run_main(["toy", "--rollouts", rollouts], capsys, analyze)
+    one_line_error(code, err, "--rollouts must be at least 1")
+
+
+@pytest.mark.bad_input
+def test_analyze_with_the_rule_critic_on_non_toy_data_is_one_line(tiny_model_dir, tmp_path, capsys):
+    path = tmp_path / "words.jsonl"
+    put(str(path), json.dumps({"question": "What is two plus two?", "answer": "4", "solution": "2+2=4"}) + "\n")
+    code, _, err = run_main([tiny_model_dir, f"test_file={path}", f"train_file={path}", "--out",
+                             str(tmp_path / "a")], capsys, script=analyze)
+    one_line_error(code, err, "critic=rule critiques toy arithmetic chains only")

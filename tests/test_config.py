@@ -1,6 +1,10 @@
 """Protects the config contract: defaults in one dataclass, YAML and key=value overrides, and a
 one-line error (never a silent default) for unknown keys, wrong types, missing or malformed files
-and contradictory settings."""
+and contradictory settings; every key's own range and choices (selfdistill.RANGES and CHOICES) from
+one table-driven test, its edges kept; non-finite numbers, integers past INT_LIMIT, keys or flags
+given twice and settings the arm or the world does not use, each one line before anything runs."""
+import functools
+import math
 import os
 import subprocess
 import sys
@@ -12,8 +16,10 @@ import selfdistill
 from toyworld import folders
 from plumbing.common import UserError
 from selfdistill import load_config
+from conftest import one_line_error, run_main, run_settings, trip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+settings = functools.partial(run_settings, max_new_tokens=6, max_steps=2, lr=0.05)
 
 
 def error_of(argv):
@@ -142,3 +148,212 @@ def test_user_error_is_one_line_on_stderr_with_exit_code_2():
     result = subprocess.run([sys.executable, "selfdistill.py", "--context", "dpo"], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 2 and "invalid choice: 'dpo'" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Every key's own range and choices, from the tables beside main() (selfdistill.RANGES, CHOICES)
+
+
+def range_edges(key):
+    """(values just outside RANGES[key], values on its edges inside it), as the command line writes
+    them: each finite bound and its neighbour across it (the next integer, or the next float). A
+    default of 0 outside the range is a placeholder resolved later (samples_per_question,
+    max_new_tokens), so -1 stands for the value below it."""
+    interval = selfdistill.RANGES[key]
+    low, high, with_low, with_high = options.interval_parts(interval)
+    default = options.fields_of(selfdistill.Config)[key].default
+    whole = isinstance(default, int)
+    beyond = (lambda x, d: int(x) + d) if whole else (lambda x, d: math.nextafter(x, x + d))
+    outside, inside = [], []
+    for bound, included, away in ((low, with_low, -1), (high, with_high, 1)):
+        if math.isfinite(bound):
+            (inside if included else outside).append(int(bound) if whole else bound)
+            (outside if included else inside).append(beyond(bound, away if included else -away))
+    outside = [-1 if value == 0 == default else value for value in outside]
+    return outside, inside
+
+
+def text(value):
+    return str(value) if isinstance(value, int) else repr(float(value))
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("table, key", [("RANGES", key) for key in selfdistill.RANGES]
+                         + [("CHOICES", key) for key in selfdistill.CHOICES], ids=lambda v: v)
+def test_each_range_and_choice_refuses_a_value_outside_it_and_keeps_its_edges(table, key, tmp_path, capsys,
+                                                                             monkeypatch):
+    """Every entry of RANGES and CHOICES, the tables options.py enforces: a value just outside (or
+    not among the choices) is one `error:` line naming the key and its rule, before anything is
+    written; the edge values inside (every choice) pass the same checks. Rules between keys are
+    check_consistency's (test_contradictory_settings and the tests below)."""
+    trip(monkeypatch, selfdistill, "train")  # a value wrongly accepted would start training
+    fields = options.fields_of(selfdistill.Config)
+    if table == "RANGES":
+        outside, inside = range_edges(key)
+        assert outside and inside, key
+        whole = isinstance(fields[key].default, int)
+        for value in outside:
+            code, _, err = run_main([f"{key}={text(value)}", f"out_dir={tmp_path}"], capsys)
+            rule = (f"lie in 0..{options.INT_LIMIT}" if whole and value < 0
+                    else options.range_words(selfdistill.RANGES[key], whole))
+            one_line_error(code, err, f"config key '{key}' must {rule}, got ")
+        resolved = vars(load_config([]))  # the placeholders (samples_per_question, max_new_tokens) filled in
+        for value in inside:
+            values = options.parse_overrides(selfdistill.Config, selfdistill.CHOICES, [f"{key}={text(value)}"])
+            options.check_numbers(selfdistill.Config(**{**resolved, **values}), selfdistill.RANGES)
+            assert values[key] == value
+    elif key == "context":  # the flag that names the arm: argparse's own refusal
+        code, _, err = run_main(["--context", "no_such_choice", f"out_dir={tmp_path}"], capsys)
+        assert code == 2 and "Traceback" not in err and "invalid choice: 'no_such_choice'" in err, err
+        for choice in selfdistill.CHOICES[key]:
+            values = options.parse_command_line(selfdistill.Config, selfdistill.CHOICES, ["--context", choice], "")
+            assert values["context"] == choice
+    else:
+        code, _, err = run_main([f"{key}=no_such_choice", f"out_dir={tmp_path}"], capsys)
+        one_line_error(code, err, f"config key '{key}' must be one of {'|'.join(selfdistill.CHOICES[key])}")
+        for choice in selfdistill.CHOICES[key]:
+            assert options.parse_overrides(selfdistill.Config, selfdistill.CHOICES, [f"{key}={choice}"])[key] == choice
+    assert key in fields or key == "context"
+    assert not os.listdir(tmp_path)  # refused before anything was written
+
+
+# ---------------------------------------------------------------------------------------------
+# Config files and the command line: more mistakes, each one line
+
+
+@pytest.mark.bad_input
+def test_config_pointing_at_a_directory_is_one_line_in_a_real_process(tmp_path):
+    result = subprocess.run([sys.executable, "selfdistill.py", "--config", str(tmp_path)], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr == f"error: config file {tmp_path} not found\n"
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("yaml_text, argv_extra, fragment", [
+    (None, ["configs/smoke.yaml"], "expected key=value, got 'configs/smoke.yaml'"),  # forgot --config
+    ("lr:\n", [], "config key 'lr' wants a number, got None"),
+    ("optim:\n  lr: 0.001\n", [], "unknown config key 'optim'"),  # Hydra-style sections
+    (None, ["critic=hf"], "critic=hf needs critic_model"),
+], ids=["yaml-without---config", "key-without-value", "nested-section", "hf-critic-without-model"])
+def test_config_mistakes_are_one_line(yaml_text, argv_extra, fragment, tmp_path):
+    argv = list(argv_extra)
+    if yaml_text is not None:
+        (tmp_path / "c.yaml").write_text(yaml_text)
+        argv = ["--config", str(tmp_path / "c.yaml")] + argv
+    assert fragment in error_of(argv)
+
+
+@pytest.mark.bad_input
+def test_a_key_given_twice_in_yaml_is_an_error(tmp_path):
+    (tmp_path / "c.yaml").write_text("lr: 0.001\nbatch_size: 8\nlr: 0.01\n")
+    assert "'lr'" in error_of(["--config", str(tmp_path / "c.yaml")])
+
+
+@pytest.mark.bad_input
+def test_yaml_infinity_is_refused(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: .inf\n")
+    code, _, err = run_main(["--config", str(path)], capsys)
+    one_line_error(code, err, "'lr' must be a finite number")
+
+
+@pytest.mark.bad_input
+def test_a_config_file_in_another_encoding(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_bytes("lr: 0.001  # réglé\n".encode("latin-1"))
+    code, _, err = run_main(["--config", str(path)], capsys)
+    one_line_error(code, err, "is not UTF-8 text")
+
+
+# ---------------------------------------------------------------------------------------------
+# Values no range table holds: non-finite numbers, integers past INT_LIMIT, rules between keys
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("argv, key", [
+    (["epochs=0"], "epochs"),                       # max(1, ...): one step anyway
+    (["support=topk", "topk=0"], "topk"),           # empty support: loss 0, nothing trains
+    (["model=/some/chat/model", "toy_order=chain"], "toy_order"),  # toy-only knob, ignored
+], ids=lambda v: v if isinstance(v, str) else " ".join(v))
+def test_out_of_range_settings_are_one_line_errors(argv, key):
+    assert key in error_of(argv)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("override, fragment", [
+    ("grad_clip=nan", "'grad_clip' must be a finite number"),
+    ("lr=inf", "'lr' must be a finite number"),
+    ("temperature=-inf", "'temperature' must be a finite number"),
+    ("ema_rate=nan", "'ema_rate' must be a finite number"),
+    ("seed=-1", "'seed' must lie in 0.."),
+    ("max_steps=99999999999", "'max_steps' must lie in 0.."),
+    ("critic_timeout=0", "'critic_timeout' must be positive"),
+])
+def test_non_finite_and_out_of_range_numbers_are_refused(override, fragment, tiny_model_dir, data, tmp_path, capsys):
+    key, value = override.split("=", 1)  # in place of the setting's default (a key twice is an error)
+    code, _, err = run_main(settings(tiny_model_dir, data, tmp_path, **{key: value}), capsys)
+    one_line_error(code, err, fragment)
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("override, fragment", [
+    ("lora_alpha=-4", "'lora_alpha' must lie in 0.."),
+    ("critic_retries=11", "'critic_retries' must lie in 0..10"),
+])
+def test_settings_that_would_never_learn_or_wait_too_long(override, fragment, tiny_model_dir, data, tmp_path,
+                                                          capsys):
+    code, _, err = run_main(settings(tiny_model_dir, data, tmp_path) + [override], capsys)
+    one_line_error(code, err, fragment)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("argv, fragment", [
+    (["--explain", "0"], "--explain N shows N rollouts of one step: N must be at least 1, got 0"),
+    (["--explain=-3"], "N must be at least 1, got -3"),
+    (["--explain", "-1"], "N must be at least 1"),
+    (["--context", "critique", "grpo_beta=0.1"], "'grpo_beta' shapes GRPO's policy-gradient loss, which the critique arm"),
+    (["--context", "reference", "grpo_norm=constant"], "'grpo_norm' shapes GRPO's"),
+    (["--context", "critique_quoting", "grpo_norm=sequence_mean"], "does not use"),
+    (["--context", "critique_no_prefix", "grpo_beta=1", "grpo_norm=constant"], "'grpo_beta'"),
+    (["seed=99999999999"], "'seed' must lie in 0..2147483647"),
+    (["lr=0.1", "lr=0.2"], "config key 'lr' is given twice on the command line"),
+    (["seed=1", "seed=1"], "'seed' is given twice"),
+    (["run=a", "--run", "b"], "--run and run= both set the run name"),
+    (["arm=grpo", "--context", "critique"], "--context and arm= both set the arm"),
+    (["--context", "grpo", "--context=critique"], "--context is given twice on the command line"),
+    (["--run", "a", "--run", "b"], "--run is given twice"),
+    (["--explain", "1", "--explain", "2"], "--explain is given twice"),
+])
+def test_values_out_of_range_are_one_line(argv, fragment, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(selfdistill, "train", lambda cfg: pytest.fail("training started"))
+    code, _, err = run_main([*argv, f"out_dir={tmp_path}"], capsys)
+    one_line_error(code, err, fragment)
+    assert not os.listdir(tmp_path)  # nothing written
+
+
+@pytest.mark.bad_input
+def test_a_pasted_api_key_is_refused_and_never_shown(tiny_model_dir, data, tmp_path, capsys):
+    secret = "sk-proj-abc123SECRET"
+    code, out, err = run_main(settings(tiny_model_dir, data, tmp_path) + [f"critic_api_key_env={secret}"], capsys)
+    one_line_error(code, err, "NAME of an environment variable")
+    assert secret not in out + err and not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings that follow the arm or the world
+
+
+def test_through_first_divergence_is_refused_without_a_critique():
+    with pytest.raises(UserError, match="critique arm"):
+        selfdistill.load_config(["--context", "reference", "distill_span=through_first_divergence"])
+    selfdistill.load_config(["--context", "critique_quoting", "distill_span=through_first_divergence"])
+
+
+def test_toy_runs_take_the_worlds_length_budget(capsys):
+    assert selfdistill.load_config([]).max_new_tokens == folders.budget()
+    selfdistill.load_config([f"max_new_tokens={folders.budget() + 1}"])
+    assert "differs from the toy world's budget" in capsys.readouterr().err
+    assert selfdistill.load_config(["model=some/model", "prompts=instruct"]).max_new_tokens == 512

@@ -1,10 +1,13 @@
 """Protects the token alignment the loss depends on: the student row and the teacher row carry
 identical response ids at identical grid positions, padding is on the left only, the context (and
-never the question or the final instruction) is what truncation cuts, and step tags round-trip."""
+never the question or the final instruction) is what truncation cuts, and step tags round-trip; the
+critique forms used as training arms, and the distilled span of
+`distill_span=through_first_divergence`."""
 import pytest
 import torch
 
 import contexts
+from toyworld import toy
 
 
 def test_response_ids_identical_across_rows_with_real_template(tiny):
@@ -86,3 +89,29 @@ def test_parse_steps_rejects_bad_numbering_and_render_round_trips():
         contexts.parse_steps("<step_2> a <answer> 1")
     text = contexts.render_steps(["2+7=9", "9-3=6"], "6")
     assert contexts.parse_steps(text) == (["2+7=9", "9-3=6"], "6")
+
+
+# ---------------------------------------------------------------------------------------------
+# The critique forms used as training arms, and the distilled span
+
+
+def test_critique_forms():
+    response = "<step_1> 2+7=9 <step_2> 9+5=15 <step_3> 15-9=6 <answer> 6"
+    critique = "<step_1> 2+7=9 <step_2> 9+5=14 <step_3> 14-9=5 <answer> 5"
+    assert contexts.critique_form("critique", response, critique) == critique
+    assert contexts.critique_form("critique_quoting", response, critique) == (
+        "<step_1> 2+7=9 <step_2> 9+5=15 is wrong; correct: 9+5=14 <step_3> 14-9=5 <answer> 5")
+    assert contexts.critique_form("critique_no_prefix", response, critique) == (
+        "<step_1> 9+5=14 <step_2> 14-9=5 <answer> 5")
+    assert contexts.critique_form("critique_no_prefix", response, critique, toy.restyle_step) == (
+        "<step_1> 2 plus 7 is 9 <step_2> 9 plus 5 is 14 <step_3> 14 minus 9 is 5 <answer> 5")
+    assert contexts.critique_form("critique_quoting", critique, critique) == critique  # correct rollout
+
+
+def test_departure_index_and_distilled_span():
+    assert contexts.departure_index([1, 2, 3, 9], [1, 2, 3]) == 3  # the critique then EOS
+    assert contexts.departure_index([1, 2, 4, 5], [1, 2, 3, 4]) == 2
+    assert contexts.departure_index([7], [1]) == 0
+    mask = torch.tensor([[False, True, True, True], [True, True, True, True]])
+    span = contexts.distilled_span(mask, [2, None])  # row 0: its first 2 of 3 tokens
+    assert span.tolist() == [[False, True, True, False], [True, True, True, True]]

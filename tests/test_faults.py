@@ -91,6 +91,7 @@ def poison(monkeypatch, mode, bad_steps):
     monkeypatch.setattr(selfdistill, "token_divergence", divergence)
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("mode", ["loss", "gradient"])
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(mode, tiny_model_dir, data, tmp_path,
                                                              monkeypatch, capsys):
@@ -136,6 +137,7 @@ def test_a_finite_step_resets_the_nonfinite_count(tiny_model_dir, data, tmp_path
     assert adam_steps(trainer_state(run_dir, 5)) == {3}
 
 
+@pytest.mark.bad_input
 def test_a_skipped_update_says_so_in_the_log(tiny_model_dir, data, tmp_path, monkeypatch, capsys):
     poison(monkeypatch, "gradient", bad_steps={2})
     code, out, err = run_main(["--context", "reference", "--run", "nf", *settings(
@@ -145,6 +147,7 @@ def test_a_skipped_update_says_so_in_the_log(tiny_model_dir, data, tmp_path, mon
     assert "skipped" in line
 
 
+@pytest.mark.bad_input
 def test_a_huge_learning_rate_stops_with_one_line(tiny_model_dir, data, tmp_path, capsys):
     code, out, err = run_main(["--context", "reference", "--run", "lr", *settings(
         tiny_model_dir, data, tmp_path, lr=1e30, max_steps=6, checkpoint_every=1, max_nonfinite=2)],
@@ -184,6 +187,7 @@ def metrics_lines(run_dir):
         return sum(1 for line in f if line.endswith("\n"))
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_writes_a_final_checkpoint_and_the_same_command_resumes(signum, tiny_model_dir, data,
                                                                         tmp_path, capsys):
@@ -305,6 +309,7 @@ def moment_reached(moment, delay, run_dir, resumed_from, launched):
 
 
 # six processes (~4 s of imports each) and 8 + ~10 tiny steps: about 25 s on 2 shared cores
+@pytest.mark.bad_input
 def test_sigkill_at_random_moments_resumes_to_the_same_result(tiny_model_dir, data, tmp_path):
     from transformers import AutoModelForCausalLM
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -392,6 +397,7 @@ def crash_inside_writes_to(monkeypatch, name):
     monkeypatch.setattr(runfolder, "open", fake_open, raising=False)
 
 
+@pytest.mark.bad_input
 def test_a_kill_while_trimming_the_log_on_resume_loses_no_lines(tmp_path, monkeypatch):
     path = tmp_path / "metrics.jsonl"
     rows = [{"step": s, "train/loss": 0.5} for s in (1, 2, 3)]
@@ -403,6 +409,7 @@ def test_a_kill_while_trimming_the_log_on_resume_loses_no_lines(tmp_path, monkey
     assert read_jsonl(path) in (rows, rows[:2])
 
 
+@pytest.mark.bad_input
 def test_a_kill_while_a_resume_rewrites_config_yaml_does_not_lock_the_run(tmp_path, monkeypatch):
     cfg = selfdistill.load_config(["--run", "r", f"out_dir={tmp_path}"])
     runfolder.prepare_run_dir(cfg)  # the first start

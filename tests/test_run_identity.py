@@ -17,8 +17,7 @@ import compare
 from plumbing import common, runfolder
 import selfdistill
 from plumbing.common import UserError
-from conftest import Tripwire, run_main, run_settings, trip
-from test_bad_inputs import error_line
+from conftest import Tripwire, error_line, run_main, run_settings, trip
 from test_compare import fake_run
 
 

@@ -4,7 +4,10 @@ run continues the same TensorBoard folder (the redone steps replace the old ones
 run id; the toy world's transfer split is logged apart (eval/transfer/*, never under the test's
 eval/avg) and the evaluation's constants (n, k, questions, temperature) go to the run's config, not
 to curves; a missing package is a one-line error naming the install; ranks > 0 and report_to=none get
-a tracker that does nothing. Both packages come from requirements-extras.txt (installed in CI);
+a tracker that does nothing. Programs that only read a run (eval.py, compare.py, analyze.py) read
+one whose report_to package is missing, while training checks its logging at start: a package that
+fails to import, a bad WANDB_MODE / WANDB_PROJECT, a bad stored run id or no API key online is one
+line; eval rows written by an interrupted evaluation reach TensorBoard on the next, once. Both packages come from requirements-extras.txt (installed in CI);
 nothing here touches the network (WANDB_MODE=offline)."""
 import glob
 import json
@@ -15,12 +18,17 @@ import subprocess
 import sys
 
 import pytest
+import yaml
+
+import compare
+import eval as ev
 
 from plumbing import runfolder
 import selfdistill
 from plumbing import tracking
 from plumbing.common import UserError
-from conftest import run_settings
+from conftest import one_line_error, put, run_main, run_settings
+from test_eval_inputs import made_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -174,3 +182,166 @@ def test_transfer_rows_get_their_own_tags_and_constants_go_to_the_config(tmp_pat
     config = accumulator.Tensors(text)[0].tensor_proto.string_val[0].decode()
     assert {line.strip() for line in config.splitlines()} == {
         "eval/n: 4", "eval/k: 4", "eval/questions: 10", "eval/temperature: 1.0", "eval/transfer/questions: 7"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Programs that only read a run check only what they read; training checks its logging at start
+
+
+@pytest.fixture
+def without(monkeypatch):
+    """without(name, error): importing `name` raises `error` (a missing or broken package)."""
+    import builtins
+    real = builtins.__import__
+
+    def block(name, error):
+        def fake(module, *args, **kwargs):
+            if module == name or module.startswith(name + "."):
+                raise error
+            return real(module, *args, **kwargs)
+        monkeypatch.setattr(builtins, "__import__", fake)
+        for key in [k for k in sys.modules if k.removeprefix("torch.utils.") == name
+                    or k.removeprefix("torch.utils.").startswith(name + ".")]:
+            monkeypatch.delitem(sys.modules, key)
+    return block
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("report_to", ["wandb", "tensorboard"])
+def test_eval_reads_a_run_whose_logging_package_is_missing(report_to, without, tiny_model_dir, data, tmp_path,
+                                                           capsys):
+    run_dir = made_run(tmp_path, tiny_model_dir, data, report_to=report_to)
+    without(report_to, ImportError(f"No module named '{report_to}'"))
+    code, out, err = run_main([run_dir], capsys, script=ev)
+    assert code in (0, None) and "Traceback" not in err and "error:" not in err, err
+    assert f"eval row(s) not sent to {report_to}" in err and "later `python eval.py" in err
+    assert len(runfolder.read_jsonl(os.path.join(run_dir, "eval.jsonl"))) == 1  # step 0 evaluated
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("report_to", ["wandb", "tensorboard"])
+def test_compare_and_analyze_read_a_run_whose_logging_package_is_missing(report_to, without, tmp_path, capsys):
+    run_dir = str(tmp_path / "r")
+    os.makedirs(run_dir)
+    cfg = vars(selfdistill.resolve(selfdistill.Config(run="r", report_to=report_to)))
+    put(os.path.join(run_dir, "config.yaml"), yaml.safe_dump(cfg))
+    row = {"step": 0, "n": 4, "k": 4, "questions": 10, "temperature": 1.0, **{m: 0.5 for m in ev.METRICS},
+           "ci": {m: [0.4, 0.6] for m in ev.METRICS}}
+    for step in (0, 10):  # the base and a checkpoint (compare refuses a run evaluated at step 0 only)
+        runfolder.append_jsonl(os.path.join(run_dir, "eval.jsonl"), {**row, "step": step})
+    without(report_to, ImportError(f"No module named '{report_to}'"))
+    code, out, err = run_main([run_dir], capsys, script=compare)
+    assert code in (0, None) and "error:" not in err, err
+    assert ev.target_config(run_dir, [])[0].report_to == report_to  # analyze.py's reading of a run
+    with pytest.raises(UserError, match=f"report_to={report_to} needs the"):  # training still checks
+        selfdistill.load_config([f"report_to={report_to}"])
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("report_to, error", [
+    ("tensorboard", RuntimeError("protobuf version mismatch")),
+    ("tensorboard", AttributeError("module 'numpy' has no attribute 'object'")),
+    ("wandb", TypeError("Descriptors cannot be created directly")),
+    ("wandb", OSError("libssl.so: cannot open shared object file")),
+])
+def test_a_logging_package_that_fails_to_import_fails_the_check(report_to, error, without, capsys):
+    without(report_to, error)
+    code, _, err = run_main([f"report_to={report_to}", "threads=1"], capsys)
+    one_line_error(code, err, f"the {report_to} package is installed but does not import ({type(error).__name__}")
+
+
+@pytest.fixture
+def wandb_env(monkeypatch, tmp_path):
+    """No API key anywhere, online by default; WANDB_* cleared."""
+    for key in [k for k in os.environ if k.startswith("WANDB_")]:
+        monkeypatch.delenv(key)
+    put(str(tmp_path / "netrc"), "")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    return monkeypatch
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("env, stored, fragment", [
+    ({"WANDB_MODE": "bogus"}, None, "WANDB_MODE='bogus' is not a wandb mode"),
+    ({"WANDB_MODE": ""}, None, "WANDB_MODE='' is not a wandb mode"),
+    ({"WANDB_MODE": "offline", "WANDB_PROJECT": "a/b"}, None, "WANDB_PROJECT='a/b' is refused by wandb"),
+    ({"WANDB_MODE": "offline", "WANDB_PROJECT": "p" * 200}, None, "exceeded 128 characters"),
+    ({"WANDB_MODE": "offline", "WANDB_PROJECT": "what?"}, None, "is refused by wandb"),
+    ({"WANDB_MODE": "offline"}, "", "Run ID cannot be empty"),
+    ({"WANDB_MODE": "offline"}, "  \n", "Run ID cannot be empty"),
+    ({"WANDB_MODE": "offline"}, "a:b", "Run ID cannot contain"),
+    ({"WANDB_MODE": "offline"}, "x/y", "remove that file to start a new wandb run"),
+    ({}, None, "needs a W&B API key"),
+    ({"WANDB_MODE": "online"}, None, "WANDB_MODE=offline"),
+    ({"WANDB_MODE": "shared"}, None, "wandb login"),
+])
+def test_wandb_settings_it_would_refuse_are_one_line_at_start(env, stored, fragment, wandb_env, tmp_path, capsys):
+    for key, value in env.items():
+        wandb_env.setenv(key, value)
+    out_dir = tmp_path / "runs"
+    if stored is not None:
+        os.makedirs(out_dir / "r")
+        put(str(out_dir / "r" / "wandb_id"), stored)
+    code, _, err = run_main(["report_to=wandb", "run=r", f"out_dir={out_dir}", "threads=1"], capsys)
+    one_line_error(code, err, fragment)
+
+
+@pytest.mark.parametrize("env", [{"WANDB_MODE": "offline"}, {"WANDB_MODE": "disabled"},
+                                 {"WANDB_API_KEY": "k" * 40}, {"WANDB_MODE": "offline", "WANDB_PROJECT": "my-proj"}])
+def test_wandb_settings_it_accepts_pass(env, wandb_env, tmp_path):
+    for key, value in env.items():
+        wandb_env.setenv(key, value)
+    cfg = selfdistill.load_config(["report_to=wandb", "run=r", f"out_dir={tmp_path}"])
+    tracking.check_ready(cfg)
+
+
+def test_wandb_finds_a_key_in_netrc(wandb_env, tmp_path):
+    put(str(tmp_path / "netrc"), "machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    assert tracking.wandb_key_found()
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation rows reach TensorBoard once, even after an interrupted evaluation
+
+
+def eval_row(step, avg=0.5):
+    return {"step": step, "n": 1, "k": 1, "questions": 2, "temperature": 1.0, **{m: avg for m in ev.METRICS},
+            "ci": {m: [0.0, 1.0] for m in ev.METRICS}}
+
+
+def tensorboard_steps(run_dir, tag="eval/avg"):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(os.path.join(run_dir, "tensorboard"))
+    events.Reload()
+    return sorted(e.step for e in events.Scalars(tag)) if tag in events.Tags()["scalars"] else []
+
+
+@pytest.mark.bad_input
+def test_rows_of_an_interrupted_evaluation_reach_tensorboard_on_the_next(tmp_path):
+    run_dir = str(tmp_path / "r")
+    os.makedirs(run_dir)
+    cfg = selfdistill.Config(run="r", report_to="tensorboard")
+    path = os.path.join(run_dir, "eval.jsonl")
+    with tracking.evaluation_rows(cfg, run_dir):  # the trainer's evaluation: step 0 sent
+        runfolder.append_jsonl(path, eval_row(0))
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.evaluation_rows(cfg, run_dir):  # interrupted after writing step 10's row
+            runfolder.append_jsonl(path, eval_row(10))
+            raise KeyboardInterrupt
+    assert tensorboard_steps(run_dir) == [0]
+    with tracking.evaluation_rows(cfg, run_dir):  # `python eval.py RUN` finishes it
+        runfolder.append_jsonl(path, eval_row(20))
+    assert tensorboard_steps(run_dir) == [0, 10, 20]
+    with tracking.evaluation_rows(cfg, run_dir):  # nothing new: nothing sent twice
+        pass
+    assert tensorboard_steps(run_dir) == [0, 10, 20]
+
+
+@pytest.mark.bad_input
+def test_a_run_from_before_the_record_is_not_sent_twice(tmp_path):
+    run_dir = str(tmp_path / "r")
+    os.makedirs(run_dir)
+    runfolder.append_jsonl(os.path.join(run_dir, "eval.jsonl"), eval_row(0))  # the trainer sent it then
+    with tracking.evaluation_rows(selfdistill.Config(run="r", report_to="tensorboard"), run_dir):
+        runfolder.append_jsonl(os.path.join(run_dir, "eval.jsonl"), eval_row(10))
+    assert tensorboard_steps(run_dir) == [10]
