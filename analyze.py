@@ -40,6 +40,7 @@ from safetensors import SafetensorError
 
 import chunked_head
 from plumbing import common
+from plumbing import options
 import contexts
 import critic
 from plumbing import runfolder
@@ -451,7 +452,7 @@ def analyze(target, overrides=(), step=0, rollouts=8, out=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = options.Parser(
         description="Per-token advantage analysis (Fig. 4): an HTML page, a JSON and optional PNGs.",
         epilog=__doc__[__doc__.index("Commands:"):], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("target", help="a run folder, a model folder or 'toy'")

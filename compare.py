@@ -606,7 +606,7 @@ def check_figure_path(out):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = options.Parser(
         description="Compare selfdistill runs: the paper-style tables, or with --plot the training curves.",
         epilog=__doc__[__doc__.index("Commands:"):], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", help="run folders, each evaluated (python eval.py RUN)")

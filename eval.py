@@ -504,7 +504,7 @@ def target_config(target, overrides):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(
+    parser = options.Parser(
         description="Evaluate selfdistill runs: Avg@k, Pass@k, Maj@k and length at every checkpoint.",
         epilog=__doc__[__doc__.index("Commands:"):], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", help="run folder(s)")

@@ -414,7 +414,7 @@ def target(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = options.Parser(
         description="Convert and filter OpenMathReasoning records into train/test JSONL.",
         epilog=__doc__[__doc__.index("Commands:"):], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", metavar="INPUT [MODEL] [key=value ...]",

@@ -13,6 +13,7 @@ import inspect
 import math
 import os
 import re
+import sys
 
 import yaml
 
@@ -198,13 +199,27 @@ def config_values(cls, choices, config_path, overrides):
     return values
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's one-line errors: `error: MESSAGE (--help lists the options)` and
+    exit code 2, without the usage block; a mistyped choice gets the nearest one."""
+
+    def error(self, message):
+        bad = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if bad:
+            listed = [word.strip(" '") for word in bad.group(2).split(",")]
+            near = difflib.get_close_matches(bad.group(1), listed, n=1, cutoff=0.6)
+            message += f"; did you mean '{near[0]}'?" if near else ""
+        print(f"error: {message} (--help lists the options)", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_command_line(cls, choices, argv, description):
     """--config FILE.yaml, then --context/--run, then key=value overrides → {key: value}, checked."""
     help_text, fields = field_help(cls), fields_of(cls)
     epilog = "config fields (key=value):\n" + "\n".join(
         f"  {name:<24} {fields[name].default!r:<12} {help_text.get(name, '')}" for name in fields)
-    parser = argparse.ArgumentParser(description=description, epilog=epilog,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=description, epilog=epilog,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--context", choices=choices["context"], help="the arm: what the teacher sees")
     parser.add_argument("--config", help="YAML file of overrides")
     parser.add_argument("--run", help="run name (rerun the same name to resume)")

@@ -148,6 +148,10 @@ def test_user_error_is_one_line_on_stderr_with_exit_code_2():
     result = subprocess.run([sys.executable, "selfdistill.py", "--context", "dpo"], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 2 and "invalid choice: 'dpo'" in result.stderr
+    assert result.stderr.startswith("error: argument --context") and len(result.stderr.splitlines()) == 1
+    result = subprocess.run([sys.executable, "selfdistill.py", "--context", "critque"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "did you mean 'critique'?" in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,9 +206,9 @@ def test_each_range_and_choice_refuses_a_value_outside_it_and_keeps_its_edges(ta
             values = options.parse_overrides(selfdistill.Config, selfdistill.CHOICES, [f"{key}={text(value)}"])
             options.check_numbers(selfdistill.Config(**{**resolved, **values}), selfdistill.RANGES)
             assert values[key] == value
-    elif key == "context":  # the flag that names the arm: argparse's own refusal
+    elif key == "context":  # the flag that names the arm: argparse's refusal, as one line (options.Parser)
         code, _, err = run_main(["--context", "no_such_choice", f"out_dir={tmp_path}"], capsys)
-        assert code == 2 and "Traceback" not in err and "invalid choice: 'no_such_choice'" in err, err
+        one_line_error(code, err, "invalid choice: 'no_such_choice'")
         for choice in selfdistill.CHOICES[key]:
             values = options.parse_command_line(selfdistill.Config, selfdistill.CHOICES, ["--context", choice], "")
             assert values["context"] == choice
@@ -357,3 +361,19 @@ def test_toy_runs_take_the_worlds_length_budget(capsys):
     selfdistill.load_config([f"max_new_tokens={folders.budget() + 1}"])
     assert "differs from the toy world's budget" in capsys.readouterr().err
     assert selfdistill.load_config(["model=some/model", "prompts=instruct"]).max_new_tokens == 512
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("argv, fragment", [
+    (["compare.py", "--x", "steps", "runs/a"], "did you mean 'step'?"),
+    (["eval.py"], "the following arguments are required: paths"),
+    (["analyze.py", "toy", "--rollouts", "many"], "argument --rollouts: invalid int value: 'many'"),
+    (["prepare.py"], "the following arguments are required"),
+    (["-m", "toyworld.toy_build", "buld"], "did you mean 'build'?"),
+    (["-m", "toyworld.toy_critic", "serv"], "did you mean 'serve'?"),
+])
+def test_every_programs_argument_mistakes_are_one_line(argv, fragment):
+    """argparse's refusals, as the project's one line (options.Parser): no usage block, exit code 2."""
+    result = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True)
+    one_line_error(result.returncode, result.stderr, fragment)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -50,7 +50,6 @@ Choices built into the base model (they shape the comparison; say so next to any
   4. Critique examples use chains of 3-4 operations (`critique_min_ops`): the filter keeps long
      chains, and copying a long critique is what the model learns last.
 """
-import argparse
 import dataclasses
 import itertools
 import json
@@ -549,7 +548,7 @@ def command_line(argv=None):
     """python -m toyworld.toy_build build|probe [--world NAME | --root DIR] [--force] [--threads N] [--SETTING V ...]:
     every BuildSettings field is a flag (--fault-rate 0.9; tuples as comma lists, --mix 0.5,0.3,0.2),
     range-checked before a build starts and recorded in build.json."""
-    parser = argparse.ArgumentParser(description="Build a toy world (base model + data), or probe a built one.")
+    parser = options.Parser(description="Build a toy world (base model + data), or probe a built one.")
     parser.add_argument("command", choices=["build", "probe"])
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--world", choices=sorted(WORLDS), help="a named world (default toy; toy-v2 = the contrast)")

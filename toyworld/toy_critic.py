@@ -44,6 +44,7 @@ import torch
 import critic
 from contexts import parse_steps, render_prompt, student_prompt_ids, teacher_prompt_ids
 from plumbing import common
+from plumbing import options
 from plumbing import runfolder
 from toyworld import toy_build
 from toyworld import folders
@@ -390,8 +391,7 @@ def command_line(argv=None):
     python -m toyworld.toy_critic serve NAME|FOLDER [--world toy] [--port 8000]: serve one on 127.0.0.1 and
     print the training command that uses it.
     python -m toyworld.toy_critic inspect NAME|FOLDER [--world toy]: how its critiques differ from the rule's."""
-    import argparse
-    parser = argparse.ArgumentParser(description="Build or serve a toy world's learned critics.")
+    parser = options.Parser(description="Build or serve a toy world's learned critics.")
     parser.add_argument("command", choices=["build", "serve", "inspect"])
     parser.add_argument("critic", nargs="?", help=f"serve, inspect: one of {', '.join(NAMES)}, or a critic's folder")
     where = parser.add_mutually_exclusive_group()
