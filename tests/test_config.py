@@ -280,7 +280,7 @@ def test_a_config_file_in_another_encoding(tmp_path, capsys):
     (["support=topk", "topk=0"], "topk"),           # empty support: loss 0, nothing trains
     (["model=/some/chat/model", "toy_order=chain"], "toy_order"),  # toy-only knob, ignored
 ], ids=lambda v: v if isinstance(v, str) else " ".join(v))
-def test_out_of_range_settings_are_one_line_errors(argv, key):
+def test_rules_between_keys_are_one_line_errors(argv, key):
     assert key in error_of(argv)
 
 
@@ -331,7 +331,7 @@ def test_settings_that_would_never_learn_or_wait_too_long(override, fragment, ti
     (["--run", "a", "--run", "b"], "--run is given twice"),
     (["--explain", "1", "--explain", "2"], "--explain is given twice"),
 ])
-def test_values_out_of_range_are_one_line(argv, fragment, tmp_path, capsys, monkeypatch):
+def test_flag_arm_and_repeated_key_mistakes_are_one_line(argv, fragment, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(selfdistill, "train", lambda cfg: pytest.fail("training started"))
     code, _, err = run_main([*argv, f"out_dir={tmp_path}"], capsys)
     one_line_error(code, err, fragment)
