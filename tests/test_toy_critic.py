@@ -11,9 +11,10 @@ import shutil
 
 import pytest
 
-from conftest import ROOT, run_main
+from conftest import ROOT, one_line_error, run_main
 
 import critic
+from plumbing import runfolder
 from toyworld import toy, toy_build, toy_critic
 from contexts import PROMPTS, render_steps
 
@@ -145,3 +146,28 @@ def test_compare_shows_what_each_critic_dropped_and_cost(tmp_path):
         == info["critics"]["strong"]["ceiling"]
     assert world.teacher_ceiling({"model": "toy", "arm": "critique", "teacher": "base", "toy_order": "grouped",
                                   "toy_phrasing": "other", "critic": "hf", "critic_model": "some/model"}) is None
+
+
+def test_the_shipped_critics_record_the_solver_they_were_built_on():
+    info = json.load(open(os.path.join(SHIPPED, "critics", "build.json")))
+    assert info["solver"] == runfolder.model_digest(os.path.join(SHIPPED, "model"))
+    toy_critic.check_current(SHIPPED)  # passes
+
+
+@pytest.mark.bad_input
+def test_critics_of_another_build_of_the_solver_are_one_line(tmp_path, capsys):
+    """A world rebuilt after its critics were built (another solver) is refused where a named critic
+    is used, with the rebuild command; critics built before the record existed pass."""
+    root = str(tmp_path / "w")
+    shutil.copytree(SHIPPED, root)
+    record = os.path.join(root, "critics", "build.json")
+    info = json.load(open(record))
+    json.dump({**info, "solver": "0" * 16}, open(record, "w"))
+    base = ["--context", "critique", "critic=hf", "critic_model=strong", "max_steps=1", "eval_at_end=false",
+            "threads=1", f"model={root}", f"out_dir={tmp_path / 'runs'}"]
+    code, _, err = run_main(base, capsys)
+    one_line_error(code, err, f"python -m toyworld.toy_critic build --root {root} --force")
+    assert "another build of this world's solver" in err
+    json.dump({k: v for k, v in info.items() if k != "solver"}, open(record, "w"))
+    toy_critic.check_current(root)  # no record: nothing to compare
+    assert toy_critic.resolve(root, "strong") == os.path.join(root, "critics", "strong")

@@ -286,7 +286,8 @@ def build_critics(root, settings=None, force=False, threads=1, progress=True):
             model.save_pretrained(os.path.join(out, name))
             tok.save_pretrained(os.path.join(out, name))
         import transformers
-        info = {"settings": asdict(settings), "parameters": sum(p.numel() for p in model.parameters()),
+        info = {"settings": asdict(settings), "solver": runfolder.model_digest(paths["model_dir"]),
+                "parameters": sum(p.numel() for p in model.parameters()),
                 "train_cases": dict(sorted(Counter(cases).items())),
                 "probe_curve": [[step, round(score, 4)] for step, score, _ in snapshots],
                 "critics": critics,
@@ -311,9 +312,30 @@ def summary(root):
 
 
 def resolve(root, name):
-    """A critic's folder: a name of a world's critics (weak / medium / strong), or None."""
+    """A critic's folder: a name of a world's critics (weak / medium / strong), or None. Named
+    critics must have been built on the world's solver as it is now (check_current)."""
     path = os.path.join(folder(root), name)
-    return path if name in NAMES else None
+    if name not in NAMES:
+        return None
+    check_current(root)
+    return path
+
+
+def check_current(root):
+    """critics/build.json records the digest of the solver the critics were trained from and
+    sampled (`solver`); a world rebuilt since (another solver) makes their quality figures and
+    their training attempts another model's: a one-line error that says how to rebuild them.
+    Critics without the record, or not built yet, pass (nothing to compare)."""
+    try:
+        with open(os.path.join(folder(root), "build.json"), encoding="utf-8") as f:
+            recorded = json.load(f).get("solver")
+    except (OSError, ValueError, AttributeError):
+        return
+    if recorded and recorded != runfolder.model_digest(folders.paths(root)["model_dir"]):
+        where = f"--world {folders.world_name(root)}" if folders.world_name(root) else f"--root {root}"
+        raise common.UserError(f"the learned critics in {folder(root)} were built on another build of this "
+                               f"world's solver (its model changed since); rebuild them: python -m "
+                               f"toyworld.toy_critic build {where} --force")
 
 
 def inspect(root, name, seed=5):
