@@ -510,13 +510,9 @@ def start_run(cfg, device, rank):
     judged = cfg.arm.startswith("critique") or cfg.analysis_every
     judge = world.make_judge(cfg, device, records) if judged else None  # frozen
     model, tokenizer = common.load_model(cfg, model_path, device)
-    common.check_fits(model, tokenizer, cfg, records)
+    common.check_fits(model, tokenizer, cfg, records)  # the context window; topk below the vocabulary
     if cfg.arm == "reference" and rank == 0:
         common.check_reference_lengths(tokenizer, records, cfg.max_context_tokens)
-    vocab = model.get_base_model().get_output_embeddings().weight.shape[0]
-    if cfg.support == "topk" and cfg.topk >= vocab:
-        raise UserError(f"support=topk with topk={cfg.topk} >= the vocabulary size {vocab} is "
-                        f"support=full; set support=full or a smaller topk")
     return records, run_dir, lock, judge, model, tokenizer
 
 
@@ -706,8 +702,6 @@ def main(argv=None):
             ranks.leave_group()  # under torchrun: a group left standing can abort the interpreter at exit
             return
         del model  # eval.py in its own process: it imports this file, never the reverse
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
         sys.exit(common.evaluate_in_child(run_dir, cfg.trust_remote_code))  # it sends its rows to report_to
 
 

@@ -287,7 +287,12 @@ def longer_than(tokenizer, limit, cfg, records):
 
 def check_fits(model, tokenizer, cfg, records):
     """Every student prompt plus max_new_tokens must fit the model's context window (training: an
-    error; evaluation counts and skips a test question that does not fit, eval.fitting_records)."""
+    error; evaluation counts and skips a test question that does not fit, eval.fitting_records), and
+    a top-k support must be smaller than the vocabulary (else it is support=full)."""
+    vocab = getattr(model, "get_base_model", lambda: model)().get_output_embeddings().weight.shape[0]
+    if cfg.support == "topk" and cfg.topk >= vocab:
+        raise UserError(f"support=topk with topk={cfg.topk} >= the vocabulary size {vocab} is "
+                        f"support=full; set support=full or a smaller topk")
     limit = getattr(model.config, "max_position_embeddings", None)
     too_long = longer_than(tokenizer, limit, cfg, records)
     if too_long:
@@ -422,6 +427,8 @@ def evaluate_in_child(run_dir, trust_remote_code=False):
     the reverse), under torchrun as its own group of the same ranks. Returns its exit code."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
     trust = ["--trust-remote-code"] if trust_remote_code else []  # given on this command line
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the trainer's cached blocks, before the child allocates its own
     env = ranks.child_group_env()  # under torchrun, eval.py's processes form their own group
     ranks.leave_group()
     # our SIGINT/SIGTERM are passed on to it, and we wait: it never runs on alone
