@@ -135,14 +135,13 @@ WORLD = os.path.join(HERE, WORLDS["toy"][0])
 def world_root(model):
     """The folder of the toy world `model` names: a name of WORLDS, or a built world's folder or
     its model/ folder; None for any other model."""
-    if model in WORLDS:
-        recover(os.path.join(HERE, WORLDS[model][0]))
-        return os.path.join(HERE, WORLDS[model][0])
-    path = os.path.abspath(model)
-    for root in (path, os.path.dirname(path)):
+    candidates = [os.path.join(HERE, WORLDS[model][0])] if model in WORLDS else \
+        [os.path.abspath(model), os.path.dirname(os.path.abspath(model))]
+    for root in candidates:
         recover(root)  # a build stopped in its last step leaves no build.json until this finishes it
-    return next((root for root in (path, os.path.dirname(path))
-                 if os.path.isfile(os.path.join(root, "build.json"))), None)
+    if model in WORLDS:
+        return candidates[0]
+    return next((root for root in candidates if os.path.isfile(os.path.join(root, "build.json"))), None)
 
 
 def world_name(root):
@@ -169,9 +168,14 @@ def settings_changes(saved, settings):
 # never touched by a reader, nor removed before a new build has succeeded.
 
 
-def rebuild_command(root):
+def world_flag(root):
+    """How the build commands name this folder: --world NAME for a named world, else --root ROOT."""
     name = world_name(root)
-    return f"python -m toyworld.toy_build build {f'--world {name}' if name else f'--root {root}'} --force"
+    return f"--world {name}" if name else f"--root {root}"
+
+
+def rebuild_command(root):
+    return f"python -m toyworld.toy_build build {world_flag(root)} --force"
 
 
 def damaged(root, why, record_read=True):
@@ -294,7 +298,7 @@ def recover(root):
         return
     lock = runfolder.RunLock(root, "finishing its interrupted build", noun="toy world folder")
     try:
-        if interrupted_move(root):  # another process may have finished it while we waited
+        if interrupted_move(root):  # the lock's last holder may have finished it just before
             move_into_place(os.path.join(root, STAGING), root)
             print(f"the toy world in {root}: its build was stopped while moving into place; finished that "
                   f"move (the staged world was complete)", file=sys.stderr)

@@ -332,10 +332,9 @@ def check_current(root):
     except (OSError, ValueError, AttributeError):
         return
     if recorded and recorded != runfolder.model_digest(folders.paths(root)["model_dir"]):
-        where = f"--world {folders.world_name(root)}" if folders.world_name(root) else f"--root {root}"
         raise common.UserError(f"the learned critics in {folder(root)} were built on another build of this "
                                f"world's solver (its model changed since); rebuild them: python -m "
-                               f"toyworld.toy_critic build {where} --force")
+                               f"toyworld.toy_critic build {folders.world_flag(root)} --force")
 
 
 def inspect(root, name, seed=5):

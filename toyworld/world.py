@@ -127,9 +127,8 @@ def critic_folder(cfg):
         raise UserError(f"critic_model={name} is neither a folder nor a toy critic; the toy world's learned "
                         f"critics are {', '.join(toy_critic.NAMES)} (or give a critic's folder)")
     if not os.path.isfile(os.path.join(toy_critic.folder(root), "build.json")):
-        where = f"--world {folders.world_name(root)}" if folders.world_name(root) else f"--root {root}"
         raise UserError(f"the toy world in {root} has no learned critics yet; build them (about 10 CPU "
-                        f"minutes): python -m toyworld.toy_critic build {where}")
+                        f"minutes): python -m toyworld.toy_critic build {folders.world_flag(root)}")
     return path
 
 
